@@ -1,0 +1,33 @@
+"""Package metadata. Optional: FP8_BUILD_CPP_STUBS=1 also builds csrc_stubs/ (the op schemas in C++)."""
+
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("FP8_BUILD_CPP_STUBS") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules = [CppExtension("torch_fp8_blockwise._C_stubs", ["csrc_stubs/fp8_ops.cpp"])]
+    cmdclass = {"build_ext": BuildExtension}
+
+setup(
+    name="torch_fp8_blockwise",
+    version="0.1.0",
+    description="FP8 block-wise quantized matmul as torch.ops.fp8.* on CPU, GPU (Triton) and TPU (Pallas)",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["torch_fp8_blockwise", "torch_fp8_blockwise.*"]),
+    package_data={"torch_fp8_blockwise": ["data/*.json", "data/**/*.json"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.9", "numpy"],
+    extras_require={
+        # torch_xla 2.9.0 is the newest on PyPI and does not declare torch: the TPU path needs torch 2.9.
+        "tpu": ["torch==2.9.0", "torch_xla[pallas]==2.9.0", "flax==0.12.0", "numpy<2.4"],
+        "gpu": ["triton>=3.5"],
+        "dev": ["pytest>=8", "expecttest", "ruff", "ninja"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["fp8-blockwise=torch_fp8_blockwise.cli:main"]},
+)

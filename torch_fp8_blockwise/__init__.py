@@ -1,0 +1,25 @@
+"""torch_fp8_blockwise: FP8 block-wise quantized matmul as ``torch.ops.fp8.*`` on every device.
+
+Importing this package registers the ops. Python wrappers with full docstrings:
+:func:`quantize`, :func:`dequantize`, :func:`blockwise_matmul`. Backend choice follows the
+tensors' device (cpu -> CPU path, cuda -> Triton, xla -> Pallas); :func:`use_backend` forces one.
+"""
+
+from ._dispatch import BackendUnavailable, backend_table, unavailable_reason, use_backend
+from .formats import FP8_DTYPES, SCALE_FORMATS, fp8_max
+from .ops import blockwise_matmul, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FP8_DTYPES",
+    "SCALE_FORMATS",
+    "BackendUnavailable",
+    "backend_table",
+    "blockwise_matmul",
+    "dequantize",
+    "fp8_max",
+    "quantize",
+    "unavailable_reason",
+    "use_backend",
+]

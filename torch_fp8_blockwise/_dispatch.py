@@ -1,0 +1,131 @@
+"""Which backend runs an op: by the tensors' device, or forced with :func:`use_backend`.
+
+    device type   backend     module
+    -----------   ---------   ----------------------------------------
+    cpu           cpu         torch_fp8_blockwise.backends.cpu
+    cuda          triton      torch_fp8_blockwise.backends.triton
+    xla           pallas      torch_fp8_blockwise.backends.pallas
+    (forced)      reference   torch_fp8_blockwise.reference
+
+A backend module implements any of the op functions with the canonical signatures documented in
+:mod:`torch_fp8_blockwise.reference` (validated arguments, batch dims flattened, no empty sizes).
+An op a backend does not implement runs the reference on the same device, and
+:func:`backend_table` shows which.
+
+A backend module may define ``unavailable_reason(device) -> str | None`` for run-time conditions
+(e.g. Triton on CPU tensors needs ``TRITON_INTERPRET=1``); an ImportError while importing it is
+recorded and reported as the reason, never swallowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+
+BACKEND_MODULES: dict[str, str] = {
+    "reference": "torch_fp8_blockwise.reference",
+    "cpu": "torch_fp8_blockwise.backends.cpu",
+    "triton": "torch_fp8_blockwise.backends.triton",
+    "pallas": "torch_fp8_blockwise.backends.pallas",
+}
+
+DEVICE_BACKENDS: dict[str, str] = {"cpu": "cpu", "cuda": "triton", "xla": "pallas"}
+
+OPS: tuple[str, ...] = ("quantize", "dequantize", "blockwise_matmul")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fp8_backend", default=None)
+_modules: dict[str, ModuleType] = {}
+_import_errors: dict[str, str] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked to run but cannot (missing package, wrong device, ...)."""
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every fp8 op in this context to run on backend ``name``.
+
+    ``name`` is one of "reference", "cpu", "triton", "pallas". Lets tests run a GPU or TPU kernel
+    on CPU tensors: Triton under ``TRITON_INTERPRET=1``, Pallas with ``interpret=True``.
+    """
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"use_backend: expected one of {tuple(BACKEND_MODULES)}, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> str | None:
+    return _forced.get()
+
+
+def _module(name: str) -> ModuleType:
+    if name in _modules:
+        return _modules[name]
+    if name in _import_errors:
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {_import_errors[name]}")
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as e:  # record the reason; report it on every use
+        _import_errors[name] = f"import of {BACKEND_MODULES[name]} failed: {e}"
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {_import_errors[name]}") from e
+    _modules[name] = module
+    return module
+
+
+def unavailable_reason(name: str, device: torch.device | str = "cpu") -> str | None:
+    """None if backend ``name`` can run ops on tensors of ``device``, else why not."""
+    try:
+        module = _module(name)
+    except BackendUnavailable as e:
+        return str(e)
+    check = getattr(module, "unavailable_reason", None)
+    return check(torch.device(device)) if check is not None else None
+
+
+def select(device: torch.device) -> str:
+    """Backend name for tensors on ``device`` (the forced one inside :func:`use_backend`)."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    try:
+        return DEVICE_BACKENDS[device.type]
+    except KeyError:
+        raise BackendUnavailable(
+            f"no fp8 backend for device type {device.type!r}; supported: {tuple(DEVICE_BACKENDS)}, "
+            "or force one with torch_fp8_blockwise.use_backend(...)"
+        ) from None
+
+
+def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., Any]]:
+    """(backend name, function) that runs ``op`` for tensors on ``device``."""
+    name = select(device)
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailable(f"fp8::{op} on {device}: backend {name!r} cannot run: {reason}")
+    fn = getattr(_module(name), op, None)
+    if fn is None:
+        return "reference", getattr(_module("reference"), op)
+    return name, fn
+
+
+def backend_table(device: torch.device | str = "cpu") -> dict[str, dict[str, str]]:
+    """For each backend: status on ``device`` and which backend runs each op (for docs and demos)."""
+    table: dict[str, dict[str, str]] = {}
+    for name in BACKEND_MODULES:
+        reason = unavailable_reason(name, device)
+        row = {"status": "available" if reason is None else f"unavailable: {reason}"}
+        if reason is None:
+            for op in OPS:
+                row[op] = name if hasattr(_module(name), op) else "reference (fallback)"
+        table[name] = row
+    return table

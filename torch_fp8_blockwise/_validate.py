@@ -1,0 +1,193 @@
+"""Argument checks shared by every op and every backend (and by the fake implementations).
+
+Every check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, value,
+layout or device) with a message that names the argument, says what was expected and what came.
+Runs before dispatch, so all backends reject the same inputs with the same words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .formats import (
+    BLOCK_COLS,
+    BLOCK_ROWS,
+    FP8_DTYPES,
+    HIGH_PRECISION_DTYPES,
+    MATMUL_BLOCKS,
+    SCALE_FORMATS,
+    cdiv,
+    is_fp8,
+)
+
+ACTIVATIONS: tuple[str, ...] = ("dynamic", "none")
+
+
+def _names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d) for d in dtypes)
+
+
+def tensor(t: object, name: str, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def dtype_in(t: torch.Tensor, name: str, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"{name}: expected dtype in ({_names(allowed)}), got {t.dtype}")
+
+
+def dtype_arg(dtype: object, name: str, allowed: Sequence[torch.dtype]) -> None:
+    if dtype not in allowed:
+        raise TypeError(f"{name}: expected one of ({_names(allowed)}), got {dtype}")
+
+
+def min_ndim(t: torch.Tensor, name: str, ndim: int, what: str) -> None:
+    if t.dim() < ndim:
+        raise ValueError(f"{name}: expected at least {ndim} dims {what}, got shape {tuple(t.shape)}")
+
+
+def shape_is(t: torch.Tensor, name: str, expected: Sequence[int], what: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)} {what}, got {tuple(t.shape)}")
+
+
+def same_device(**tensors: torch.Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    first_name, first = next(iter(present.items()))
+    for name, t in present.items():
+        if t.device != first.device:
+            raise ValueError(
+                f"{name}: expected a tensor on {first.device} (the device of {first_name}), "
+                f"got one on {t.device}"
+            )
+
+
+def block_shape(value: object, name: str, rows: Sequence[int], cols: Sequence[int]) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{name}: expected a pair [rows, cols], got {value!r}")
+    br, bc = value
+    if not isinstance(br, int) or not isinstance(bc, int):
+        raise TypeError(f"{name}: expected two ints, got {value!r}")
+    if br not in rows or bc not in cols:
+        raise ValueError(
+            f"{name}: block rows must be one of {tuple(rows)} and block cols one of "
+            f"{tuple(cols)}; got {[br, bc]}"
+        )
+    return br, bc
+
+
+def quantize_args(x: torch.Tensor, block: object, dtype: object, scale_format: object) -> tuple[int, int]:
+    tensor(x, "x")
+    dtype_in(x, "x", HIGH_PRECISION_DTYPES)
+    min_ndim(x, "x", 2, "(blocks tile the last two dims)")
+    dtype_arg(dtype, "dtype", FP8_DTYPES)
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format: expected one of {SCALE_FORMATS}, got {scale_format!r}")
+    return block_shape(block, "block_shape", BLOCK_ROWS, BLOCK_COLS)
+
+
+def scale_grid(shape: Sequence[int], block: tuple[int, int]) -> tuple[int, ...]:
+    """Scale shape for a tensor whose last two dims are tiled by ``block``."""
+    *lead, rows, cols = shape
+    return (*lead, cdiv(rows, block[0]), cdiv(cols, block[1]))
+
+
+def dequantize_args(
+    q: torch.Tensor, scale: torch.Tensor, block: object, out_dtype: object
+) -> tuple[int, int]:
+    tensor(q, "q")
+    tensor(scale, "scale")
+    dtype_in(q, "q", FP8_DTYPES)
+    min_ndim(q, "q", 2, "(blocks tile the last two dims)")
+    dtype_in(scale, "scale", (torch.float32,))
+    dtype_arg(out_dtype, "out_dtype", HIGH_PRECISION_DTYPES)
+    br_bc = block_shape(block, "block_shape", BLOCK_ROWS, BLOCK_COLS)
+    shape_is(scale, "scale", scale_grid(q.shape, br_bc), f"(q {tuple(q.shape)} tiled by {list(br_bc)})")
+    same_device(q=q, scale=scale)
+    return br_bc
+
+
+@dataclass(frozen=True)
+class MatmulProblem:
+    """Validated sizes of one blockwise_matmul call: x [*lead, K] @ w[N, K]^T -> [*lead, N]."""
+
+    lead: tuple[int, ...]
+    m: int
+    n: int
+    k: int
+    bn: int
+    bk: int
+    out_dtype: torch.dtype
+
+
+def matmul_args(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    block: object,
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    activation: object,
+) -> MatmulProblem:
+    tensor(x, "x")
+    tensor(w, "w")
+    tensor(w_scale, "w_scale")
+    tensor(x_scale, "x_scale", optional=True)
+    tensor(bias, "bias", optional=True)
+    bn, bk = block_shape(block, "block_shape", MATMUL_BLOCKS, MATMUL_BLOCKS)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+    dtype_in(w, "w", FP8_DTYPES)
+    if w.dim() != 2:
+        raise ValueError(f"w: expected 2 dims [N, K] (out_features, in_features), got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if not w.is_contiguous():
+        raise ValueError(
+            f"w: expected a contiguous row-major [N, K] weight, got strides {tuple(w.stride())}; "
+            "call w.contiguous() once when loading (a per-call copy of the weight would be silent and slow)"
+        )
+    dtype_in(w_scale, "w_scale", (torch.float32,))
+    shape_is(w_scale, "w_scale", (cdiv(n, bn), cdiv(k, bk)), f"(cdiv(N={n}, {bn}), cdiv(K={k}, {bk}))")
+
+    dtype_in(x, "x", FP8_DTYPES + HIGH_PRECISION_DTYPES)
+    min_ndim(x, "x", 1, "[..., K]")
+    if x.shape[-1] != k:
+        raise ValueError(f"x: expected last dim K={k} (w is {tuple(w.shape)}), got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:-1])
+    if is_fp8(x.dtype):
+        if activation == "none":
+            raise ValueError(
+                f"activation: 'none' keeps x at its own precision, but x is {x.dtype}; "
+                "use activation='dynamic' (the default) and pass x_scale"
+            )
+        if x_scale is None:
+            raise ValueError(
+                f"x_scale: required when x is fp8 ({x.dtype}); expected shape {(*lead, cdiv(k, bk))}"
+            )
+        dtype_in(x_scale, "x_scale", (torch.float32,))
+        shape_is(x_scale, "x_scale", (*lead, cdiv(k, bk)), f"(x.shape[:-1] + (cdiv(K={k}, {bk}),))")
+    elif x_scale is not None:
+        raise ValueError(
+            f"x_scale: only for fp8 x, but x is {x.dtype}; drop x_scale (activation={activation!r} "
+            "decides how x is handled)"
+        )
+
+    if bias is not None:
+        dtype_in(bias, "bias", HIGH_PRECISION_DTYPES)
+        shape_is(bias, "bias", (n,), "(N,)")
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if is_fp8(x.dtype) else x.dtype
+    dtype_arg(out_dtype, "out_dtype", HIGH_PRECISION_DTYPES)
+    same_device(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
+    m = 1
+    for d in lead:
+        m *= d
+    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=bn, bk=bk, out_dtype=out_dtype)

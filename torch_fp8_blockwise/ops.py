@@ -1,0 +1,213 @@
+"""The ``torch.ops.fp8`` ops: schemas in ONE place, each with its fake implementation beside it.
+
+Flow of a call: schema (here) -> validate (``_validate``) -> pick backend (``_dispatch``) ->
+backend function on canonical shapes -> reshape to the caller's batch dims.
+The same schema strings are declared in C++ in ``csrc_stubs/fp8_ops.cpp``; a test keeps them equal.
+
+The ops are inference-only: each has an autograd formula that raises on backward, so a gradient
+can never be silently zero or wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _dispatch, _validate
+
+SCHEMAS: dict[str, str] = {
+    "quantize": (
+        '(Tensor x, int[] block_shape, ScalarType dtype=float8_e4m3fn, str scale_format="fp32")'
+        " -> (Tensor q, Tensor scale)"
+    ),
+    "dequantize": "(Tensor q, Tensor scale, int[] block_shape, ScalarType out_dtype=float32) -> Tensor",
+    "blockwise_matmul": (
+        "(Tensor x, Tensor w, Tensor w_scale, int[] block_shape=[128,128], Tensor? x_scale=None,"
+        ' Tensor? bias=None, ScalarType? out_dtype=None, str activation="dynamic") -> Tensor'
+    ),
+}
+
+
+def _inference_only(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"fp8::{name} is inference-only and has no gradient; run it under torch.no_grad() / "
+            "torch.inference_mode(), or keep the layer in high precision for training"
+        )
+
+    def setup_context(ctx, inputs, output) -> None:
+        return None
+
+    return backward, setup_context
+
+
+def _register(name: str, impl, fake) -> None:
+    op = torch.library.custom_op(f"fp8::{name}", impl, mutates_args=(), schema=SCHEMAS[name])
+    op.register_fake(fake)
+    backward, setup_context = _inference_only(name)
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def _flat3(t: torch.Tensor) -> torch.Tensor:
+    """[..., R, C] -> [B, R, C] (a view when t is contiguous)."""
+    return t.reshape(-1, *t.shape[-2:])
+
+
+# --------------------------------------------------------------------------------------- quantize
+def _quantize_impl(
+    x: torch.Tensor,
+    block_shape: Sequence[int],
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_format: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    block = _validate.quantize_args(x, block_shape, dtype, scale_format)
+    scale_shape = _validate.scale_grid(x.shape, block)
+    if x.numel() == 0:
+        q = torch.empty(x.shape, dtype=dtype, device=x.device)
+        return q, torch.zeros(scale_shape, dtype=torch.float32, device=x.device)
+    _, fn = _dispatch.implementation("quantize", x.device)
+    q, scale = fn(_flat3(x), block, dtype, scale_format)
+    return q.reshape(x.shape), scale.reshape(scale_shape)
+
+
+def _quantize_fake(x, block_shape, dtype=torch.float8_e4m3fn, scale_format="fp32"):
+    block = _validate.quantize_args(x, block_shape, dtype, scale_format)
+    scale_shape = _validate.scale_grid(x.shape, block)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(scale_shape, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------- dequantize
+def _dequantize_impl(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block_shape: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    block = _validate.dequantize_args(q, scale, block_shape, out_dtype)
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    _, fn = _dispatch.implementation("dequantize", q.device)
+    return fn(_flat3(q), _flat3(scale), block, out_dtype).reshape(q.shape)
+
+
+def _dequantize_fake(q, scale, block_shape, out_dtype=torch.float32):
+    _validate.dequantize_args(q, scale, block_shape, out_dtype)
+    return q.new_empty(q.shape, dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------------- blockwise_matmul
+def _blockwise_matmul_impl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    block_shape: Sequence[int] = (128, 128),
+    x_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    activation: str = "dynamic",
+) -> torch.Tensor:
+    p = _validate.matmul_args(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
+    out_shape = (*p.lead, p.n)
+    if p.m == 0 or p.n == 0:
+        return torch.empty(out_shape, dtype=p.out_dtype, device=x.device)
+    if p.k == 0:  # an empty sum: y = bias (or 0)
+        y = torch.zeros(out_shape, dtype=torch.float32, device=x.device)
+        return (y if bias is None else y + bias.float()).to(p.out_dtype)
+    _, fn = _dispatch.implementation("blockwise_matmul", x.device)
+    x2 = x.reshape(p.m, p.k)  # copies only a non-contiguous activation, never the weight
+    xs2 = None if x_scale is None else x_scale.reshape(p.m, -1).contiguous()
+    y = fn(x2, w, w_scale.contiguous(), (p.bn, p.bk), xs2, bias, p.out_dtype, activation)
+    return y.reshape(out_shape)
+
+
+def _blockwise_matmul_fake(
+    x, w, w_scale, block_shape=(128, 128), x_scale=None, bias=None, out_dtype=None, activation="dynamic"
+):
+    p = _validate.matmul_args(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
+    return x.new_empty((*p.lead, p.n), dtype=p.out_dtype)
+
+
+_register("quantize", _quantize_impl, _quantize_fake)
+_register("dequantize", _dequantize_impl, _dequantize_fake)
+_register("blockwise_matmul", _blockwise_matmul_impl, _blockwise_matmul_fake)
+
+
+# ----------------------------------------------------------------------------- Python wrappers
+def quantize(
+    x: torch.Tensor,
+    block_shape: Sequence[int] = (1, 128),
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_format: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise FP8 quantization of the last two dims of ``x``.
+
+    Args:
+        x: [..., R, C] bfloat16 / float16 / float32, any device with a backend.
+        block_shape: (br, bc): br in (1, 128, 256, 512), bc in (128, 256, 512).
+            (1, 128) = per-token groups for activations, (128, 128) = DeepSeek weight blocks.
+        dtype: torch.float8_e4m3fn (max 448) or torch.float8_e5m2 (max 57344).
+        scale_format: "fp32" (scale = max(amax, 1e-10) / fp8_max) or "ue8m0" (that scale rounded
+            up to a power of two, as DeepSeek V3.1 and MX use).
+
+    Returns:
+        q: [..., R, C] ``dtype``, same layout as x.
+        scale: [..., cdiv(R, br), cdiv(C, bc)] float32, row-major; a MULTIPLIER: x ~= q * scale
+            (for a weight [N, K] with (128, 128) blocks this is DeepSeek's ``weight_scale_inv``).
+
+    Non-finite input: ``+-inf`` saturates to ``+-fp8_max`` and ``nan`` stays ``nan`` in its own
+    element; neither changes the block's scale, which comes from the finite values. An all-zero
+    block gives q = 0 and scale = 1e-10 / fp8_max. Finite input never produces nan.
+    """
+    return torch.ops.fp8.quantize(x, list(block_shape), dtype, scale_format)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block_shape: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``q * scale`` broadcast over blocks, cast to ``out_dtype``.
+
+    Args:
+        q: [..., R, C] float8_e4m3fn or float8_e5m2.
+        scale: [..., cdiv(R, br), cdiv(C, bc)] float32 multipliers.
+        block_shape: (br, bc) used when quantizing.
+        out_dtype: bfloat16, float16 or float32.
+
+    Returns: [..., R, C] ``out_dtype``.
+    """
+    return torch.ops.fp8.dequantize(q, scale, list(block_shape), out_dtype)
+
+
+def blockwise_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    block_shape: Sequence[int] = (128, 128),
+    x_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    activation: str = "dynamic",
+) -> torch.Tensor:
+    """``y = x @ w.T`` with a block-wise FP8 weight (DeepSeek-V3 layout).
+
+    Args:
+        x: [..., K]. Either fp8 (float8_e4m3fn / e5m2) with ``x_scale``, or bfloat16 / float16 /
+            float32; any strides (a non-contiguous activation is copied once).
+        w: [N, K] (out_features, in_features) float8_e4m3fn or float8_e5m2, contiguous row-major.
+        w_scale: [cdiv(N, bn), cdiv(K, bk)] float32, row-major; w ~= w_q * w_scale
+            (DeepSeek's ``weight_scale_inv``).
+        block_shape: (bn, bk), each of 128, 256, 512.
+        x_scale: [..., cdiv(K, bk)] float32 multipliers for fp8 x (1 x bk groups); None otherwise.
+        bias: [N] bfloat16 / float16 / float32, added in fp32 before the cast.
+        out_dtype: bfloat16 / float16 / float32; default x.dtype, or bfloat16 for fp8 x.
+        activation: for high-precision x: "dynamic" quantizes x per 1 x bk group to e4m3fn
+            (W8A8); "none" keeps x at its precision (W8A16, weight-only).
+
+    Returns: [..., N] ``out_dtype``. Semantics: :mod:`torch_fp8_blockwise.reference`.
+    """
+    return torch.ops.fp8.blockwise_matmul(
+        x, w, w_scale, list(block_shape), x_scale, bias, out_dtype, activation
+    )
