@@ -1,13 +1,14 @@
 """torch_fp8_blockwise: FP8 block-wise quantized matmul as ``torch.ops.fp8.*`` on every device.
 
 Importing this package registers the ops. Python wrappers with full docstrings:
-:func:`quantize`, :func:`dequantize`, :func:`blockwise_matmul`. Backend choice follows the
+:func:`quantize`, :func:`dequantize`, :func:`blockwise_matmul`, :func:`mxfp8_quantize`,
+:func:`mxfp8_matmul`. Backend choice follows the
 tensors' device (cpu -> CPU path, cuda -> Triton, xla -> Pallas); :func:`use_backend` forces one.
 """
 
 from ._dispatch import BackendUnavailable, backend_table, unavailable_reason, use_backend
 from .formats import FP8_DTYPES, SCALE_FORMATS, fp8_max
-from .ops import blockwise_matmul, dequantize, quantize
+from .ops import blockwise_matmul, dequantize, mxfp8_matmul, mxfp8_quantize, quantize
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,8 @@ __all__ = [
     "blockwise_matmul",
     "dequantize",
     "fp8_max",
+    "mxfp8_matmul",
+    "mxfp8_quantize",
     "quantize",
     "unavailable_reason",
     "use_backend",

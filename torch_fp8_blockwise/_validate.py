@@ -18,6 +18,7 @@ from .formats import (
     FP8_DTYPES,
     HIGH_PRECISION_DTYPES,
     MATMUL_BLOCKS,
+    MX_BLOCK,
     SCALE_FORMATS,
     cdiv,
     is_fp8,
@@ -126,6 +127,56 @@ class MatmulProblem:
     out_dtype: torch.dtype
 
 
+def _weight(w: torch.Tensor) -> tuple[int, int]:
+    dtype_in(w, "w", FP8_DTYPES)
+    if w.dim() != 2:
+        raise ValueError(f"w: expected 2 dims [N, K] (out_features, in_features), got shape {tuple(w.shape)}")
+    if not w.is_contiguous():
+        raise ValueError(
+            f"w: expected a contiguous row-major [N, K] weight, got strides {tuple(w.stride())}; "
+            "call w.contiguous() once when loading (a per-call copy of the weight would be silent and slow)"
+        )
+    return w.shape[0], w.shape[1]
+
+
+def _activation_and_tail(
+    x: torch.Tensor,
+    k: int,
+    x_scale: torch.Tensor | None,
+    x_scale_dtype: torch.dtype,
+    groups: int,
+    group_what: str,
+    bias: torch.Tensor | None,
+    n: int,
+    out_dtype: torch.dtype | None,
+) -> tuple[tuple[int, ...], int, torch.dtype]:
+    """Checks shared by the matmul ops for x, x_scale, bias and out_dtype; returns (lead, M, out_dtype)."""
+    dtype_in(x, "x", FP8_DTYPES + HIGH_PRECISION_DTYPES)
+    min_ndim(x, "x", 1, "[..., K]")
+    if x.shape[-1] != k:
+        raise ValueError(f"x: expected last dim K={k} (the weight's in_features), got shape {tuple(x.shape)}")
+    lead = tuple(x.shape[:-1])
+    if is_fp8(x.dtype):
+        if x_scale is None:
+            raise ValueError(f"x_scale: required when x is fp8 ({x.dtype}); expected shape {(*lead, groups)}")
+        dtype_in(x_scale, "x_scale", (x_scale_dtype,))
+        shape_is(x_scale, "x_scale", (*lead, groups), f"(x.shape[:-1] + ({group_what},))")
+    elif x_scale is not None:
+        raise ValueError(
+            f"x_scale: only for fp8 x, but x is {x.dtype}; drop x_scale (x is quantized on the fly)"
+        )
+    if bias is not None:
+        dtype_in(bias, "bias", HIGH_PRECISION_DTYPES)
+        shape_is(bias, "bias", (n,), "(N,)")
+    if out_dtype is None:
+        out_dtype = torch.bfloat16 if is_fp8(x.dtype) else x.dtype
+    dtype_arg(out_dtype, "out_dtype", HIGH_PRECISION_DTYPES)
+    m = 1
+    for d in lead:
+        m *= d
+    return lead, m, out_dtype
+
+
 def matmul_args(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -145,49 +196,55 @@ def matmul_args(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
-    dtype_in(w, "w", FP8_DTYPES)
-    if w.dim() != 2:
-        raise ValueError(f"w: expected 2 dims [N, K] (out_features, in_features), got shape {tuple(w.shape)}")
-    n, k = w.shape
-    if not w.is_contiguous():
-        raise ValueError(
-            f"w: expected a contiguous row-major [N, K] weight, got strides {tuple(w.stride())}; "
-            "call w.contiguous() once when loading (a per-call copy of the weight would be silent and slow)"
-        )
+    n, k = _weight(w)
     dtype_in(w_scale, "w_scale", (torch.float32,))
     shape_is(w_scale, "w_scale", (cdiv(n, bn), cdiv(k, bk)), f"(cdiv(N={n}, {bn}), cdiv(K={k}, {bk}))")
-
-    dtype_in(x, "x", FP8_DTYPES + HIGH_PRECISION_DTYPES)
-    min_ndim(x, "x", 1, "[..., K]")
-    if x.shape[-1] != k:
-        raise ValueError(f"x: expected last dim K={k} (w is {tuple(w.shape)}), got shape {tuple(x.shape)}")
-    lead = tuple(x.shape[:-1])
-    if is_fp8(x.dtype):
-        if activation == "none":
-            raise ValueError(
-                f"activation: 'none' keeps x at its own precision, but x is {x.dtype}; "
-                "use activation='dynamic' (the default) and pass x_scale"
-            )
-        if x_scale is None:
-            raise ValueError(
-                f"x_scale: required when x is fp8 ({x.dtype}); expected shape {(*lead, cdiv(k, bk))}"
-            )
-        dtype_in(x_scale, "x_scale", (torch.float32,))
-        shape_is(x_scale, "x_scale", (*lead, cdiv(k, bk)), f"(x.shape[:-1] + (cdiv(K={k}, {bk}),))")
-    elif x_scale is not None:
+    if is_fp8(x.dtype) and activation == "none":
         raise ValueError(
-            f"x_scale: only for fp8 x, but x is {x.dtype}; drop x_scale (activation={activation!r} "
-            "decides how x is handled)"
+            f"activation: 'none' keeps x at its own precision, but x is {x.dtype}; "
+            "use activation='dynamic' (the default) and pass x_scale"
+        )
+    lead, m, out_dtype = _activation_and_tail(
+        x, k, x_scale, torch.float32, cdiv(k, bk), f"cdiv(K={k}, {bk})", bias, n, out_dtype
+    )
+    same_device(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
+    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=bn, bk=bk, out_dtype=out_dtype)
+
+
+def _mx_k(k: int, name: str) -> None:
+    if k % MX_BLOCK != 0 or k == 0:
+        raise ValueError(
+            f"{name}: MXFP8 needs K to be a positive multiple of {MX_BLOCK} (one E8M0 scale per 32), got K={k}"
         )
 
-    if bias is not None:
-        dtype_in(bias, "bias", HIGH_PRECISION_DTYPES)
-        shape_is(bias, "bias", (n,), "(N,)")
-    if out_dtype is None:
-        out_dtype = torch.bfloat16 if is_fp8(x.dtype) else x.dtype
-    dtype_arg(out_dtype, "out_dtype", HIGH_PRECISION_DTYPES)
+
+def mxfp8_quantize_args(x: torch.Tensor, dtype: object) -> None:
+    tensor(x, "x")
+    dtype_in(x, "x", HIGH_PRECISION_DTYPES)
+    min_ndim(x, "x", 1, "[..., K]")
+    _mx_k(x.shape[-1], "x")
+    dtype_arg(dtype, "dtype", FP8_DTYPES)
+
+
+def mxfp8_matmul_args(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> MatmulProblem:
+    tensor(x, "x")
+    tensor(w, "w")
+    tensor(w_scale, "w_scale")
+    tensor(x_scale, "x_scale", optional=True)
+    tensor(bias, "bias", optional=True)
+    n, k = _weight(w)
+    _mx_k(k, "w")
+    dtype_in(w_scale, "w_scale", (torch.uint8,))
+    shape_is(w_scale, "w_scale", (n, k // MX_BLOCK), f"(N={n}, K={k} // {MX_BLOCK}) E8M0 bits")
+    lead, m, out_dtype = _activation_and_tail(
+        x, k, x_scale, torch.uint8, k // MX_BLOCK, f"K={k} // {MX_BLOCK}", bias, n, out_dtype
+    )
     same_device(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
-    m = 1
-    for d in lead:
-        m *= d
-    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=bn, bk=bk, out_dtype=out_dtype)
+    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=1, bk=MX_BLOCK, out_dtype=out_dtype)

@@ -76,6 +76,12 @@ def compute_scale(amax: torch.Tensor, dtype: torch.dtype, scale_format: str) -> 
     return scale
 
 
+def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Encode positive power-of-two float32 scales (e.g. from :func:`round_scale_ue8m0`) as E8M0
+    uint8 bits: the float32 exponent field."""
+    return (scale.float().view(torch.int32) >> 23).to(torch.uint8)
+
+
 def e8m0_to_float(bits: torch.Tensor) -> torch.Tensor:
     """Decode E8M0 scales stored as uint8 bits: 2**(bits - 127), 255 -> NaN."""
     if bits.dtype != torch.uint8:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _dispatch, _validate
+from .formats import MX_BLOCK
 
 SCHEMAS: dict[str, str] = {
     "quantize": (
@@ -25,6 +26,11 @@ SCHEMAS: dict[str, str] = {
     "blockwise_matmul": (
         "(Tensor x, Tensor w, Tensor w_scale, int[] block_shape=[128,128], Tensor? x_scale=None,"
         ' Tensor? bias=None, ScalarType? out_dtype=None, str activation="dynamic") -> Tensor'
+    ),
+    "mxfp8_quantize": "(Tensor x, ScalarType dtype=float8_e4m3fn) -> (Tensor q, Tensor scale_u8)",
+    "mxfp8_matmul": (
+        "(Tensor x, Tensor w, Tensor w_scale, Tensor? x_scale=None, Tensor? bias=None,"
+        " ScalarType? out_dtype=None) -> Tensor"
     ),
 }
 
@@ -108,16 +114,33 @@ def _blockwise_matmul_impl(
     activation: str = "dynamic",
 ) -> torch.Tensor:
     p = _validate.matmul_args(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
+    return _run_matmul(
+        "blockwise_matmul", p, x, x_scale, bias, w, w_scale, (p.bn, p.bk), activation=activation
+    )
+
+
+def _run_matmul(
+    op: str,
+    p: _validate.MatmulProblem,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *weight_args: object,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Shared tail of the matmul ops: empty sizes, flattening batch dims, dispatch, reshape back."""
     out_shape = (*p.lead, p.n)
     if p.m == 0 or p.n == 0:
         return torch.empty(out_shape, dtype=p.out_dtype, device=x.device)
     if p.k == 0:  # an empty sum: y = bias (or 0)
         y = torch.zeros(out_shape, dtype=torch.float32, device=x.device)
         return (y if bias is None else y + bias.float()).to(p.out_dtype)
-    _, fn = _dispatch.implementation("blockwise_matmul", x.device)
+    _, fn = _dispatch.implementation(op, x.device)
     x2 = x.reshape(p.m, p.k)  # copies only a non-contiguous activation, never the weight
     xs2 = None if x_scale is None else x_scale.reshape(p.m, -1).contiguous()
-    y = fn(x2, w, w_scale.contiguous(), (p.bn, p.bk), xs2, bias, p.out_dtype, activation)
+    w, w_scale, *block = weight_args
+    extra = () if activation is None else (activation,)
+    y = fn(x2, w, w_scale.contiguous(), *block, xs2, bias, p.out_dtype, *extra)
     return y.reshape(out_shape)
 
 
@@ -128,12 +151,66 @@ def _blockwise_matmul_fake(
     return x.new_empty((*p.lead, p.n), dtype=p.out_dtype)
 
 
+# -------------------------------------------------------------------------------- mxfp8_quantize
+def _mxfp8_quantize_impl(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _validate.mxfp8_quantize_args(x, dtype)
+    scale_shape = (*x.shape[:-1], x.shape[-1] // MX_BLOCK)
+    if x.numel() == 0:
+        q = torch.empty(x.shape, dtype=dtype, device=x.device)
+        return q, torch.zeros(scale_shape, dtype=torch.uint8, device=x.device)
+    _, fn = _dispatch.implementation("mxfp8_quantize", x.device)
+    q, scale = fn(x.reshape(-1, x.shape[-1]), dtype)
+    return q.reshape(x.shape), scale.reshape(scale_shape)
+
+
+def _mxfp8_quantize_fake(x, dtype=torch.float8_e4m3fn):
+    _validate.mxfp8_quantize_args(x, dtype)
+    scale_shape = (*x.shape[:-1], x.shape[-1] // MX_BLOCK)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(scale_shape, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------- mxfp8_matmul
+def _mxfp8_matmul_impl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    p = _validate.mxfp8_matmul_args(x, w, w_scale, x_scale, bias, out_dtype)
+    return _run_matmul("mxfp8_matmul", p, x, x_scale, bias, w, w_scale)
+
+
+def _mxfp8_matmul_fake(x, w, w_scale, x_scale=None, bias=None, out_dtype=None):
+    p = _validate.mxfp8_matmul_args(x, w, w_scale, x_scale, bias, out_dtype)
+    return x.new_empty((*p.lead, p.n), dtype=p.out_dtype)
+
+
 _register("quantize", _quantize_impl, _quantize_fake)
 _register("dequantize", _dequantize_impl, _dequantize_fake)
 _register("blockwise_matmul", _blockwise_matmul_impl, _blockwise_matmul_fake)
+_register("mxfp8_quantize", _mxfp8_quantize_impl, _mxfp8_quantize_fake)
+_register("mxfp8_matmul", _mxfp8_matmul_impl, _mxfp8_matmul_fake)
 
 
 # ----------------------------------------------------------------------------- Python wrappers
+def _precheck(block_shape: object = None, **tensors: object) -> list[int] | None:
+    """Argument kinds the op schema would otherwise reject with a RuntimeError that does not say
+    which argument was wrong in our terms; the full checks run inside the op."""
+    for name, t in tensors.items():
+        _validate.tensor(t, name, optional=name in ("x_scale", "bias"))
+    if block_shape is None:
+        return None
+    if not isinstance(block_shape, (list, tuple)) or len(block_shape) != 2:
+        raise ValueError(f"block_shape: expected a pair [rows, cols], got {block_shape!r}")
+    if not all(isinstance(b, int) for b in block_shape):
+        raise TypeError(f"block_shape: expected two ints, got {block_shape!r}")
+    return list(block_shape)
+
+
 def quantize(
     x: torch.Tensor,
     block_shape: Sequence[int] = (1, 128),
@@ -159,7 +236,7 @@ def quantize(
     element; neither changes the block's scale, which comes from the finite values. An all-zero
     block gives q = 0 and scale = 1e-10 / fp8_max. Finite input never produces nan.
     """
-    return torch.ops.fp8.quantize(x, list(block_shape), dtype, scale_format)
+    return torch.ops.fp8.quantize(x, _precheck(block_shape, x=x), dtype, scale_format)
 
 
 def dequantize(
@@ -178,7 +255,7 @@ def dequantize(
 
     Returns: [..., R, C] ``out_dtype``.
     """
-    return torch.ops.fp8.dequantize(q, scale, list(block_shape), out_dtype)
+    return torch.ops.fp8.dequantize(q, scale, _precheck(block_shape, q=q, scale=scale), out_dtype)
 
 
 def blockwise_matmul(
@@ -208,6 +285,51 @@ def blockwise_matmul(
 
     Returns: [..., N] ``out_dtype``. Semantics: :mod:`torch_fp8_blockwise.reference`.
     """
-    return torch.ops.fp8.blockwise_matmul(
-        x, w, w_scale, list(block_shape), x_scale, bias, out_dtype, activation
-    )
+    block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
+    return torch.ops.fp8.blockwise_matmul(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
+
+
+def mxfp8_quantize(
+    x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP8 (OCP Microscaling) quantization: 32 consecutive elements along K share one scale.
+
+    Args:
+        x: [..., K] bfloat16 / float16 / float32, K a multiple of 32.
+        dtype: element type, torch.float8_e4m3fn or torch.float8_e5m2.
+
+    Returns:
+        q: [..., K] ``dtype``.
+        scale_u8: [..., K // 32] uint8 E8M0 bits, scale = 2**(bits - 127) (255 = NaN), a multiplier:
+            x ~= q * scale. Rounding rule: scale = 2**ceil(log2(max(amax, 1e-10) / fp8_max)) with amax
+            the block's largest finite |x| (rounding up: nothing saturates that fits the fp8 range).
+            uint8 because torch_xla cannot move float8_e8m0fnu; ``scale_u8.view(torch.float8_e8m0fnu)``
+            gives the torch dtype where it exists.
+    """
+    _precheck(x=x)
+    return torch.ops.fp8.mxfp8_quantize(x, dtype)
+
+
+def mxfp8_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``y = x @ w.T`` with MXFP8 operands (1 x 32 groups along K, E8M0 scales).
+
+    Args:
+        x: [..., K]: fp8 with ``x_scale``, or bfloat16 / float16 / float32 (quantized on the fly
+            with :func:`mxfp8_quantize` to e4m3fn). K a multiple of 32.
+        w: [N, K] float8_e4m3fn / e5m2, contiguous row-major (e.g. from :func:`mxfp8_quantize`).
+        w_scale: [N, K // 32] uint8 E8M0 bits.
+        x_scale: [..., K // 32] uint8 E8M0 bits for fp8 x; None otherwise.
+        bias: [N] bfloat16 / float16 / float32, added in fp32.
+        out_dtype: bfloat16 / float16 / float32; default x.dtype, or bfloat16 for fp8 x.
+
+    Returns: [..., N] ``out_dtype``; semantics: W8A8 blockwise with (bn, bk) = (1, 32).
+    """
+    _precheck(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
+    return torch.ops.fp8.mxfp8_matmul(x, w, w_scale, x_scale, bias, out_dtype)

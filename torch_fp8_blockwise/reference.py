@@ -8,6 +8,9 @@ backend (see :mod:`torch_fp8_blockwise._dispatch`):
 * ``dequantize(q[B, R, C], scale[B, RB, CB], (br, bc), out_dtype) -> x[B, R, C]``
 * ``blockwise_matmul(x[M, K], w[N, K], w_scale[cdiv(N,bn), cdiv(K,bk)], (bn, bk), x_scale[M, cdiv(K,bk)] | None,
   bias[N] | None, out_dtype, activation) -> y[M, N]`` with M, N, K > 0.
+* ``mxfp8_quantize(x[M, K], dtype) -> (q[M, K], scale_u8[M, K // 32])`` with K % 32 == 0.
+* ``mxfp8_matmul(x[M, K], w[N, K], w_scale[N, K // 32] uint8, x_scale[M, K // 32] uint8 | None, bias[N] | None,
+  out_dtype) -> y[M, N]`` with M, N > 0 and K % 32 == 0, K > 0.
 
 Semantics (shared/NOTES.md, "Reference semantics"):
 
@@ -20,6 +23,9 @@ Semantics (shared/NOTES.md, "Reference semantics"):
   fp32 accumulation, then ``+ bias``, then cast to ``out_dtype``. Dynamic activations are quantized
   with :func:`quantize` in ``1 x bk`` groups to float8_e4m3fn, fp32 scales.
 * W8A16: ``y = x.float() @ dequantize(w, w_scale).T + bias``, cast.
+* MXFP8 (OCP Microscaling): 1 x 32 groups along K, scales ``2**ceil(log2(max(amax, 1e-10) / fp8_max))``
+  (the ue8m0 rule above, stored as E8M0 uint8 bits ``2**(bits - 127)``); the matmul is W8A8 with
+  ``(bn, bk) = (1, 32)``; high-precision x is quantized with :func:`mxfp8_quantize` to e4m3fn.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .formats import cdiv, compute_scale, fp8_max
+from .formats import MX_BLOCK, cdiv, compute_scale, e8m0_to_float, float_to_e8m0, fp8_max
 
 
 def _pad_to_blocks(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
@@ -107,3 +113,23 @@ def blockwise_matmul(
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(out_dtype)
+
+
+def mxfp8_quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = quantize(x, (1, MX_BLOCK), dtype, "ue8m0")
+    return q, float_to_e8m0(scale)
+
+
+def mxfp8_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if x_scale is None:
+        x, x_scale = mxfp8_quantize(x, torch.float8_e4m3fn)
+    return blockwise_matmul(
+        x, w, e8m0_to_float(w_scale), (1, MX_BLOCK), e8m0_to_float(x_scale), bias, out_dtype, "dynamic"
+    )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..formats import cdiv, compute_scale, fp8_max
+from ..formats import MX_BLOCK, cdiv, compute_scale, e8m0_to_float, float_to_e8m0, fp8_max
 
 
 def _blocked(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
@@ -98,3 +98,23 @@ def blockwise_matmul(
     wd = _dequantize_weight(w, w_scale, block_shape)
     y = xd @ wd.T if bias is None else torch.addmm(bias.float(), xd, wd.T)
     return y.to(out_dtype)
+
+
+def mxfp8_quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = _quantize_f32(x[None], (1, MX_BLOCK), dtype, "ue8m0")
+    return q[0].to(dtype), float_to_e8m0(scale[0])
+
+
+def mxfp8_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if x_scale is None:
+        x, x_scale = mxfp8_quantize(x, torch.float8_e4m3fn)
+    return blockwise_matmul(
+        x, w, e8m0_to_float(w_scale), (1, MX_BLOCK), e8m0_to_float(x_scale), bias, out_dtype, "dynamic"
+    )
