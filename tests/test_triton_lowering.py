@@ -1,0 +1,94 @@
+"""Offline GPU compilation (no GPU): every shipped config lowers to the right MMA, fits shared
+memory and does not spill, for sm_90, sm_100 and sm_120.
+
+Compilation cannot run under TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions),
+so these tests run the check in a subprocess with TRITON_INTERPRET removed from its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is not installed in this environment")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _check(quick: bool) -> str:
+    proc = _run(["scripts/check_lowering.py", "--target", "cuda", *(["--quick"] if quick else [])])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    rows = [line for line in out.splitlines() if line.startswith(("w8a8", "w8a16", "mxfp8"))]
+    assert rows, out
+    for line in rows:
+        assert line.rstrip().endswith("ok"), line
+    assert any(
+        "sm_90" in r and "wgmma.mma_async" in r and "e4m3.e4m3" in r for r in rows if r.startswith("w8a8")
+    )
+    assert any(
+        "sm_100" in r and "tcgen05.mma" in r and "kind::f8f6f4" in r for r in rows if r.startswith("w8a8")
+    )
+    assert any("sm_100" in r and "mxf8f6f4.block_scale" in r for r in rows if r.startswith("mxfp8"))
+    assert any("sm_120" in r and "mma.sync" in r and "e4m3.e4m3" in r for r in rows if r.startswith("w8a8"))
+    return out
+
+
+def test_check_lowering_quick():
+    _check(quick=True)
+
+
+@pytest.mark.slow
+def test_check_lowering_all_shipped_configs():
+    _check(quick=False)
+
+
+def test_checker_rejects_bad_configs():
+    """The checker must fail a config that overflows shared memory or misses its MMA (it can fail)."""
+    code = textwrap.dedent(
+        """
+        from torch_fp8_blockwise.backends.triton import lowering
+        jobs = [j for j in lowering.shipped_jobs((120,), quick=True) if j.kernel == "w8a8"]
+        job = jobs[-1]
+        consts = dict(job.constexprs)
+        consts.update(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, SWAP_AB=False, SPLIT_K=1)
+        big = lowering.Job("w8a8", "too big", 120, job.signature, tuple(consts.items()), 8, 4)
+        row = lowering.compile_job(big)
+        print("BIG", row.smem, row.error)
+        sig = dict(job.signature)
+        sig["x_ptr"] = "*bf16"  # a bf16 x makes a bf16 MMA: the w8a8 e4m3 pattern must not match
+        consts["W8A16"] = True
+        consts.update(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+        wrong = lowering.Job("w8a8", "bf16", 120, tuple(sig.items()), tuple(consts.items()), 4, 2)
+        print("WRONG", lowering.compile_job(wrong).error)
+        """
+    )
+    proc = _run(["-c", code], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("BIG", "WRONG")))
+    assert "shared memory" in lines["BIG"] and "> limit 101376" in lines["BIG"], lines
+    assert "expected /mma" in lines["WRONG"] and "bf16" in lines["WRONG"], lines
+
+
+def test_refuses_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "scripts/check_lowering.py", "--target", "cuda"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "TRITON_INTERPRET" in proc.stderr

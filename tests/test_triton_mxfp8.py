@@ -1,0 +1,125 @@
+"""Triton MXFP8 quantizer and GEMM under TRITON_INTERPRET=1, against the reference.
+
+Both GEMM paths run here: the explicit-scaling path (sm_90 / sm_120) in every environment, the
+tl.dot_scaled path (sm_100) only where the interpreter implements dot_scaled (triton >= 3.9;
+triton 3.5's InterpreterBuilder has no create_dot_scaled).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_params
+
+from torch_fp8_blockwise import reference
+from torch_fp8_blockwise.testing import assert_kernel_close, sqnr, sqnr_floor
+
+pytestmark = pytest.mark.parametrize("backend", backend_params("triton", op="mxfp8_matmul"))
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def _interpreter_has_dot_scaled() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:
+        return False
+    return hasattr(InterpreterBuilder, "create_dot_scaled")
+
+
+def _paths():
+    import triton
+
+    skip = pytest.mark.skipif(
+        not _interpreter_has_dot_scaled(),
+        reason=f"triton {triton.__version__}'s interpreter has no tl.dot_scaled (InterpreterBuilder."
+        "create_dot_scaled is missing; triton 3.5 lacks it, 3.9 has it): run in the 'latest' environment",
+    )
+    return [pytest.param(False, id="explicit"), pytest.param(True, id="native-dot_scaled", marks=skip)]
+
+
+def _backend():
+    from torch_fp8_blockwise.backends import triton as backend
+
+    return backend
+
+
+def _cfg(**kw):
+    from torch_fp8_blockwise.backends.triton.configs import GemmConfig
+
+    return GemmConfig(**kw)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_mxfp8_quantize_bit_exact(backend, dtype, x_dtype):
+    x = torch.randn(45, 320) * torch.logspace(-4, 4, 320)
+    x[0, 5], x[1, 40], x[2, 70] = float("inf"), float("nan"), float("-inf")
+    x[3, 96:128] = 0.0  # all-zero group: eps scale, q = 0
+    x = x.to(x_dtype)
+    q, s = _backend().mxfp8_quantize(x, dtype)
+    rq, rs = reference.mxfp8_quantize(x, dtype)
+    assert s.dtype == torch.uint8 and s.shape == (45, 10)
+    assert torch.equal(s, rs)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+# (M, N, K, config): K = 96 is three groups, a tail shorter than block_k = 128.
+CASES = [
+    pytest.param(13, 70, 96, dict(block_m=16, block_n=32, block_k=128), id="k-tail"),
+    pytest.param(
+        3, 200, 320, dict(block_m=16, block_n=128, block_k=64, split_k=2, swap_ab=True), id="swap-split"
+    ),
+    pytest.param(40, 33, 256, dict(block_m=32, block_n=32, block_k=128, group_m=2), id="grouped"),
+]
+
+
+@pytest.mark.parametrize("native", _paths())
+@pytest.mark.parametrize("m,n,k,cfg", CASES)
+@pytest.mark.parametrize("w_dtype", [E4M3, E5M2])
+def test_mxfp8_matmul_fp8_x(backend, native, m, n, k, cfg, w_dtype):
+    wq, ws = reference.mxfp8_quantize(torch.randn(n, k), w_dtype)
+    xq, xs = reference.mxfp8_quantize(torch.randn(m, k) * 5, E4M3)
+    bias = torch.randn(n).to(torch.bfloat16)
+    y = _backend().mxfp8_matmul(xq, wq, ws, xs, bias, torch.float32, config=_cfg(**cfg), native=native)
+    ref = reference.mxfp8_matmul(xq, wq, ws, xs, bias, torch.float32)
+    assert_kernel_close(y, ref, f"mxfp8 native={native} {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("native", _paths())
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_mxfp8_matmul_dynamic_x_and_sqnr(backend, native, out_dtype):
+    m, n, k = 9, 150, 512
+    w_true = torch.randn(n, k)
+    wq, ws = reference.mxfp8_quantize(w_true, E4M3)
+    x = torch.randn(m, k).to(out_dtype)
+    y = _backend().mxfp8_matmul(x, wq, ws, None, None, out_dtype, native=native)
+    ref = reference.mxfp8_matmul(x, wq, ws, None, None, out_dtype)
+    assert_kernel_close(y, ref, f"dynamic native={native}")
+    assert sqnr(y.float(), x.float() @ w_true.T) >= sqnr_floor(E4M3, "ue8m0")
+
+
+@pytest.mark.parametrize("native", _paths())
+def test_mxfp8_matmul_extreme_scales(backend, native):
+    """Groups whose scales differ by 2**40 (E8M0 bits far from 127) stay exact in both paths."""
+    m, n, k = 4, 32, 128
+    x = torch.randn(m, k) * torch.tensor([1e-6, 1.0, 1e6, 1e-3]).repeat_interleave(32)
+    w = torch.randn(n, k) * torch.tensor([1e5, 1e-5, 1.0, 10.0]).repeat_interleave(32)
+    xq, xs = reference.mxfp8_quantize(x, E4M3)
+    wq, ws = reference.mxfp8_quantize(w, E4M3)
+    y = _backend().mxfp8_matmul(xq, wq, ws, xs, None, torch.float32, native=native)
+    assert_kernel_close(y, reference.mxfp8_matmul(xq, wq, ws, xs, None, torch.float32), "extreme")
+
+
+def test_mxfp8_through_ops(backend):
+    """torch.ops.fp8.mxfp8_* forced onto this backend, incl. the K % 32 error from validation."""
+    import torch_fp8_blockwise as tfb
+
+    wq, ws = reference.mxfp8_quantize(torch.randn(64, 160), E4M3)
+    x = torch.randn(2, 3, 160, dtype=torch.bfloat16)
+    with tfb.use_backend(backend):
+        y = tfb.mxfp8_matmul(x, wq, ws)
+        with pytest.raises(ValueError, match="32"):
+            tfb.mxfp8_quantize(torch.randn(4, 100))
+    ref = reference.mxfp8_matmul(x.reshape(6, 160), wq, ws, None, None, torch.bfloat16).reshape(2, 3, 64)
+    assert_kernel_close(y, ref, "op")

@@ -1,0 +1,255 @@
+"""Launch configurations for the Triton GEMMs: tuned table first, shared-memory-aware heuristic second.
+
+Key of the tuned table (``torch_fp8_blockwise/data/cuda/gemm_configs.json``, written by
+``scripts/tune_triton.py``): ``(arch, kernel, m_bucket, N, K)`` where ``arch`` is the compute
+capability as an int (90 = H100/H200, 100 = B200, 120 = RTX 50xx), ``kernel`` one of
+:data:`KERNELS` and ``m_bucket`` the smallest of :data:`M_BUCKETS` that is >= M (M beyond the last
+bucket uses the last). A miss falls back to :func:`heuristic`, which warns once per
+``(arch, kernel)`` in the process, never per call.
+
+Every config, tuned or heuristic, passes through :meth:`GemmConfig.for_problem`, which shrinks
+``block_k`` to divide the quantization block ``bk`` (a K tile then never straddles two scale
+blocks: the seed's M=256, N=512, K=1024 failure came from block_k and the scale layout
+disagreeing) and through :func:`fits`, so a config that would overflow the device's shared memory
+is never launched.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+
+import torch
+
+#: Kernels that read this table. w8a8: fp8 x fp8 blockwise; w8a16: bf16/fp16/fp32 x fp8 blockwise;
+#: mxfp8: fp8 x fp8 with E8M0 scales per 32 elements of K.
+KERNELS: tuple[str, ...] = ("w8a8", "w8a16", "mxfp8")
+#: Upper bounds of the M buckets; M <= 64 is the decode regime (weight-bandwidth-bound).
+M_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 1024, 4096)
+#: Architectures with shipped configs and offline-compile proof.
+ARCHS: tuple[int, ...] = (90, 100, 120)
+
+#: Dynamic shared memory a block may opt into (bytes). sm_90 / sm_100: 227 KB; consumer Blackwell
+#: sm_120 (RTX 50xx): 99 KB = 101,376 B, where the seed's fixed configs did not fit.
+SMEM_LIMIT: dict[int, int] = {90: 232_448, 100: 232_448, 120: 101_376}
+#: SM counts used to size split-K when no GPU is visible (H100 SXM, B200, RTX 5070 Ti).
+DEFAULT_SMS: dict[int, int] = {90: 132, 100: 148, 120: 70}
+
+TABLE_FILE = "gemm_configs.json"
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch parameters of one GEMM launch.
+
+    block_m x block_n output tile, block_k of K per step. ``swap_ab`` computes the tile as
+    ``w_tile @ x_tile.T`` so that N fills the MMA's 64-row side when M is small (decode): Hopper's
+    wgmma needs 64 rows per warpgroup, and M = 1..64 would otherwise waste most of it.
+    ``split_k`` > 1 splits the K loop over that many programs that atomically add fp32 partials
+    (decode shapes have too few output tiles to fill 132 SMs).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    split_k: int = 1
+    swap_ab: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "group_m", "split_k", "num_warps"):
+            if not _pow2(getattr(self, name)):
+                raise ValueError(f"GemmConfig.{name}: expected a power of two, got {getattr(self, name)}")
+        # tl.dot needs every dimension >= 16; fp8 MMAs consume K in steps of 32.
+        if self.block_m < 16 or self.block_n < 16:
+            raise ValueError(
+                f"GemmConfig: block_m and block_n must be >= 16, got {self.block_m}, {self.block_n}"
+            )
+        if self.block_k < 32:
+            raise ValueError(f"GemmConfig.block_k: expected >= 32 (one fp8 MMA K step), got {self.block_k}")
+        if self.num_stages < 1:
+            raise ValueError(f"GemmConfig.num_stages: expected >= 1, got {self.num_stages}")
+
+    def for_problem(self, bk: int, k: int) -> GemmConfig:
+        """This config adjusted to a problem: block_k divides ``bk`` and split_k <= number of K tiles.
+
+        ``bk`` is the K extent of one scale block (128/256/512 for blockwise, 32 for MXFP8 where
+        any block_k that is a multiple of 32 works). Both are powers of two, so min() divides.
+        """
+        # MXFP8 (bk = 32): the kernel indexes scales per 32 columns, any block_k works.
+        block_k = self.block_k if bk <= 32 else min(self.block_k, bk)
+        if bk > 32 and bk % block_k:
+            raise ValueError(f"GemmConfig: block_k={block_k} must divide the scale block bk={bk}")
+        k_tiles = -(-k // block_k)
+        split_k = self.split_k
+        while split_k > 1 and split_k > k_tiles:
+            split_k //= 2
+        return replace(self, block_k=block_k, split_k=split_k)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def operand_bytes(kernel: str, x_bytes: int = 2) -> tuple[int, int, int]:
+    """(bytes per x element in smem, per w element in smem, extra per w element after conversion)."""
+    if kernel == "w8a8":
+        return 1, 1, 0
+    if kernel == "w8a16":
+        return x_bytes, 1, x_bytes  # fp8 w staged, then converted for the MMA
+    return 1, 1, 2  # mxfp8: explicit path converts both operands to bf16 in registers
+
+
+def smem_estimate(cfg: GemmConfig, kernel: str, x_bytes: int = 2) -> int:
+    """Upper estimate of the dynamic shared memory of a launch (bytes).
+
+    Pipelined operand buffers (num_stages copies of an x tile and a w tile), plus one converted
+    tile for W8A16/MX (the MMA reads its B operand from shared memory), or the epilogue's
+    block_m x block_n fp32 layout-conversion scratch if larger (Triton reuses the operand buffers
+    for it after the K loop), plus 2 KB of barriers. Compared with real compilation by
+    scripts/check_lowering.py (e.g. w8a8 128x128x128, 4 stages: estimate 133,120 B, compiled
+    131,072 B on sm_90).
+    """
+    xb, wb, extra = operand_bytes(kernel, x_bytes)
+    stage = cfg.block_k * (cfg.block_m * xb + cfg.block_n * wb)
+    convert = cfg.block_k * (cfg.block_n + (cfg.block_m if kernel == "mxfp8" else 0)) * extra
+    return max(cfg.num_stages * stage + convert, cfg.block_m * cfg.block_n * 4) + 2048
+
+
+def fits(cfg: GemmConfig, kernel: str, arch: int, x_bytes: int = 2) -> bool:
+    return smem_estimate(cfg, kernel, x_bytes) <= SMEM_LIMIT.get(arch, SMEM_LIMIT[120])
+
+
+def m_bucket(m: int) -> int:
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def heuristic(
+    kernel: str, arch: int, m: int, n: int, k: int, sms: int | None = None, x_bytes: int = 2
+) -> GemmConfig:
+    """A config that fits ``arch``'s shared memory for any (M, N, K).
+
+    Decode (M <= 64): swap A/B so N is the MMA's long side, block_m = next_pow2(M) >= 16, and
+    split K until the grid has about one program per SM (an M=1, N=7168 problem has only 56
+    output tiles of 128 columns for 132 SMs). Prefill: 128 x 128 x 128 tiles, 8 warps. Then as
+    many pipeline stages (<= 4) as the arch's shared memory allows (sm_120: 99 KB), else
+    block_k = 64 with 2 stages, then block_k = 32. ``x_bytes`` is the size of an x element for
+    W8A16 (2 for bf16/fp16, 4 for fp32 x, whose tiles take twice the shared memory).
+    """
+    sms = sms or DEFAULT_SMS.get(arch, 132)
+    if m <= 64:
+        bm = max(16, _next_pow2(m))
+        cfg = GemmConfig(block_m=bm, block_n=128, block_k=128, group_m=1, swap_ab=True, num_warps=4)
+        tiles = -(-m // bm) * -(-n // cfg.block_n)
+        k_tiles = -(-k // cfg.block_k)
+        split = 1
+        while tiles * split * 2 <= sms and split * 2 <= min(16, k_tiles // 2):
+            split *= 2
+        cfg = replace(cfg, split_k=split)
+    else:
+        cfg = GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8)
+    if kernel == "w8a16" and x_bytes == 4:
+        # fp32 x takes an IEEE fp32 dot, i.e. CUDA-core FMAs with both operands in registers:
+        # compiled at 128 x 128 x 128 / 8 warps it spilled 18 KB per thread on sm_90, and 64 x 64 x 32
+        # at 4 warps still 370 B. 64 x 64 x 32 at 8 warps (16 x 64 at 4) does not spill
+        # (scripts/check_lowering.py, rows "w8a16_f32").
+        bm = min(cfg.block_m, 64)
+        cfg = replace(cfg, block_m=bm, block_n=64, block_k=32, num_warps=8 if bm >= 64 else 4)
+    elif cfg.block_m * cfg.block_n >= 64 * 128:
+        # A 64 x 128 fp32 tile (plus the promoted partial product) exceeds 255 registers per
+        # thread at 4 warps: compiled, it spilled 112-240 B on sm_90/sm_100/sm_120.
+        cfg = replace(cfg, num_warps=8)
+    for stages in (4, 3, 2):
+        cand = replace(cfg, num_stages=stages)
+        if fits(cand, kernel, arch, x_bytes):
+            return cand
+    for block_k in (64, 32):
+        cand = replace(cfg, num_stages=2, block_k=block_k)
+        if fits(cand, kernel, arch, x_bytes):
+            return cand
+    # Unreachable: 128 x 128 x 32 with 2 stages of fp32 x needs < 70 KB, below every limit.
+    raise AssertionError(f"no heuristic config fits sm_{arch} for {kernel}")
+
+
+@functools.cache
+def load_table() -> dict[tuple[int, str, int, int, int], GemmConfig]:
+    """The tuned table as {(arch, kernel, m_bucket, N, K): GemmConfig}."""
+    text = resources.files("torch_fp8_blockwise").joinpath("data", "cuda", TABLE_FILE).read_text()
+    raw = json.loads(text)
+    table = {}
+    for e in raw["entries"]:
+        key = (int(e["arch"]), str(e["kernel"]), int(e["m_bucket"]), int(e["n"]), int(e["k"]))
+        table[key] = GemmConfig(**e["config"])
+    return table
+
+
+_warned: set[tuple[int, str]] = set()
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as an int (e.g. 90); CPU tensors (interpreter) use sm_90's configs."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+@functools.cache
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def select(
+    kernel: str, device: torch.device, m: int, n: int, k: int, bk: int, x_bytes: int = 2
+) -> GemmConfig:
+    """Config for one launch: tuned entry if present, else the heuristic (warns once per arch/kernel).
+
+    ``bk`` is the scale block along K (see :meth:`GemmConfig.for_problem`); ``x_bytes`` the size of
+    an x element in W8A16 (the table is tuned for bf16; an entry that would not fit shared memory
+    with fp32 x is replaced by the heuristic).
+    ``FP8_TRITON_CONFIG`` (a JSON GemmConfig) overrides both, for the tuner.
+    """
+    arch = device_arch(device)
+    override = os.environ.get("FP8_TRITON_CONFIG")
+    if override:
+        return GemmConfig(**json.loads(override)).for_problem(bk, k)
+    cfg = load_table().get((arch, kernel, m_bucket(m), n, k))
+    if cfg is not None and not fits(cfg, kernel, arch, x_bytes):
+        cfg = heuristic(kernel, arch, m, n, k, None, x_bytes)
+    if cfg is None:
+        if (arch, kernel) not in _warned and device.type == "cuda":
+            _warned.add((arch, kernel))
+            warnings.warn(
+                f"fp8 triton: no tuned {kernel} config for sm_{arch} (first miss: M={m}, N={n}, K={k}); "
+                "using the shared-memory-aware heuristic. Run scripts/tune_triton.py on this GPU to tune.",
+                stacklevel=3,
+            )
+        sms = _sms(device.index or 0) if device.type == "cuda" else None
+        cfg = heuristic(kernel, arch, m, n, k, sms, x_bytes)
+    return cfg.for_problem(bk, k)
+
+
+#: Whether this package's kernels are interpreted: triton.jit reads TRITON_INTERPRET when a kernel
+#: is defined, i.e. while this package is imported (configs is imported before any kernel module).
+INTERPRETED_AT_IMPORT: bool = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreting() -> bool:
+    """True when this package's Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return INTERPRETED_AT_IMPORT

@@ -1,0 +1,226 @@
+"""MXFP8 (OCP Microscaling): quantizer and GEMM with E8M0 scales per 32 elements of K.
+
+Layouts:
+
+* x [M, K] fp8 row-major, x_scale [M, K // 32] uint8 E8M0 bits (scale = 2**(bits - 127), 255 = nan).
+* w [N, K] fp8 row-major, w_scale [N, K // 32] uint8 E8M0 bits.
+* y [M, N] = sum_g (sum_{k in g} xq * wq) * 2**(xs[m, g] - 127) * 2**(ws[n, g] - 127) + bias.
+
+Two GEMM paths in one kernel (``NATIVE`` constexpr):
+
+* sm_100 (Blackwell datacenter): ``tl.dot_scaled`` -> ``tcgen05.mma ... kind::mxf8f6f4.block_scale``,
+  the hardware applies the E8M0 scales inside the MMA.
+* sm_90 / sm_120 (no MX MMA; Hopper has none and Triton 3.5 has no sm_120 lowering for it): explicit
+  scaling. Each fp8 tile is widened and multiplied by its power-of-two scale in registers, then a
+  bf16 tensor-core dot accumulates in fp32. The scaled values are EXACT in bf16 (an e4m3 value has
+  4 significant bits, bf16 has 8, and 2**e only moves the exponent), so the path differs from the
+  native one only in fp32 summation order, as long as |q| * scale stays inside bf16's (= fp32's)
+  exponent range [2**-133, 3.4e38].
+
+Quantizer rounding rule (same as ue8m0 in reference.py): scale = 2**ceil(log2(max(amax, 1e-10) /
+fp8_max)) with the bit trick of formats.round_scale_ue8m0, E8M0 bits = its float32 exponent field,
+q = clamp(x / scale, +-fp8_max). Rounding the scale UP keeps |x| / scale <= fp8_max: nothing
+saturates that a float scale would not (the OCP spec's floor rule can clip the block's max).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .configs import GemmConfig
+from .quantize import group_quantize
+
+MX_BLOCK = 32
+
+_FORMATS = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+
+
+@triton.jit
+def _e8m0_to_f32(bits):
+    """uint8 E8M0 bits -> float32 2**(bits - 127); 0 -> 2**-127 (subnormal), 255 -> nan."""
+    e = bits.to(tl.int32)
+    v = (e << 23).to(tl.float32, bitcast=True)
+    v = tl.where(e == 0, 5.877471754111438e-39, v)
+    return tl.where(e == 255, float("nan"), v)
+
+
+@triton.jit
+def _mxfp8_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_xsm,
+    stride_wsn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    NATIVE: tl.constexpr,
+    X_FMT: tl.constexpr,
+    W_FMT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """y[M, N] (= or += for SPLIT_K > 1) the MX product. Grid: (tiles of M x N, SPLIT_K).
+    K % 32 == 0 (validated); a K tail shorter than BLOCK_K is masked to zero."""
+    SCALES: tl.constexpr = BLOCK_K // 32
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, SCALES)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    xs_rows = xs_ptr + offs_m.to(tl.int64)[:, None] * stride_xsm
+    ws_rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_wsn
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, k_tiles)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        k = t * BLOCK_K + offs_k
+        mask_k = k < K
+        a = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if NATIVE:
+            g = t * SCALES + offs_g
+            mask_g = g < K // 32
+            # 127 = 2**0 for the masked tail: its elements are 0, the scale must just not be nan.
+            sa = tl.load(xs_rows + g[None, :], mask=mask_m[:, None] & mask_g[None, :], other=127)
+            sb = tl.load(ws_rows + g[None, :], mask=mask_n[:, None] & mask_g[None, :], other=127)
+            if SWAP_AB:
+                acc = tl.dot_scaled(b, sb, W_FMT, tl.trans(a), sa, X_FMT, acc)
+            else:
+                acc = tl.dot_scaled(a, sa, X_FMT, tl.trans(b), sb, W_FMT, acc)
+        else:
+            # One scale byte per element, gathered (each byte is read by 32 lanes: L1 hits).
+            sa = tl.load(xs_rows + (k // 32)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=127)
+            sb = tl.load(ws_rows + (k // 32)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=127)
+            af = a.to(tl.float32) * _e8m0_to_f32(sa)
+            bf = b.to(tl.float32) * _e8m0_to_f32(sb)
+            if not DOT_F32:  # exact: see the module docstring
+                af = af.to(tl.bfloat16)
+                bf = bf.to(tl.bfloat16)
+            if SWAP_AB:
+                acc = tl.dot(bf, tl.trans(af), acc)
+            else:
+                acc = tl.dot(af, tl.trans(bf), acc)
+
+    if SWAP_AB:
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+        y_mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        y_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = tl.where(pid_k == 0, bias, 0.0)  # split 0 adds it; the others add partials only
+        if SWAP_AB:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def native_supported(device: torch.device) -> bool:
+    """True where tl.dot_scaled lowers to block-scaled MMA hardware: sm_100 / sm_103."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 10
+
+
+def mxfp8_quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] bf16/fp16/fp32 (K % 32 == 0) -> (q [M, K] ``dtype``, scale_u8 [M, K // 32] uint8 E8M0)."""
+    return group_quantize(x, MX_BLOCK, dtype, "ue8m0", e8m0_bits=True)
+
+
+def launch_mxfp8_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    cfg: GemmConfig,
+    native: bool,
+) -> torch.Tensor:
+    """Run the MX kernel with a fixed config and path (tests and the tuner call this directly).
+
+    x [M, K] fp8, x_scale [M, K // 32] uint8, w [N, K] fp8, w_scale [N, K // 32] uint8 -> y [M, N].
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    cfg = cfg.for_problem(MX_BLOCK, k)
+    direct = cfg.split_k == 1 and (out_dtype in (torch.float32, torch.float16) or not configs.interpreting())
+    y = (torch.empty if cfg.split_k == 1 else torch.zeros)(
+        (m, n), dtype=out_dtype if direct else torch.float32, device=x.device
+    )
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    _mxfp8_gemm_kernel[grid](
+        x, w, x_scale, w_scale, bias if bias is not None else w_scale, y,
+        m, n, k, x.stride(0), w.stride(0), x_scale.stride(0), w_scale.stride(0), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        SPLIT_K=cfg.split_k, SWAP_AB=cfg.swap_ab, NATIVE=native, X_FMT=_FORMATS[x.dtype],
+        W_FMT=_FORMATS[w.dtype], DOT_F32=configs.interpreting(), HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def mxfp8_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None = None,
+    native: bool | None = None,
+) -> torch.Tensor:
+    """Canonical mxfp8_matmul (reference.py): y [M, N] ``out_dtype``.
+
+    High-precision x is quantized first (e4m3fn, one pass); ``native`` defaults to the device's
+    support (sm_100) and may be forced for tests (the interpreter runs both paths).
+    """
+    if x_scale is None:
+        x, x_scale = mxfp8_quantize(x, torch.float8_e4m3fn)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    cfg = config or configs.select("mxfp8", x.device, m, w.shape[0], k, MX_BLOCK)
+    use_native = native_supported(x.device) if native is None else native
+    return launch_mxfp8_gemm(x, w, w_scale, x_scale.contiguous(), bias, out_dtype, cfg, use_native)
