@@ -1,0 +1,304 @@
+"""Block sizes for the Pallas matmul: tuned table, heuristic fallback, VMEM and roofline model.
+
+Pure Python + JAX dtypes (no torch). The table lives in ``torch_fp8_blockwise/data/tpu/
+blockwise_matmul.json``; one entry per key
+
+    (generation, m_bucket, n, k, bn, bk, x_mode, x_dtype, w_dtype) -> (tm, tn, tk)
+
+with ``"source"``: ``"model"`` (chosen by :func:`model_best`, i.e. the roofline model below,
+never timed) or ``"measured"`` (written by ``scripts/tune_pallas.py --measure`` on a TPU).
+A key missing from the table falls back to :func:`model_best` and logs that ONCE per key.
+
+The model (all numbers per chip, public Google Cloud TPU pages; see docs/pallas.md):
+
+==========  ========  ============  ==============  ===============  ============
+generation  VMEM/TC   HBM GB/s      bf16 TFLOP/s    fp8 TFLOP/s      MXU
+==========  ========  ============  ==============  ===============  ============
+v5e         128 MiB   819           197             - (bf16 path)    4x 128x128
+v6e         128 MiB   1640          918             - (bf16 path)    2x 256x256
+v7x         64 MiB    7370          2307            4614             256x256, fp8
+==========  ========  ============  ==============  ===============  ============
+
+time(step) = max(flops / peak, bytes / bandwidth) + 0.35 us grid-step overhead, where bytes are the
+HBM->VMEM copies of the step (x and w tiles and their scales, plus the output tile once per (i, j))
+and peak is scaled down when the batch block under-fills the MXU rows (tm < MXU rows) or a K
+quantization block under-fills its contraction depth (bk = 128 on a 256-deep v6e / v7x MXU: 50%).
+Not modelled: the VPU work of the scaling (one multiply-add per output element per K block,
+against bk MACs on the MXU), which the TPU tuner measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Iterable
+
+import jax.numpy as jnp
+
+from .blockwise_matmul import MatmulConfig, vmem_footprint
+
+log = logging.getLogger(__name__)
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "data", "tpu", "blockwise_matmul.json")
+
+#: Fixed cost of one grid step (pipeline bookkeeping + DMA issue), from the Pallas TPU docs'
+#: matmul study: ~0.35 us, which is why tiny blocks lose even when they fit.
+STEP_OVERHEAD_S = 0.35e-6
+#: Part of VMEM a kernel may claim; the rest is Mosaic's internal scratch and spill room.
+VMEM_USABLE = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSpec:
+    """Per-chip budgets of one TPU generation (see the module table)."""
+
+    name: str
+    vmem_bytes: int
+    hbm_bytes_per_s: float
+    bf16_flops: float
+    fp8_flops: float | None  # None: no fp8 MXU, fp8 tiles are widened to bf16 in VMEM
+    mxu_rows: int  # rows streamed per pass: a batch block below this leaves the MXU part idle
+    mxu_k: int  # contraction depth of one MXU pass: a bk-deep dot fills bk / mxu_k of it
+
+    @property
+    def mxu(self) -> str:
+        return "fp8" if self.fp8_flops else "bf16"
+
+    def peak_flops(self, dot_dtype: str) -> float:
+        if dot_dtype.startswith("float8") and self.fp8_flops:
+            return self.fp8_flops
+        if dot_dtype == "float32":
+            return self.bf16_flops / 6  # HIGHEST precision: 6 bf16 passes
+        return self.bf16_flops
+
+
+MiB = 1 << 20
+GENERATIONS: dict[str, TpuSpec] = {
+    "v5e": TpuSpec("v5e", 128 * MiB, 819e9, 197e12, None, 128, 128),
+    "v6e": TpuSpec("v6e", 128 * MiB, 1640e9, 918e12, None, 256, 256),
+    "v7x": TpuSpec("v7x", 64 * MiB, 7370e9, 2307e12, 4614e12, 256, 256),
+}
+#: What a CPU-hosted run (interpret mode, lowering checks) plans for: the kernel's design target.
+DEFAULT_GENERATION = "v7x"
+
+#: M is padded up to one of these (then to multiples of the last) so a new batch size reuses a
+#: traced kernel: 32 covers the 32-row fp8 sublane tile, so decode (M = 1..32) is one bucket.
+M_BUCKETS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+
+
+def m_bucket(m: int) -> int:
+    """Padded M: the smallest bucket >= m, or m rounded up to a multiple of 1024 (<= 1/2 waste
+    below 1024, <= 1024 rows above; every bucket is a multiple of 32)."""
+    if m <= 0:
+        raise ValueError(f"m: expected a positive row count, got {m}")
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return -(-m // M_BUCKETS[-1]) * M_BUCKETS[-1]
+
+
+def generation_from_device_kind(kind: str) -> str:
+    """Map jax's ``device.device_kind`` ("TPU v5 lite", "TPU v6e", "TPU7x", ...) to a table key."""
+    k = kind.lower().replace(" ", "")
+    if "v5lite" in k or "v5e" in k:
+        return "v5e"
+    if "v6" in k:
+        return "v6e"
+    if "7x" in k or "v7" in k:
+        return "v7x"
+    # v4 / v5p: no fp8 MXU either; plan with the smallest budgets we model.
+    log.warning("fp8 pallas: TPU kind %r is not modelled; planning with v5e budgets", kind)
+    return "v5e"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One matmul as the tuner sees it: padded M bucket, N, K, quant block, modes and dtypes."""
+
+    m: int
+    n: int
+    k: int
+    bn: int
+    bk: int
+    x_mode: str
+    x_dtype: str
+    w_dtype: str
+    out_dtype: str = "bfloat16"
+    has_bias: bool = False
+
+    def config(self, tm: int, tn: int, tk: int, spec: TpuSpec) -> MatmulConfig:
+        """A validated MatmulConfig whose VMEM limit is sized from its own footprint."""
+        cfg = MatmulConfig(
+            tm, tn, tk, self.bn, self.bk, self.x_dtype, self.w_dtype, self.out_dtype,
+            self.x_mode, spec.mxu, self.has_bias,
+        )  # fmt: skip
+        return dataclasses.replace(cfg, vmem_limit_bytes=vmem_limit(cfg, spec))
+
+
+def vmem_limit(cfg: MatmulConfig, spec: TpuSpec) -> int:
+    """Scoped VMEM limit for Mosaic: footprint + 25% + 2 MiB for Mosaic's own scratch, rounded up
+    to 1 MiB; ValueError when the footprint exceeds the usable part of the generation's VMEM."""
+    need = vmem_footprint(cfg)
+    budget = int(spec.vmem_bytes * VMEM_USABLE)
+    if need > budget:
+        raise ValueError(
+            f"block sizes tm={cfg.tm}, tn={cfg.tn}, tk={cfg.tk}: VMEM footprint {need / MiB:.1f} MiB "
+            f"exceeds {VMEM_USABLE:.0%} of {spec.name}'s {spec.vmem_bytes // MiB} MiB"
+        )
+    return min(spec.vmem_bytes, -(-(need * 5 // 4 + 2 * MiB) // MiB) * MiB)
+
+
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+    """Model of one kernel launch (see the module docstring)."""
+
+    steps: int
+    flops: float
+    hbm_bytes: float  # what the kernel actually moves (x re-read per N tile, w per M tile)
+    min_bytes: float  # each operand once: the bandwidth floor of the problem
+    step_bytes: float  # bytes copied HBM->VMEM per grid step
+    intensity: float  # flops per HBM byte moved
+    time_s: float
+    mxu_util: float  # achieved / peak flops
+    hbm_util: float  # min_bytes / time vs bandwidth
+    bound: str  # "compute" or "memory"
+
+
+def roofline(p: Problem, cfg: MatmulConfig, spec: TpuSpec) -> Roofline:
+    mp = -(-p.m // cfg.tm) * cfg.tm
+    np_ = -(-p.n // cfg.tn) * cfg.tn
+    kp = -(-p.k // cfg.tk) * cfg.tk
+    gi, gj, gk = mp // cfg.tm, np_ // cfg.tn, kp // cfg.tk
+    xb, wb = jnp.dtype(cfg.x_dtype).itemsize, jnp.dtype(cfg.w_dtype).itemsize
+    ob = jnp.dtype(cfg.out_dtype).itemsize
+    x_scale_b = 4 * cfg.tm * (cfg.tk // cfg.bk) if cfg.x_mode == "fp8" else 0
+    step_bytes = cfg.tm * cfg.tk * xb + cfg.tn * cfg.tk * wb + x_scale_b
+    step_bytes += 4 * (cfg.tn // cfg.bn) * (cfg.tk // cfg.bk)
+    steps = gi * gj * gk
+    hbm = steps * step_bytes + mp * np_ * ob
+    min_bytes = p.m * p.k * jnp.dtype(p.x_dtype).itemsize + p.n * p.k * wb + p.m * p.n * ob
+    flops = 2.0 * mp * np_ * kp
+    # One dot per K quantization block: a 128-deep dot on a 256-deep MXU (v6e, v7x) runs at half
+    # rate, the price of 2D scales (each K block's partial must be scaled before accumulation).
+    fill = min(1.0, cfg.tm / spec.mxu_rows) * min(1.0, cfg.bk / spec.mxu_k)
+    peak = spec.peak_flops(cfg.dot_dtype) * fill
+    t_step = max(2.0 * cfg.tm * cfg.tn * cfg.tk / peak, step_bytes / spec.hbm_bytes_per_s)
+    time_s = steps * (t_step + STEP_OVERHEAD_S) + mp * np_ * ob / spec.hbm_bytes_per_s
+    if prequantizes(p, cfg):
+        q_bytes, q_steps = quantize_pass(p)
+        hbm += q_bytes
+        time_s += q_bytes / spec.hbm_bytes_per_s + q_steps * STEP_OVERHEAD_S
+    useful = 2.0 * p.m * p.n * p.k
+    bound = (
+        "compute" if 2.0 * cfg.tm * cfg.tn * cfg.tk / peak >= step_bytes / spec.hbm_bytes_per_s else "memory"
+    )
+    return Roofline(
+        steps=steps,
+        flops=flops,
+        hbm_bytes=hbm,
+        min_bytes=min_bytes,
+        step_bytes=step_bytes,
+        intensity=flops / hbm,
+        time_s=time_s,
+        mxu_util=useful / time_s / spec.peak_flops(cfg.dot_dtype),
+        hbm_util=min_bytes / time_s / spec.hbm_bytes_per_s,
+        bound=bound,
+    )
+
+
+def prequantizes(p: Problem, cfg: MatmulConfig) -> bool:
+    """True when a dynamic-W8A8 problem runs as a Pallas quantize pass + the fp8-x kernel."""
+    return p.x_mode == "dynamic" and cfg.x_mode == "fp8"
+
+
+def quantize_pass(p: Problem) -> tuple[int, int]:
+    """(HBM bytes, grid steps) of quantizing x [M, K] to e4m3 in 1 x bk groups with the Pallas
+    quantize kernel: x read once, fp8 x and f32 scales written; 512 Ki-element tiles per step."""
+    elems = p.m * p.k
+    nbytes = elems * (jnp.dtype(p.x_dtype).itemsize + 1) + 4 * p.m * -(-p.k // p.bk)
+    return nbytes, -(-elems // (256 * 2048))
+
+
+def _divisor_tiles(dim: int, quant: int, cap: int) -> list[int]:
+    """Tiles t = quant * d (multiple of 128) dividing round_up(dim, quant), t <= cap: no padding
+    beyond the quantization block, which the w_scale grid implies anyway."""
+    blocks = -(-dim // quant)
+    return [quant * d for d in range(1, blocks + 1) if blocks % d == 0 and quant * d <= cap] or [quant]
+
+
+def kernel_problem(p: Problem, prequantize: bool) -> Problem:
+    """The problem the matmul kernel sees: for a prequantized dynamic problem, fp8 e4m3 x + x_scale."""
+    return dataclasses.replace(p, x_mode="fp8", x_dtype="float8_e4m3fn") if prequantize else p
+
+
+def candidates(p: Problem, spec: TpuSpec) -> Iterable[MatmulConfig]:
+    """Every legal config for ``p`` that fits ``spec``'s VMEM (tn, tk up to 2048, tm up to 1024).
+
+    A dynamic-W8A8 problem also gets the fp8-x kernel configs (run after a quantize pass): in-kernel
+    quantization re-reads the bf16 x tile once per N tile, the separate pass reads it once.
+    """
+    tms = [t for t in (32, 64, 128, 256, 512, 1024) if t <= p.m and p.m % t == 0] or [p.m]
+    kernel_problems = [p, kernel_problem(p, True)] if p.x_mode == "dynamic" else [p]
+    for kp in kernel_problems:
+        for tm in tms:
+            for tn in _divisor_tiles(p.n, p.bn, 2048):
+                for tk in _divisor_tiles(p.k, p.bk, 2048):
+                    try:
+                        yield kp.config(tm, tn, tk, spec)
+                    except ValueError:  # too many sub-blocks or over the VMEM budget
+                        continue
+
+
+def model_best(p: Problem, spec: TpuSpec) -> MatmulConfig:
+    """The candidate with the smallest modelled time (ties: fewer sub-blocks, i.e. shorter code)."""
+    best = min(
+        candidates(p, spec),
+        key=lambda c: (roofline(p, c, spec).time_s, (c.tn // c.bn) * (c.tk // c.bk)),
+        default=None,
+    )
+    if best is None:
+        raise ValueError(f"no legal block sizes for {p} on {spec.name}")
+    return best
+
+
+def table_key(generation: str, p: Problem) -> str:
+    return f"{generation}|m{p.m}|n{p.n}|k{p.k}|b{p.bn}x{p.bk}|{p.x_mode}|{p.x_dtype}|{p.w_dtype}"
+
+
+@functools.cache
+def load_table(path: str = TABLE_PATH) -> dict[str, dict]:
+    """{table_key: entry} from the JSON table (empty dict if the file is absent)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    return {e["key"]: e for e in data["entries"]}
+
+
+@functools.cache
+def _fallback(generation: str, p: Problem) -> MatmulConfig:
+    cfg = model_best(p, GENERATIONS[generation])
+    log.warning(
+        "fp8 pallas: no tuned block sizes for %s; using the roofline heuristic tm=%d tn=%d tk=%d "
+        "(logged once per shape; run scripts/tune_pallas.py --measure on a TPU to tune it)",
+        table_key(generation, p), cfg.tm, cfg.tn, cfg.tk,
+    )  # fmt: skip
+    return cfg
+
+
+@functools.cache
+def select(generation: str, p: Problem) -> MatmulConfig:
+    """Kernel config for problem ``p`` (M already bucketed) on ``generation``: table, else model.
+
+    For a dynamic-W8A8 problem the result may have ``x_mode="fp8"``: quantize x with the Pallas
+    quantize kernel first (see :func:`prequantizes`).
+    """
+    spec = GENERATIONS[generation]
+    entry = load_table().get(table_key(generation, p))
+    if entry is not None:
+        kp = kernel_problem(p, entry.get("prequantize", False))
+        return kp.config(entry["tm"], entry["tn"], entry["tk"], spec)
+    return _fallback(generation, p)
