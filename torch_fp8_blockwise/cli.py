@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 # Before triton / torch_xla are imported: interpret kernels on a machine without the device.
 os.environ.setdefault("PJRT_DEVICE", "CPU")
@@ -27,17 +24,7 @@ if not torch.cuda.is_available():
 
 from . import _dispatch  # noqa: E402
 from .ops import blockwise_matmul, quantize  # noqa: E402
-from .testing import rel_error, sqnr  # noqa: E402
-
-
-def _median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    fn()  # warm-up: traces, compiles, caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from .testing import median_ms, rel_error, sqnr  # noqa: E402
 
 
 def _xla_device() -> torch.device | None:
@@ -94,11 +81,11 @@ def demo(m: int, n: int, k: int, repeats: int) -> int:
             try:
                 if forced is None:
                     y = run()
-                    ms = _median_ms(run, repeats)
+                    ms = median_ms(run, repeats)
                 else:
                     with _dispatch.use_backend(forced):
                         y = run()
-                        ms = _median_ms(run, repeats)
+                        ms = median_ms(run, repeats)
             except Exception as e:  # a demo reports a broken backend and goes on to the next
                 failures += 1
                 print(f"{label:<34} {mode:<13} FAILED: {type(e).__name__}: {e}")

@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 
 SQNR_FLOOR_DB = 28.0
@@ -60,3 +64,15 @@ def assert_kernel_close(y: torch.Tensor, ref: torch.Tensor, what: str = "") -> N
     bound = kernel_error_bound(y.dtype)
     if err > bound:
         raise AssertionError(f"{what}: mean|y-ref|/mean|ref| = {err:.3e} > {bound:.1e}")
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms after one warm-up call (traces, compiles, caches).
+    For CPU / XLA-on-CPU timings; ``fn`` must block until its result exists (e.g. ``.cpu()``)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
