@@ -28,6 +28,7 @@ import triton.language as tl
 from . import configs
 from .configs import GemmConfig
 from .quantize import group_quantize
+from .tiles import grouped_tile, split_k_range, store_tile
 
 
 @triton.jit
@@ -65,16 +66,8 @@ def _blockwise_gemm_kernel(
     tl.dot (only under the interpreter, whose bf16 dot multiplies raw bits); IEEE_F32 asks for a
     true fp32 dot (W8A16 with fp32 x), not tf32.
     """
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,10 +79,7 @@ def _blockwise_gemm_kernel(
     xs_rows = xs_ptr + offs_m * stride_xsm
     ws_rows = ws_ptr + (offs_n // SCALE_BN) * stride_wsn
 
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, k_tiles)
+    t_begin, t_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
 
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -128,24 +118,9 @@ def _blockwise_gemm_kernel(
                 xs = tl.load(xs_rows + kb, mask=mask_m, other=0.0)
                 acc += part * xs[:, None] * ws[None, :]
 
-    if SWAP_AB:
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-        y_mask = mask_n[:, None] & mask_m[None, :]
-    else:
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-        y_mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = tl.where(pid_k == 0, bias, 0.0)  # split 0 adds it; the others add partials only
-        if SWAP_AB:
-            acc += bias[:, None]
-        else:
-            acc += bias[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    store_tile(
+        acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, SPLIT_K, SWAP_AB, HAS_BIAS
+    )
 
 
 def launch_gemm(
