@@ -38,6 +38,16 @@ def tensor(t: object, name: str, *, optional: bool = False) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
+#: Tensor arguments that may be None.
+OPTIONAL_TENSORS: tuple[str, ...] = ("x_scale", "bias")
+
+
+def tensors(**named: object) -> None:
+    """``tensor()`` for each keyword argument; the names in OPTIONAL_TENSORS may be None."""
+    for name, t in named.items():
+        tensor(t, name, optional=name in OPTIONAL_TENSORS)
+
+
 def dtype_in(t: torch.Tensor, name: str, allowed: Sequence[torch.dtype]) -> None:
     if t.dtype not in allowed:
         raise TypeError(f"{name}: expected dtype in ({_names(allowed)}), got {t.dtype}")
@@ -187,11 +197,7 @@ def matmul_args(
     out_dtype: torch.dtype | None,
     activation: object,
 ) -> MatmulProblem:
-    tensor(x, "x")
-    tensor(w, "w")
-    tensor(w_scale, "w_scale")
-    tensor(x_scale, "x_scale", optional=True)
-    tensor(bias, "bias", optional=True)
+    tensors(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
     bn, bk = block_shape(block, "block_shape", MATMUL_BLOCKS, MATMUL_BLOCKS)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -234,11 +240,7 @@ def mxfp8_matmul_args(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype | None,
 ) -> MatmulProblem:
-    tensor(x, "x")
-    tensor(w, "w")
-    tensor(w_scale, "w_scale")
-    tensor(x_scale, "x_scale", optional=True)
-    tensor(bias, "bias", optional=True)
+    tensors(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
     n, k = _weight(w)
     _mx_k(k, "w")
     dtype_in(w_scale, "w_scale", (torch.uint8,))

@@ -200,8 +200,7 @@ _register("mxfp8_matmul", _mxfp8_matmul_impl, _mxfp8_matmul_fake)
 def _precheck(block_shape: object = None, **tensors: object) -> list[int] | None:
     """Argument kinds the op schema would otherwise reject with a RuntimeError that does not say
     which argument was wrong in our terms; the full checks run inside the op."""
-    for name, t in tensors.items():
-        _validate.tensor(t, name, optional=name in ("x_scale", "bias"))
+    _validate.tensors(**tensors)
     if block_shape is None:
         return None
     if not isinstance(block_shape, (list, tuple)) or len(block_shape) != 2:
