@@ -83,6 +83,13 @@ def _col_blocks(cols: int, bc: int, tr: int) -> int:
     return max(d for d in range(1, min(cb, cap) + 1) if cb % d == 0)
 
 
+def _tiling(rows: int, cols: int, br: int, bc: int) -> tuple[int, int, int, int]:
+    """(tr, c_sub, rp, cp) shared by quantize and dequantize: row tile, quantization blocks per
+    column step, and the padded rows / cols (padded only to the row tile and the block)."""
+    tr = _row_tile(rows, br)
+    return tr, _col_blocks(cols, bc, tr), _round_up(rows, tr), _round_up(cols, bc)
+
+
 def _quantize_kernel(x_ref, q_ref, s_ref, *, dtype: str, scale_format: str, bc: int, grouped: bool) -> None:
     """x_ref [tr, tc] -> q_ref [tr, tc] fp8; s_ref [c_sub, tr, 1] (1 x bc groups) or
     [c_sub, 1, 1] (2D blocks: the whole tr = br rows share one scale)."""
@@ -134,10 +141,8 @@ def quantize(
     bsz, rows, cols = x.shape
     if x.dtype == jnp.float16:  # Mosaic has no f16 type: widen outside the kernel (exact)
         x = x.astype(jnp.float32)
-    tr = _row_tile(rows, br)
-    c_sub = _col_blocks(cols, bc, tr)
+    tr, c_sub, rp, cp = _tiling(rows, cols, br, bc)
     tc = c_sub * bc
-    rp, cp = _round_up(rows, tr), _round_up(cols, bc)
     if (rp, cp) != (rows, cols):
         x = jnp.pad(x, ((0, 0), (0, rp - rows), (0, cp - cols)))
     cb = cp // bc
@@ -176,10 +181,8 @@ def dequantize(
     bsz, rows, cols = q.shape
     if scale.dtype == jnp.uint8:
         scale = e8m0_bits_to_f32(scale)
-    tr = _row_tile(rows, br)
-    c_sub = _col_blocks(cols, bc, tr)
+    tr, c_sub, rp, cp = _tiling(rows, cols, br, bc)
     tc = c_sub * bc
-    rp, cp = _round_up(rows, tr), _round_up(cols, bc)
     if (rp, cp) != (rows, cols):
         q = jnp.pad(q, ((0, 0), (0, rp - rows), (0, cp - cols)))
     rb_p, cb = rp // br, cp // bc
