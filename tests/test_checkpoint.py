@@ -233,6 +233,18 @@ def test_save_load_round_trip(tmp_path, config, shard_bytes, tie) -> None:
         assert torch.equal(fresh(ids), model(ids))
 
 
+def test_save_over_an_older_sharded_save_leaves_no_stale_index(tmp_path) -> None:
+    model = TinyDeepSeekish()
+    quantize_model_(model, progress=False)
+    checkpoint.save(model, tmp_path, max_shard_bytes=150_000)
+    model.model.norm.weight.data.fill_(2.0)
+    assert checkpoint.save(model, tmp_path) == ["model.safetensors", "config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    fresh = TinyDeepSeekish()
+    checkpoint.load(fresh, tmp_path)
+    assert torch.equal(fresh.model.norm.weight, model.model.norm.weight)
+
+
 def test_load_into_meta_model(tmp_path) -> None:
     model = TinyDeepSeekish()
     quantize_model_(model, progress=False)

@@ -359,3 +359,11 @@ def test_layer_on_xla_runs_pallas_and_matches_cpu() -> None:
         assert _dispatch.implementation("blockwise_matmul", model[0].weight.device)[0] == "pallas"
         y = model(x.to(dev)).cpu()
     assert_kernel_close(y, cpu, "xla (Pallas) vs cpu")
+
+    # Converting on the device: xla tensors have no data pointer, tied weights are found by identity.
+    # (Module.to(xla) unties weights, as on TPU generally: re-tie after moving, like HF's tie_weights.)
+    tied = TinyLM(vocab=300, d=128).to(dev)
+    tied.lm_head.weight = tied.embed.weight
+    summary = quantize_model_(tied, filter_fn=lambda m, fqn: fqn in ("gate", "lm_head"), progress=False)
+    assert list(summary.converted) == ["gate"] and "tied" in summary.skipped["lm_head"]
+    assert tied.gate.weight.device.type == "xla" and tied.gate.weight.dtype == E4M3

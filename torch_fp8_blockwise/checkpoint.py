@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from .nn import (
     _nbytes,
     logger,
     requantize,
+    storage_key,
     weight_sqnr_db,
 )
 
@@ -91,21 +93,18 @@ def save(
     quant = _quantization_config(model, layers)
 
     tensors: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
+    ties = _tie_groups(model)
+    seen: set[tuple] = set()
     for key, t in model.state_dict().items():
         if t.device.type == "meta":
             raise ValueError(f"save: {key} is on the meta device (no values to write)")
-        ident = (
-            t.device,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            t.stride(),
-            t.dtype,
-        )
-        if ident in seen:  # tied: safetensors refuses shared storage; transformers re-ties on load
+        # Tied tensors (same Parameter object, or the same memory): safetensors refuses shared
+        # storage, so the first name is written and transformers / load() re-tie the others.
+        group = ties.get(key, frozenset((key,)))
+        view = (storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in seen or any(k in tensors for k in group if k != key):
             continue
-        seen[ident] = key
+        seen.add(view)
         tensors[key] = t.detach().to("cpu").contiguous()
 
     os.makedirs(path, exist_ok=True)
@@ -115,6 +114,7 @@ def save(
         if len(shards) == 1 and max_shard_bytes is None
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
+    _remove_stale(path, keep=names)
     for name, shard in zip(names, shards, strict=True):
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
     written = list(names)
@@ -136,6 +136,15 @@ def save(
         json.dump(config, f, indent=2, sort_keys=True)
     written.append(CONFIG_FILE)
     return written
+
+
+def _remove_stale(path: str | os.PathLike, keep: list[str]) -> None:
+    """Delete weight files an earlier save() left in ``path`` that this one does not rewrite: a stale
+    index would make load() read the old shards."""
+    for name in os.listdir(path):
+        ours = name in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name)
+        if ours and name not in keep:
+            os.remove(os.path.join(path, name))
 
 
 def _quantization_config(model: nn.Module, layers: dict[str, Fp8BlockwiseLinear]) -> dict | None:

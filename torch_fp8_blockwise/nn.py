@@ -413,17 +413,26 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _tensor_owners(model: nn.Module) -> dict[int, set[str]]:
-    """storage data_ptr -> qualified names of every parameter / buffer that lives in it
+def storage_key(t: torch.Tensor) -> tuple:
+    """Identifies the memory a tensor lives in: (device, data_ptr) where storage pointers exist
+    (cpu, cuda), else the tensor object itself (xla tensors expose no data pointer; tied
+    parameters there are still the same Parameter object)."""
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except RuntimeError:
+        return ("object", id(t))
+
+
+def _tensor_owners(model: nn.Module) -> dict[tuple, set[str]]:
+    """storage key -> qualified names of every parameter / buffer that lives in it
     (including duplicates: a tied lm_head shows up under both names)."""
-    owners: dict[int, set[str]] = {}
+    owners: dict[tuple, set[str]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         tensors = list(module._parameters.items()) + list(module._buffers.items())
         for t_name, t in tensors:
-            if t is None or t.device.type == "meta":
+            if t is None or t.device.type == "meta" or t.numel() == 0:
                 continue
-            key = t.untyped_storage().data_ptr()
-            owners.setdefault(key, set()).add(f"{mod_name}.{t_name}" if mod_name else t_name)
+            owners.setdefault(storage_key(t), set()).add(f"{mod_name}.{t_name}" if mod_name else t_name)
     return owners
 
 
@@ -436,7 +445,7 @@ def _parents(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module, str]
 
 
 def _skip_reason(
-    module: nn.Module, name: str, aliases: list[str], owners: dict[int, set[str]], parent: nn.Module
+    module: nn.Module, aliases: list[str], owners: dict[tuple, set[str]], parent: nn.Module
 ) -> str | None:
     w = module.weight
     if isinstance(parent, nn.MultiheadAttention):
@@ -448,7 +457,7 @@ def _skip_reason(
     if w.numel() == 0:
         return f"empty weight {tuple(w.shape)}"
     mine = {f"{a}.weight" for a in aliases}
-    others = owners.get(w.untyped_storage().data_ptr(), set()) - mine
+    others = owners.get(storage_key(w), set()) - mine
     if others:
         return f"weight is shared with {', '.join(sorted(others))} (tied); converting would untie it"
     return None
@@ -520,7 +529,7 @@ def quantize_model_(
                 summary.skipped[name] = "filter_fn returned False"
                 logger.debug("torch_fp8_blockwise: skipping %s: filter_fn returned False", name)
                 continue
-            reason = _skip_reason(module, name, aliases, owners, places[0][0])
+            reason = _skip_reason(module, aliases, owners, places[0][0])
             if reason is not None:
                 summary.skipped[name] = reason
                 logger.warning("torch_fp8_blockwise: not converting %s: %s", name, reason)
