@@ -328,10 +328,14 @@ def test_quantize_model_requantize_block_reports_cost() -> None:
     x = torch.randn(3, 512)
     with torch.no_grad():
         assert_kernel_close(model[0](x), _reference(model[0], x), "requantized layer")
+    one = nn.Sequential(nn.Linear(128, 128))
     with pytest.raises(ValueError, match="requantize_block: expected one of"):
-        quantize_model_(nn.Linear(128, 128), requantize_block=64, progress=False)
+        quantize_model_(one, requantize_block=64, progress=False)
     with pytest.raises(ValueError, match="replaces config.block_shape"):
-        quantize_model_(nn.Linear(128, 128), Fp8Config((256, 128)), requantize_block=512, progress=False)
+        quantize_model_(one, Fp8Config((256, 128)), requantize_block=512, progress=False)
+    with pytest.raises(TypeError, match="model: is itself an nn.Linear"):
+        quantize_model_(nn.Linear(128, 128), progress=False)
+    assert type(one[0]) is nn.Linear
 
 
 def test_package_exports() -> None:

@@ -493,6 +493,11 @@ def quantize_model_(
     config = Fp8Config() if config is None else config
     if not isinstance(config, Fp8Config):
         raise TypeError(f"config: expected an Fp8Config, got {type(config).__name__}")
+    if isinstance(model, nn.Linear):
+        raise TypeError(
+            "model: is itself an nn.Linear, which cannot be replaced in place; use "
+            "Fp8BlockwiseLinear.from_linear(model, config) or pass its parent module"
+        )
     if requantize_block is not None:
         if requantize_block not in MATMUL_BLOCKS:
             raise ValueError(f"requantize_block: expected one of {MATMUL_BLOCKS}, got {requantize_block!r}")
