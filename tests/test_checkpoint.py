@@ -431,3 +431,26 @@ def test_transformers_reads_our_checkpoint(tmp_path) -> None:
     ids = torch.randint(0, 300, (1, 8))
     with torch.no_grad():  # theirs runs the same fp8 weights (W16A16 on CPU), ours W8A8: ~29 dB
         assert sqnr(model(ids).logits, loaded(ids).logits) >= sqnr_floor(E4M3)
+
+
+@pytest.mark.slow
+def test_load_into_a_model_on_xla(tmp_path) -> None:
+    """Layers are built on the device of the Linear they replace; the forward runs the Pallas kernels."""
+    torch_xla = pytest.importorskip("torch_xla", reason="needs torch_xla (environment 'xla')")
+    pytest.importorskip("jax", reason="needs jax (environment 'xla')")
+    dev = torch_xla.device()
+    if dev.type != "xla":
+        pytest.skip(f"torch_xla.device() is {dev}, not an XLA device")
+    model = TinyDeepSeekish(layers=1)
+    quantize_model_(model, progress=False)
+    checkpoint.save(model, tmp_path)
+    fresh = TinyDeepSeekish(layers=1).to(dev)
+    checkpoint.load(fresh, tmp_path)
+    layer = fresh.model.layers[0].up_proj
+    assert isinstance(layer, Fp8BlockwiseLinear) and layer.weight.device.type == "xla"
+    assert layer.weight.dtype == E4M3 and layer.weight_scale_inv.device.type == "xla"
+    ids = torch.randint(0, 300, (1, 3))
+    with torch.no_grad():
+        assert_kernel_close(
+            fresh(ids.to(dev)).cpu(), model(ids), "xla model loaded from the checkpoint vs cpu"
+        )
