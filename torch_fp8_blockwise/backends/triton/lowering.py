@@ -217,13 +217,11 @@ def _cuobjdump() -> str | None:
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-def compile_job(job: Job) -> Row:
-    """Compile one job offline and measure it (runs in a worker process)."""
+def compile_kernel(job: Job):
+    """triton.compile of one job for its target (no GPU needed); raises on a compile error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from .configs import SMEM_LIMIT
 
     fn = _kernel_fn(job.kernel)
     types = dict(job.signature)
@@ -231,7 +229,7 @@ def compile_job(job: Job) -> Row:
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     missing = [n for n in fn.arg_names if n not in types and n not in consts]
     if missing:
-        return Row(job.kernel, job.label, job.arch, "-", 0, 0, 0, f"no value for {missing}")
+        raise ValueError(f"no value for {missing}")
     # Pointers and K-sized ints divisible by 16, as the JIT's specialization would see them on a
     # real launch (aligned torch allocations, K and N multiples of 128): it enables 16-byte loads.
     attrs = {
@@ -239,12 +237,19 @@ def compile_job(job: Job) -> Row:
         for i, name in enumerate(fn.arg_names)
         if name in types and any(name.startswith(p) or name.endswith(p) for p in _DIV16) and name != "M"
     }
+    return triton.compile(
+        ASTSource(fn, signature, consts, attrs),
+        target=GPUTarget("cuda", job.arch, 32),
+        options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+    )
+
+
+def compile_job(job: Job) -> Row:
+    """Compile one job offline and measure it (runs in a worker process)."""
+    from .configs import SMEM_LIMIT
+
     try:
-        compiled = triton.compile(
-            ASTSource(fn, signature, consts, attrs),
-            target=GPUTarget("cuda", job.arch, 32),
-            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
-        )
+        compiled = compile_kernel(job)
     except Exception as e:  # report, do not hide: the row fails
         return Row(
             job.kernel, job.label, job.arch, "-", 0, 0, 0, f"compile failed: {type(e).__name__}: {e}"[:300]
