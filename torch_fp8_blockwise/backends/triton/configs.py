@@ -182,7 +182,7 @@ def wave_fill(tiles: int, sms: int) -> float:
     return tiles / (_cdiv(tiles, sms) * sms)
 
 
-def _decode_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
+def _decode_config(m: int, n: int, k: int, sms: int, min_rows: int = 64) -> GemmConfig:
     """M <= 64: swap-AB (N is the MMA's 64-row side), then split-K until about one program per SM.
 
     * block_m = next_pow2(M) in [16, 64] (the MMA's N side; a 64-row x tile at M=1 measured slower:
@@ -193,9 +193,12 @@ def _decode_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
       = 68 programs 10.4 us at M=1 and 12.9 us at M=16).
     * split_k doubles while the grid stays <= the SM count and each split keeps >= 2 K tiles
       (M=1, N=7168, K=2048: split 2 = 112 programs, 8.7 us; split 1, 11.0 us).
+
+    ``min_rows``: the smallest block_n the MMA takes as its row side (128 for sm_100's block-scaled
+    tcgen05 MMA, see :func:`heuristic`).
     """
     bm = min(64, max(16, _next_pow2(m)))
-    if bm == 64 or _cdiv(n, 128) * 4 < sms:
+    if min_rows < 128 and (bm == 64 or _cdiv(n, 128) * 4 < sms):
         bn = 64
     else:
         bn = 128
@@ -209,7 +212,7 @@ def _decode_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     )
 
 
-def _prefill_config(m: int, n: int, sms: int) -> GemmConfig:
+def _prefill_config(m: int, n: int, sms: int, min_rows: int = 64) -> GemmConfig:
     """M > 64: the largest of :data:`PREFILL_TILES` whose grid fills >= :data:`MIN_WAVE_FILL` of its
     waves, else the one with the fullest waves (ties: the larger tile).
 
@@ -218,6 +221,8 @@ def _prefill_config(m: int, n: int, sms: int) -> GemmConfig:
     """
     best = None
     for bm, bn, warps, stages in PREFILL_TILES:
+        if bm < min_rows:
+            continue
         fill = wave_fill(_cdiv(m, bm) * _cdiv(n, bn), sms)
         cfg = GemmConfig(block_m=bm, block_n=bn, block_k=128, num_warps=warps, num_stages=stages)
         if fill >= MIN_WAVE_FILL:
@@ -241,7 +246,10 @@ def heuristic(
     arch's flagship, :data:`DEFAULT_SMS`).
     """
     sms = sms or DEFAULT_SMS.get(arch, 132)
-    cfg = _decode_config(m, n, k, sms) if m <= 64 else _prefill_config(m, n, sms)
+    # sm_100's tcgen05 block-scaled MMA (MXFP8 native path) takes 128 rows per CTA: with a 64-row
+    # side Triton lowered tl.dot_scaled to a bf16 emulation (kind::f16), compiled for sm_100.
+    min_rows = 128 if kernel == "mxfp8" and arch == 100 else 64
+    cfg = _decode_config(m, n, k, sms, min_rows) if m <= 64 else _prefill_config(m, n, sms, min_rows)
     if kernel == "w8a16" and x_bytes == 4:
         # fp32 x takes an IEEE fp32 dot, i.e. CUDA-core FMAs with both operands in registers:
         # compiled at 128 x 128 x 128 / 8 warps it spilled 18 KB per thread on sm_90, and 64 x 64 x 32
@@ -252,6 +260,10 @@ def heuristic(
     elif cfg.block_m * cfg.block_n >= 64 * 128:
         # A 64 x 128 fp32 tile (plus the promoted partial product) exceeds 255 registers per
         # thread at 4 warps: compiled, it spilled 112-240 B on sm_90/sm_100/sm_120.
+        cfg = replace(cfg, num_warps=8)
+    elif kernel == "mxfp8" and arch != 100 and cfg.swap_ab and cfg.block_m * cfg.block_n >= 32 * 128:
+        # The explicit MX path widens and scales both operands in registers: 32 x 128 x 128 swap-AB
+        # at 4 warps spilled 16 B on sm_90 (255 registers); at 8 warps 153 registers, no spill.
         cfg = replace(cfg, num_warps=8)
     for stages in range(cfg.num_stages, 1, -1):
         cand = replace(cfg, num_stages=stages)
