@@ -38,13 +38,16 @@ TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "torch_fp
 def candidates(kernel: str, arch: int, m: int, k: int):
     from torch_fp8_blockwise.backends.triton.configs import GemmConfig, fits
 
-    swap = m <= 64
-    bms = (16, 32, 64) if swap else (64, 128, 256)
+    decode = m <= 64
+    # W8A16 never swaps: the swapped weight as wgmma's register operand loads 8/2 bytes at a time
+    # (configs.heuristic).
+    swap = decode and kernel != "w8a16"
+    bms = (16, 32, 64) if decode else (64, 128, 256)
     out = []
     for bm, bn, bk, stages, warps, split in itertools.product(
-        bms, (64, 128, 256), (64, 128, 256), (2, 3, 4, 5), (4, 8), (1, 2, 4, 8) if swap else (1,)
+        bms, (64, 128, 256), (64, 128, 256), (2, 3, 4, 5), (4, 8), (1, 2, 4, 8) if decode else (1,)
     ):
-        if swap and bm < m and bm < 64:
+        if decode and bm < m and bm < 64:
             continue
         if swap and bn < 64:  # the MMA's long side must be >= 64 rows (wgmma)
             continue
@@ -52,7 +55,7 @@ def candidates(kernel: str, arch: int, m: int, k: int):
             bm,
             bn,
             bk,
-            group_m=1 if swap else 8,
+            group_m=1 if decode else 8,
             split_k=split,
             swap_ab=swap,
             num_warps=warps,

@@ -226,3 +226,20 @@ def test_unavailable_reason_names_the_fix(monkeypatch):
     assert backend.unavailable_reason(torch.device("cpu")) is None
     if not torch.cuda.is_available():
         assert "no working CUDA" in backend.unavailable_reason(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("arch", configs.ARCHS)
+@pytest.mark.parametrize("m", [1, 4, 16, 24, 64])
+def test_w8a16_decode_takes_w8a8_tiles_unswapped(arch, m):
+    """W8A16 reads the same fp8 weight bytes as W8A8: same tile and split-K, but never swap-AB
+    (tests/test_triton_lowering.py shows the compiled difference)."""
+    for n, k in ((7168, 2048), (2112, 7168), (24576, 1536)):
+        a8 = configs.heuristic("w8a8", arch, m, n, k)
+        a16 = configs.heuristic("w8a16", arch, m, n, k)
+        assert not a16.swap_ab
+        assert (a16.block_m, a16.block_n, a16.block_k, a16.split_k) == (
+            a8.block_m,
+            a8.block_n,
+            a8.block_k,
+            a8.split_k,
+        )

@@ -114,6 +114,40 @@ def test_mxfp8_explicit_path_loads_one_scale_vector_per_tile():
         assert 0 < int(loads) <= int(bytes_per_thread), (arch, loads, bytes_per_thread)
 
 
+def test_w8a16_decode_config_loads_16_byte_vectors():
+    """W8A16 decode runs unswapped: compiled for sm_90, its fp8 weight tile moves by 16-byte
+    cp.async and is read back from shared memory in vectors. The swapped tile (the layout W8A16
+    measured 1.9-2.3x slower than W8A8 with on the H100) copies 8 bytes and reads 2 at a time; the
+    test shows both, so it fails if the heuristic swaps again or if Triton's lowering changes."""
+    code = textwrap.dedent(
+        """
+        import re
+        from dataclasses import replace
+        from torch_fp8_blockwise.backends.triton import configs, lowering
+        cfg = configs.heuristic("w8a16", 90, 1, 7168, 2048)
+        print("CFG", cfg.swap_ab, cfg.block_m, cfg.block_n, cfg.split_k)
+        job = [j for j in lowering.shipped_jobs((90,), quick=True) if j.kernel == "w8a16"][0]
+        for swap in (False, True):
+            consts = dict(job.constexprs)
+            consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=swap,
+                          SPLIT_K=cfg.split_k, GROUP_M=1)
+            sig = dict(job.signature, y_ptr="*fp32")
+            j = lowering.Job("w8a16", "t", 90, tuple(sig.items()), tuple(consts.items()), cfg.num_warps,
+                             cfg.num_stages)
+            ptx = lowering.compile_kernel(j).asm["ptx"]
+            sizes = sorted(set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?(0x[0-9a-f]+)", ptx)))
+            print("ROW", swap, ",".join(sizes), len(re.findall(r"ld\.shared\.b16", ptx)))
+        """
+    )
+    proc = _run(["-c", code], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "CFG False 16 128 2" in lines, proc.stdout
+    rows = {r.split()[1]: r.split()[2:] for r in lines if r.startswith("ROW")}
+    assert rows["False"] == ["0x10", "0"], rows  # every copy 16 bytes, no 2-byte smem reads
+    assert "0x8" in rows["True"][0] and int(rows["True"][1]) >= 32, rows
+
+
 def test_refuses_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(

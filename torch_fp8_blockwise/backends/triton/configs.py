@@ -239,7 +239,7 @@ def heuristic(
 
     Decode (M <= 64): :func:`_decode_config`; prefill: :func:`_prefill_config`; both reproduce the
     faster config of every measured pair in :data:`MEASURED_PAIRS_SM90`. W8A16 and MXFP8 take the
-    same tiles (they read the same fp8 weight bytes). Then as many pipeline stages (<= the tile's
+    same tiles (they read the same fp8 weight bytes; W8A16 without swap-AB, see below). Then as many pipeline stages (<= the tile's
     own, at most 4) as the arch's shared memory allows (sm_120: 99 KB), else block_k = 64 with 2
     stages, then block_k = 32. ``x_bytes`` is the size of an x element for W8A16 (2 for bf16/fp16, 4
     for fp32 x, whose tiles take twice the shared memory). ``sms``: the SM count (default: the
@@ -250,6 +250,14 @@ def heuristic(
     # side Triton lowered tl.dot_scaled to a bf16 emulation (kind::f16), compiled for sm_100.
     min_rows = 128 if kernel == "mxfp8" and arch == 100 else 64
     cfg = _decode_config(m, n, k, sms, min_rows) if m <= 64 else _prefill_config(m, n, sms, min_rows)
+    if kernel == "w8a16" and cfg.swap_ab:
+        # W8A16 keeps x as the MMA's A side. Swapped, the widened weight becomes wgmma's register
+        # operand, and Triton (3.9, sm_90, 16 x 128 x 128 / 4 warps, compiled) then copies the fp8 tile
+        # with 8-byte cp.async (64 per thread per stage) and reads it back 2 bytes at a time (64
+        # ld.shared.b16 per K tile): the likely cause of W8A16 decode running 1.9-2.3x slower than
+        # W8A8 on the H100. Unswapped, every copy is 16 bytes and the smem reads are vectors
+        # (mma.sync for block_m < 64, wgmma with the weight from shared memory at 64).
+        cfg = replace(cfg, swap_ab=False)
     if kernel == "w8a16" and x_bytes == 4:
         # fp32 x takes an IEEE fp32 dot, i.e. CUDA-core FMAs with both operands in registers:
         # compiled at 128 x 128 x 128 / 8 warps it spilled 18 KB per thread on sm_90, and 64 x 64 x 32
