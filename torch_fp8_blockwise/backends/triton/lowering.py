@@ -200,9 +200,15 @@ def _quant_jobs(arch: int) -> list[Job]:
         }
         jobs.append(_job("quant_block", f"{br}x{bc} bf16->e4m3", arch, sig, consts, 8, 3))
     deq_ints = ("rows", "cols", "stride_qb", "stride_qr", "stride_sb", "stride_sr", "stride_yb", "stride_yr")
-    sig = {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", **{n: "i32" for n in deq_ints}}
-    consts = {"BR": 128, "BC": 128, "TILE_R": 32, "TILE_C": 128}
-    jobs.append(_job("dequant", "32x128 e4m3->bf16", arch, sig, consts, 4, 3))
+    # The same kernel writes dequant_mm.py's weight panels in x's dtype (bf16, fp16, fp32).
+    for q_type, y_type, label in (
+        ("*fp8e4nv", "*bf16", "e4m3->bf16"),
+        ("*fp8e5", "*fp16", "e5m2->fp16"),
+        ("*fp8e4nv", "*fp32", "e4m3->fp32"),
+    ):
+        sig = {"q_ptr": q_type, "s_ptr": "*fp32", "y_ptr": y_type, **{n: "i32" for n in deq_ints}}
+        consts = {"BR": 128, "BC": 128, "TILE_R": 32, "TILE_C": 128}
+        jobs.append(_job("dequant", f"32x128 {label}", arch, sig, consts, 4, 3))
     return jobs
 
 
