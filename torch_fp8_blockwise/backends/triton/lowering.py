@@ -5,7 +5,7 @@
 For each (kernel, config, target) it runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))`` (no GPU or driver needed) and reads:
 
-* the MMA instruction in the PTX, which must match :data:`MMA_PATTERNS` (e.g. ``wgmma ... e4m3``
+* the MMA instruction in the PTX, which must match :func:`expected_mma` (e.g. ``wgmma ... e4m3``
   for the fp8 GEMM on sm_90, ``tcgen05.mma ... kind::mxf8f6f4.block_scale`` for MXFP8 on sm_100);
 * dynamic shared memory (``metadata.shared``), which must be <= the arch's opt-in limit;
 * registers and local memory from ``cuobjdump -res-usage`` on the cubin: LOCAL > 0 (or a PTX
@@ -28,13 +28,15 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-#: (M, N, K) problems whose heuristic configs ship: decode M = 1..64, prefill M = 128, 4096.
+#: (M, N, K) problems whose heuristic configs ship: decode M = 1..64 (block_n 128 and 64), prefill
+#: M = 128 (64 x 128), 256 at N=2112 (64 x 64: a 128 x 128 grid would fill a quarter of the SMs), 4096.
 PROBLEMS: tuple[tuple[int, int, int], ...] = (
     (1, 7168, 2048),
     (1, 2048, 7168),
     (32, 7168, 2048),
     (64, 4096, 7168),
     (128, 7168, 2048),
+    (256, 2112, 7168),
     (4096, 7168, 2048),
 )
 QUICK_PROBLEMS: tuple[tuple[int, int, int], ...] = ((1, 2048, 7168), (4096, 7168, 2048))
@@ -52,6 +54,17 @@ MMA_PATTERNS: dict[tuple[str, int], str] = {
     ("mxfp8", 100): r"tcgen05\.mma\S*kind::mxf8f6f4\.block_scale",
     ("mxfp8", 120): r"mma\.sync\.aligned\S*\.bf16\.bf16",
 }
+#: W8A16 decode tiles run unswapped with block_m < 64 rows, below wgmma's / tcgen05's 64-row minimum:
+#: Triton lowers them to mma.sync on every arch (memory-bound there; configs.heuristic says why).
+SMALL_M_MMA = r"mma\.sync\.aligned\S*\.bf16\.bf16"
+
+
+def expected_mma(job: Job) -> str | None:
+    """Regex the job's PTX must contain (None: no MMA, e.g. quantizers and the IEEE fp32 dot)."""
+    consts = dict(job.constexprs)
+    if job.kernel == "w8a16" and not consts.get("SWAP_AB") and consts.get("BLOCK_M", 64) < 64:
+        return SMALL_M_MMA
+    return MMA_PATTERNS.get((job.kernel, job.arch))
 
 
 @dataclass(frozen=True)
@@ -265,7 +278,7 @@ def compile_job(job: Job) -> Row:
     regs, local = _resource_usage(compiled.asm["cubin"])
     if re.search(r"^\s*\.local\b", ptx, re.MULTILINE):
         local = max(local, 1)
-    pattern = MMA_PATTERNS.get((job.kernel, job.arch))
+    pattern = expected_mma(job)
     mma = "-"
     errors = []
     if pattern is not None:
