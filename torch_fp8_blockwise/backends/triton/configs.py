@@ -301,7 +301,8 @@ def load_table() -> dict[tuple[int, str, int, int, int], GemmConfig]:
     return table
 
 
-_warned: set[tuple[int, str, str]] = set()
+#: (arch, kernel, kind) already warned about, and (arch, kernel, bucket, N, K) misses already seen.
+_warned: set[tuple] = set()
 
 
 def device_arch(device: torch.device) -> int:
@@ -353,6 +354,11 @@ def tuned_buckets(table: dict, arch: int, kernel: str, n: int, k: int) -> list[i
 
 
 def _warn_miss(table: dict, arch: int, kernel: str, bucket: int, m: int, n: int, k: int) -> None:
+    # Every decode call of an untuned bucket lands here: after the first, one set lookup.
+    seen = (arch, kernel, bucket, n, k)
+    if seen in _warned:
+        return
+    _warned.add(seen)
     tuned = tuned_buckets(table, arch, kernel, n, k)
     kind = "bucket" if tuned else "shape"
     if (arch, kernel, kind) in _warned:
