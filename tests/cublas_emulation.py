@@ -58,3 +58,19 @@ class EmulatedScaledMm:
         return reference.blockwise_matmul(
             a, b.t(), scale_b.t(), (128, 128), scale_a.contiguous(), bias, out_dtype, "dynamic"
         )
+
+
+def route_on_cpu(monkeypatch) -> EmulatedScaledMm:
+    """Make CPU tensors take the CUDA routing (device backend "triton", the cuBLAS probe passed,
+    torch._scaled_mm emulated): the routed op then runs end to end here, Triton kernels in the
+    interpreter. Returns the emulation (its ``calls`` show which calls went to cuBLAS)."""
+    from torch_fp8_blockwise import _dispatch, _route
+    from torch_fp8_blockwise.backends import cublas
+
+    emu = EmulatedScaledMm()
+    monkeypatch.setattr(torch, "_scaled_mm", emu)
+    monkeypatch.setitem(_dispatch.DEVICE_BACKENDS, "cpu", "triton")
+    monkeypatch.setattr(cublas, "probe", lambda device: None)
+    monkeypatch.setattr(_dispatch, "_impl_cache", {})
+    monkeypatch.setattr(_route, "_cache", {})
+    return emu

@@ -4,9 +4,13 @@ Importing this package registers the ops. Python wrappers with full docstrings:
 :func:`quantize`, :func:`dequantize`, :func:`blockwise_matmul`, :func:`mxfp8_quantize`,
 :func:`mxfp8_matmul`. Backend choice follows the
 tensors' device (cpu -> CPU path, cuda -> Triton, xla -> Pallas); :func:`use_backend` forces one.
+On CUDA, blockwise_matmul is routed per call to cuBLAS block-scaled or a Triton kernel by a
+measured rule (``_route``; docs/routing.md), adjustable with :func:`set_route` /
+:func:`routing_override`.
 """
 
 from ._dispatch import BackendUnavailable, backend_table, unavailable_reason, use_backend
+from ._route import routing_override, set_route
 from .formats import FP8_DTYPES, SCALE_FORMATS, fp8_max
 from .ops import blockwise_matmul, dequantize, mxfp8_matmul, mxfp8_quantize, quantize
 
@@ -23,6 +27,8 @@ __all__ = [
     "mxfp8_matmul",
     "mxfp8_quantize",
     "quantize",
+    "routing_override",
+    "set_route",
     "unavailable_reason",
     "use_backend",
 ]
