@@ -70,9 +70,12 @@ def _problem(m, n, k, w_dtype=E4M3, fmt="fp32"):
     return x, wq, ws
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13])
-def test_rows_padded_to_a_multiple_of_4_and_cropped(scaled_mm, m):
-    x, wq, ws = _problem(m, 144, 256)
+@pytest.mark.parametrize(
+    "m,k", [(1, 256), (2, 256), (3, 256), (4, 256), (5, 256), (8, 256), (13, 256), (32, 128)]
+)
+def test_rows_padded_to_a_multiple_of_4_and_cropped(scaled_mm, m, k):
+    """(K = 128: a [M, 1] scale must still get strides (1, M); found by the hypothesis test.)"""
+    x, wq, ws = _problem(m, 144, k)
     xq, xs = reference.quantize_activation(x.float(), 128)
     ref = reference.blockwise_matmul(xq, wq, ws, (128, 128), xs, None, BF16, "dynamic")
     y = cublas.blockwise_matmul(xq, wq, ws, (128, 128), xs, None, BF16, "dynamic")

@@ -164,8 +164,11 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _outer_major(xs: torch.Tensor) -> torch.Tensor:
-    """[M, KB] float32 -> the same values with strides (1, M), the layout cuBLAS requires."""
-    return xs.t().contiguous().t()
+    """[M, KB] float32 -> the same values with strides exactly (1, M), the layout cuBLAS requires.
+    (``xs.t().contiguous().t()`` keeps strides (1, 1) when KB == 1, since a [1, M] tensor counts
+    as contiguous either way.)"""
+    out = torch.empty_strided(xs.shape, (1, xs.shape[0]), dtype=xs.dtype, device=xs.device)
+    return out.copy_(xs)
 
 
 def matmul(
