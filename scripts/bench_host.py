@@ -11,7 +11,8 @@ A "real small call" then adds the backend's work (on CPU: the CPU backend's kern
 
 Timing: each case runs ``--calls`` times back to back, ``--rounds`` times, cases interleaved round
 by round (so a noisy neighbour hits every case alike); the minimum per-call time over rounds is
-reported (the least disturbed round). On CUDA the host time is the time to *issue* the calls
+reported (the least disturbed round), as wall time and as CPU time of the calling thread (robust
+on a shared machine; on CPU tensors a real call's kernel may run on other threads too). On CUDA the host time is the time to *issue* the calls
 (the loop does not synchronize per call); the kernels are drained once at the end of a round.
 """
 
@@ -52,21 +53,23 @@ def _cases(device: str, n: int, k: int, m_real: int):
     return cases
 
 
-def measure(cases: dict, calls: int, rounds: int, sync) -> dict[str, float]:
-    """Minimum over rounds of the mean per-call wall time (microseconds), cases interleaved."""
-    best = dict.fromkeys(cases, float("inf"))
+def measure(cases: dict, calls: int, rounds: int, sync) -> dict[str, tuple[float, float]]:
+    """Per case: minimum over rounds of the mean per-call (wall, calling-thread CPU) time in
+    microseconds, cases interleaved. The thread CPU time is what the call costs the host even when
+    other processes share the cores (wall time then also counts the time we were descheduled)."""
+    best = {name: (float("inf"), float("inf")) for name in cases}
     for fn in cases.values():  # warm-up: caches, lazy imports, kernel compilation
         for _ in range(3):
             fn()
     sync()
     for _ in range(rounds):
         for name, fn in cases.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.thread_time()
             for _ in range(calls):
                 fn()
-            elapsed = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
             sync()
-            best[name] = min(best[name], elapsed / calls * 1e6)
+            best[name] = (min(best[name][0], wall / calls * 1e6), min(best[name][1], cpu / calls * 1e6))
     return best
 
 
@@ -96,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     base = best[f"torch.mm bf16 M={args.m}"]
     print(f"torch {torch.__version__}, device {args.device}, N={args.n} K={args.k}")
     print(f"host time per eager call, min over {args.rounds} rounds of {args.calls} calls")
-    print(f"{'case':<48} {'us/call':>9} {'x torch.mm (same M)':>20}")
-    for name, us in best.items():
+    print(f"{'case':<48} {'wall us':>9} {'x mm':>6} {'thread CPU us':>14} {'x mm':>6}")
+    for name, (wall, cpu) in best.items():
         ref = base0 if "M=0" in name else base
-        print(f"{name:<48} {us:>9.2f} {us / ref:>20.2f}")
+        print(f"{name:<48} {wall:>9.2f} {wall / ref[0]:>6.2f} {cpu:>14.2f} {cpu / ref[1]:>6.2f}")
     return 0
 
 

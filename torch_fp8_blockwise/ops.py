@@ -341,7 +341,16 @@ def blockwise_matmul(
 
     Returns: [..., N] ``out_dtype``. Semantics: :mod:`torch_fp8_blockwise.reference`.
     """
-    block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
+    T = torch.Tensor
+    if (  # the common call, checked in one expression; anything else gets _precheck's message
+        isinstance(x, T) and isinstance(w, T) and isinstance(w_scale, T)
+        and (x_scale is None or isinstance(x_scale, T)) and (bias is None or isinstance(bias, T))
+        and type(block_shape) in (list, tuple) and len(block_shape) == 2
+        and type(block_shape[0]) is int and type(block_shape[1]) is int
+    ):  # fmt: skip
+        block = list(block_shape)
+    else:
+        block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
     return torch.ops.fp8.blockwise_matmul(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
 
 
