@@ -160,11 +160,31 @@ def test_probe_runs_once_per_device(monkeypatch):
     monkeypatch.setattr(cublas, "_probes", {})
     monkeypatch.setattr(cublas, "_arch_reason", lambda device: None)
     monkeypatch.setattr(cublas, "_probe_call", lambda device: calls.append(device.index) or None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     for _ in range(3):
         assert cublas.probe(torch.device("cuda", 0)) is None
         assert cublas.probe("cuda:1") is None
     assert calls == [0, 1]
     assert cublas.probe_results() == {0: None, 1: None}
+
+
+def test_no_probe_inside_cuda_graph_capture(monkeypatch):
+    """The probe synchronizes: inside a capture it waits (Triton serves those calls), uncached."""
+    calls = []
+    monkeypatch.setattr(cublas, "_probes", {})
+    monkeypatch.setattr(cublas, "_arch_reason", lambda device: None)
+    monkeypatch.setattr(cublas, "_probe_call", lambda device: calls.append(device.index) or None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert cublas.probe("cuda:0") is cublas.CAPTURING
+    assert calls == [] and cublas.probe_results() == {}
+    from torch_fp8_blockwise import _route
+
+    monkeypatch.setattr(_route, "_cache", {})
+    dev = torch.device("cuda", 0)
+    args = (dev, 4096, 4096, 4096, (128, 128), E4M3, E4M3, "dynamic", BF16)
+    assert _route.route(*args)[0] == "triton" and _route._cache == {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert _route.route(*args)[0] == "cublas" and calls == [0] and len(_route._cache) == 1
 
 
 def _sm90() -> bool:

@@ -195,12 +195,15 @@ def route(
     hit = _cache.get(key)
     if hit is not None:
         return hit
+    cublas_reason = _cublas.probe(device)
     name = decide(
         1 << (m.bit_length() - 1),  # the band's lowest M: tables step only at powers of two
         n, k, block_shape, x_dtype, w_dtype, activation, out_dtype,
-        cublas=_cublas.probe(device) is None, dequant_mm=_dequant_matmul() is not None, prefer=prefer,
+        cublas=cublas_reason is None, dequant_mm=_dequant_matmul() is not None, prefer=prefer,
     )  # fmt: skip
-    hit = _cache[key] = (name, _kernel(name))
+    hit = (name, _kernel(name))
+    if cublas_reason is not _cublas.CAPTURING:  # decide again once the probe has run
+        _cache[key] = hit
     return hit
 
 

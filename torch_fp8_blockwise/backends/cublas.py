@@ -46,6 +46,10 @@ ARCHS: tuple[tuple[int, int], ...] = ((9, 0),)
 #: not a multiple of 128 so that both scale grids and the row-padding are exercised.
 PROBE_SHAPE = (3, 144, 256)
 
+#: Answer of probe() while the current stream is being captured into a CUDA graph: the probe's
+#: synchronize would break the capture, so it waits for the first call outside one (not cached).
+CAPTURING = "not probed yet: first call inside CUDA graph capture (Triton serves it)"
+
 _probes: dict[int, str | None] = {}
 
 
@@ -115,6 +119,8 @@ def probe(device: torch.device | str) -> str | None:
         return _probes[key]
     reason = _arch_reason(torch.device("cuda", key) if key >= 0 else device)
     if reason is None:
+        if torch.cuda.is_current_stream_capturing():
+            return CAPTURING
         reason = _probe_call(torch.device("cuda", key))
     _probes[key] = reason
     return reason
