@@ -168,3 +168,70 @@ def test_torch_compile_fullgraph(backend):
         y = torch.compile(fn, backend="aot_eager", fullgraph=True)(x)
     ref = reference.blockwise_matmul(x, wq, ws, (128, 128), None, None, torch.float32, "dynamic")
     assert_kernel_close(y, ref, "compiled")
+
+
+def _dequant_mm():
+    from torch_fp8_blockwise.backends.triton import dequant_mm
+
+    return dequant_mm
+
+
+@pytest.mark.parametrize(
+    "x_dtype,out_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32)],
+)
+@pytest.mark.parametrize("panels", [1, 3], ids=["whole", "3-panels"])
+@pytest.mark.parametrize("block", [(128, 128), (256, 128)], ids=["b128x128", "b256x128"])
+def test_dequant_matmul_matches_reference(backend, monkeypatch, x_dtype, out_dtype, panels, block):
+    """W8A16 through dequantized panels + torch's GEMM, within the output's kernel-error budget;
+    3 panels = a ragged last panel (N = 300 with 128-row panels) and bias sliced per panel."""
+    dm = _dequant_mm()
+    m, n, k = 9, 300 if block[0] == 128 else 600, 520
+    if panels == 3:
+        rows = block[0] if block[0] == 128 else 256
+        monkeypatch.setattr(dm, "PANEL_BYTES", rows * k * torch.tensor([], dtype=x_dtype).element_size())
+        assert dm.panel_rows(n, k, block[0], torch.tensor([], dtype=x_dtype).element_size()) == rows
+    wq, ws = _weight(n, k, block, E5M2 if x_dtype == torch.float16 else E4M3)
+    x = (torch.randn(m + 3, k) * 2).to(x_dtype)[::2][:m]  # strided rows, read in place
+    bias = torch.randn(n)
+    y = dm.dequant_matmul(x, wq, ws, block, bias, out_dtype)
+    ref = reference.blockwise_matmul(x, wq, ws, block, None, bias, out_dtype, "none")
+    assert y.is_contiguous()
+    assert_kernel_close(y, ref, f"dequant_mm {x_dtype}->{out_dtype} panels={panels}")
+
+
+@pytest.mark.parametrize(
+    "x_dtype,out_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.float16)]
+)
+def test_dequant_matmul_refuses_outputs_its_rounding_would_break(backend, x_dtype, out_dtype):
+    wq, ws = _weight(64, 256, (128, 128))
+    with pytest.raises(ValueError, match="exceed the output's error budget"):
+        _dequant_mm().dequant_matmul(torch.randn(2, 256).to(x_dtype), wq, ws, (128, 128), None, out_dtype)
+
+
+def test_dequant_panel_rounding_vs_the_fp32_budget(backend):
+    """Why bf16 x is only allowed with bf16 output: measured with the panel the Triton dequantizer
+    writes, a bf16 panel costs ~1.7e-3 mean relative error against the fp32 reference (over the 1e-3
+    fp32/fp16 budget, inside bf16's 2**-7); an fp16 panel ~2.1e-4 (inside every budget)."""
+    from torch_fp8_blockwise.backends.triton.quantize import dequantize
+    from torch_fp8_blockwise.testing import kernel_error_bound, rel_error
+
+    m, n, k = 32, 256, 1024
+    wq, ws = _weight(n, k, (128, 128))
+    x = torch.randn(m, k).to(torch.bfloat16)
+    ref = reference.blockwise_matmul(x, wq, ws, (128, 128), None, None, torch.float32, "none")
+    errors = {}
+    for dt in (torch.bfloat16, torch.float16):
+        panel = dequantize(wq[None], ws[None], (128, 128), dt)[0]
+        errors[dt] = rel_error(x.float() @ panel.float().T, ref)
+    assert kernel_error_bound(torch.float32) < errors[torch.bfloat16] < kernel_error_bound(torch.bfloat16)
+    assert 1.2e-3 < errors[torch.bfloat16] < 2.5e-3, errors
+    assert errors[torch.float16] < 4e-4 < kernel_error_bound(torch.float16), errors
+
+
+def test_panel_rows(backend):
+    pr = _dequant_mm().panel_rows
+    assert pr(2112, 7168, 128, 2) == 2112  # 30 MB of bf16: one panel, the whole weight
+    assert pr(4608, 7168, 128, 2) == 2304  # 66 MB: two 32 MiB panels of 18 scale blocks
+    assert pr(7168, 18432, 128, 2) == 896 and pr(7168, 18432, 256, 2) == 768
+    assert pr(1000, 10**7, 128, 2) == 128  # never less than one scale block

@@ -81,6 +81,73 @@ def test_checker_rejects_bad_configs():
     assert "expected /mma" in lines["WRONG"] and "bf16" in lines["WRONG"], lines
 
 
+def test_mxfp8_explicit_path_loads_one_scale_vector_per_tile():
+    """Structural proof of the sm_90 / sm_120 explicit MX path: per K tile, each thread issues about
+    (BLOCK_M + BLOCK_N) * BLOCK_K / 32 / threads scale-byte loads (a [rows, BLOCK_K // 32] vector per
+    operand), not one per fp8 element (the first version: BLOCK_K times more, 128 at 128 x 128 x 128 /
+    8 warps), and the dot is a bf16 MMA. The fp8 operands travel by cp.async into shared memory, so
+    with the bias off every ld.global in the PTX is a scale load."""
+    code = textwrap.dedent(
+        """
+        import re
+        from torch_fp8_blockwise.backends.triton import lowering
+        for arch, bm, bn, bk, warps, stages in ((90, 128, 128, 128, 8, 3), (120, 64, 64, 128, 4, 2)):
+            job = [j for j in lowering.shipped_jobs((arch,), quick=True) if j.kernel == "mxfp8"][-1]
+            consts = dict(job.constexprs)
+            consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWAP_AB=False, SPLIT_K=1, HAS_BIAS=False)
+            assert consts["NATIVE"] is False
+            job = lowering.Job("mxfp8", "t", arch, job.signature, tuple(consts.items()), warps, stages)
+            ptx = lowering.compile_kernel(job).asm["ptx"]
+            loads = len(re.findall(r"ld\.global", ptx))
+            mma = re.search(r"(wgmma\.mma_async|mma\.sync\.aligned)\S*bf16\.bf16", ptx)
+            print("ROW", arch, loads, (bm + bn) * (bk // 32) // (32 * warps), bool(mma), len(re.findall("cp\.async", ptx)))
+        """
+    )
+    proc = _run(["-c", code], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ROW")]
+    assert len(rows) == 2, proc.stdout
+    for arch, loads, bytes_per_thread, mma, cp_async in rows:
+        assert mma == "True", (arch, "no bf16 MMA")
+        assert int(cp_async) > 0, (arch, "fp8 operands are not staged by cp.async")
+        # At most one load instruction per scale byte a thread owns (vectorized ones count once).
+        assert 0 < int(loads) <= int(bytes_per_thread), (arch, loads, bytes_per_thread)
+
+
+def test_w8a16_decode_config_loads_16_byte_vectors():
+    """W8A16 decode runs unswapped: compiled for sm_90, its fp8 weight tile moves by 16-byte
+    cp.async and is read back from shared memory in vectors. The swapped tile (the layout W8A16
+    measured 1.9-2.3x slower than W8A8 with on the H100) copies 8 bytes and reads 2 at a time; the
+    test shows both, so it fails if the heuristic swaps again or if Triton's lowering changes."""
+    code = textwrap.dedent(
+        """
+        import re
+        from dataclasses import replace
+        from torch_fp8_blockwise.backends.triton import configs, lowering
+        cfg = configs.heuristic("w8a16", 90, 1, 7168, 2048)
+        print("CFG", cfg.swap_ab, cfg.block_m, cfg.block_n, cfg.split_k)
+        job = [j for j in lowering.shipped_jobs((90,), quick=True) if j.kernel == "w8a16"][0]
+        for swap in (False, True):
+            consts = dict(job.constexprs)
+            consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=swap,
+                          SPLIT_K=cfg.split_k, GROUP_M=1)
+            sig = dict(job.signature, y_ptr="*fp32")
+            j = lowering.Job("w8a16", "t", 90, tuple(sig.items()), tuple(consts.items()), cfg.num_warps,
+                             cfg.num_stages)
+            ptx = lowering.compile_kernel(j).asm["ptx"]
+            sizes = sorted(set(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?(0x[0-9a-f]+)", ptx)))
+            print("ROW", swap, ",".join(sizes), len(re.findall(r"ld\.shared\.b16", ptx)))
+        """
+    )
+    proc = _run(["-c", code], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "CFG False 16 128 2" in lines, proc.stdout
+    rows = {r.split()[1]: r.split()[2:] for r in lines if r.startswith("ROW")}
+    assert rows["False"] == ["0x10", "0"], rows  # every copy 16 bytes, no 2-byte smem reads
+    assert "0x8" in rows["True"][0] and int(rows["True"][1]) >= 32, rows
+
+
 def test_refuses_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(

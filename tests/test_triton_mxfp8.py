@@ -123,3 +123,23 @@ def test_mxfp8_through_ops(backend):
             tfb.mxfp8_quantize(torch.randn(4, 100))
     ref = reference.mxfp8_matmul(x.reshape(6, 160), wq, ws, None, None, torch.bfloat16).reshape(2, 3, 64)
     assert_kernel_close(y, ref, "op")
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap"])
+def test_mxfp8_explicit_path_is_exact_up_to_summation_order(backend, swap):
+    """The explicit path scales each fp8 tile by its power-of-two group scales in registers: every
+    operand value is exact, so against the reference (fp32 output) only the order of fp32 sums
+    differs: far inside the 1e-3 kernel budget. Groups span 2**-60 .. 2**60 so a wrong group index
+    (a scale applied to the neighbouring 32 columns) would be visible."""
+    m, n, k = 19, 40, 384  # 12 groups: 3 K tiles of 128, 4 scale vectors each
+    spread = 2.0 ** torch.arange(-60, 60, 10, dtype=torch.float64).float()
+    x = torch.randn(m, k) * spread.repeat_interleave(32)
+    w = torch.randn(n, k) * spread.flip(0).repeat_interleave(32)
+    xq, xs = reference.mxfp8_quantize(x, E4M3)
+    wq, ws = reference.mxfp8_quantize(w, E4M3)
+    cfg = _cfg(block_m=16, block_n=32, block_k=128, swap_ab=swap, group_m=1)
+    y = _backend().mxfp8_matmul(xq, wq, ws, xs, None, torch.float32, config=cfg, native=False)
+    ref = reference.mxfp8_matmul(xq, wq, ws, xs, None, torch.float32)
+    from torch_fp8_blockwise.testing import rel_error
+
+    assert rel_error(y, ref) < 1e-6

@@ -6,6 +6,8 @@ Op functions take the canonical, validated arguments documented in
 * :func:`quantize`, :func:`dequantize`: kernels in ``quantize.py``.
 * :func:`blockwise_matmul`: W8A8 / W8A16 kernel in ``blockwise_matmul.py``.
 * :func:`mxfp8_quantize`, :func:`mxfp8_matmul`: ``mxfp8.py``.
+* :func:`dequant_matmul`: W8A16 at large M through dequantized weight panels + torch's GEMM
+  (``dequant_mm.py``; the router picks it, for bf16/fp16 output only).
 
 Importing this package needs ``triton``; without it the ImportError propagates and the dispatcher
 reports it as the reason the backend is unavailable.
@@ -20,11 +22,13 @@ import triton  # noqa: F401  (an ImportError here is the dispatcher's "unavailab
 
 from . import configs
 from .blockwise_matmul import blockwise_matmul
+from .dequant_mm import dequant_matmul
 from .mxfp8 import mxfp8_matmul, mxfp8_quantize
 from .quantize import block_quantize, dequantize
 
 __all__ = [
     "blockwise_matmul",
+    "dequant_matmul",
     "dequantize",
     "mxfp8_matmul",
     "mxfp8_quantize",

@@ -5,7 +5,7 @@
 For each (kernel, config, target) it runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))`` (no GPU or driver needed) and reads:
 
-* the MMA instruction in the PTX, which must match :data:`MMA_PATTERNS` (e.g. ``wgmma ... e4m3``
+* the MMA instruction in the PTX, which must match :func:`expected_mma` (e.g. ``wgmma ... e4m3``
   for the fp8 GEMM on sm_90, ``tcgen05.mma ... kind::mxf8f6f4.block_scale`` for MXFP8 on sm_100);
 * dynamic shared memory (``metadata.shared``), which must be <= the arch's opt-in limit;
 * registers and local memory from ``cuobjdump -res-usage`` on the cubin: LOCAL > 0 (or a PTX
@@ -28,13 +28,15 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-#: (M, N, K) problems whose heuristic configs ship: decode M = 1..64, prefill M = 128, 4096.
+#: (M, N, K) problems whose heuristic configs ship: decode M = 1..64 (block_n 128 and 64), prefill
+#: M = 128 (64 x 128), 256 at N=2112 (64 x 64: a 128 x 128 grid would fill a quarter of the SMs), 4096.
 PROBLEMS: tuple[tuple[int, int, int], ...] = (
     (1, 7168, 2048),
     (1, 2048, 7168),
     (32, 7168, 2048),
     (64, 4096, 7168),
     (128, 7168, 2048),
+    (256, 2112, 7168),
     (4096, 7168, 2048),
 )
 QUICK_PROBLEMS: tuple[tuple[int, int, int], ...] = ((1, 2048, 7168), (4096, 7168, 2048))
@@ -52,6 +54,17 @@ MMA_PATTERNS: dict[tuple[str, int], str] = {
     ("mxfp8", 100): r"tcgen05\.mma\S*kind::mxf8f6f4\.block_scale",
     ("mxfp8", 120): r"mma\.sync\.aligned\S*\.bf16\.bf16",
 }
+#: W8A16 decode tiles run unswapped with block_m < 64 rows, below wgmma's / tcgen05's 64-row minimum:
+#: Triton lowers them to mma.sync on every arch (memory-bound there; configs.heuristic says why).
+SMALL_M_MMA = r"mma\.sync\.aligned\S*\.bf16\.bf16"
+
+
+def expected_mma(job: Job) -> str | None:
+    """Regex the job's PTX must contain (None: no MMA, e.g. quantizers and the IEEE fp32 dot)."""
+    consts = dict(job.constexprs)
+    if job.kernel == "w8a16" and not consts.get("SWAP_AB") and consts.get("BLOCK_M", 64) < 64:
+        return SMALL_M_MMA
+    return MMA_PATTERNS.get((job.kernel, job.arch))
 
 
 @dataclass(frozen=True)
@@ -200,9 +213,15 @@ def _quant_jobs(arch: int) -> list[Job]:
         }
         jobs.append(_job("quant_block", f"{br}x{bc} bf16->e4m3", arch, sig, consts, 8, 3))
     deq_ints = ("rows", "cols", "stride_qb", "stride_qr", "stride_sb", "stride_sr", "stride_yb", "stride_yr")
-    sig = {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", **{n: "i32" for n in deq_ints}}
-    consts = {"BR": 128, "BC": 128, "TILE_R": 32, "TILE_C": 128}
-    jobs.append(_job("dequant", "32x128 e4m3->bf16", arch, sig, consts, 4, 3))
+    # The same kernel writes dequant_mm.py's weight panels in x's dtype (bf16, fp16, fp32).
+    for q_type, y_type, label in (
+        ("*fp8e4nv", "*bf16", "e4m3->bf16"),
+        ("*fp8e5", "*fp16", "e5m2->fp16"),
+        ("*fp8e4nv", "*fp32", "e4m3->fp32"),
+    ):
+        sig = {"q_ptr": q_type, "s_ptr": "*fp32", "y_ptr": y_type, **{n: "i32" for n in deq_ints}}
+        consts = {"BR": 128, "BC": 128, "TILE_R": 32, "TILE_C": 128}
+        jobs.append(_job("dequant", f"32x128 {label}", arch, sig, consts, 4, 3))
     return jobs
 
 
@@ -217,13 +236,11 @@ def _cuobjdump() -> str | None:
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-def compile_job(job: Job) -> Row:
-    """Compile one job offline and measure it (runs in a worker process)."""
+def compile_kernel(job: Job):
+    """triton.compile of one job for its target (no GPU needed); raises on a compile error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from .configs import SMEM_LIMIT
 
     fn = _kernel_fn(job.kernel)
     types = dict(job.signature)
@@ -231,7 +248,7 @@ def compile_job(job: Job) -> Row:
     signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
     missing = [n for n in fn.arg_names if n not in types and n not in consts]
     if missing:
-        return Row(job.kernel, job.label, job.arch, "-", 0, 0, 0, f"no value for {missing}")
+        raise ValueError(f"no value for {missing}")
     # Pointers and K-sized ints divisible by 16, as the JIT's specialization would see them on a
     # real launch (aligned torch allocations, K and N multiples of 128): it enables 16-byte loads.
     attrs = {
@@ -239,12 +256,19 @@ def compile_job(job: Job) -> Row:
         for i, name in enumerate(fn.arg_names)
         if name in types and any(name.startswith(p) or name.endswith(p) for p in _DIV16) and name != "M"
     }
+    return triton.compile(
+        ASTSource(fn, signature, consts, attrs),
+        target=GPUTarget("cuda", job.arch, 32),
+        options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+    )
+
+
+def compile_job(job: Job) -> Row:
+    """Compile one job offline and measure it (runs in a worker process)."""
+    from .configs import SMEM_LIMIT
+
     try:
-        compiled = triton.compile(
-            ASTSource(fn, signature, consts, attrs),
-            target=GPUTarget("cuda", job.arch, 32),
-            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
-        )
+        compiled = compile_kernel(job)
     except Exception as e:  # report, do not hide: the row fails
         return Row(
             job.kernel, job.label, job.arch, "-", 0, 0, 0, f"compile failed: {type(e).__name__}: {e}"[:300]
@@ -254,7 +278,7 @@ def compile_job(job: Job) -> Row:
     regs, local = _resource_usage(compiled.asm["cubin"])
     if re.search(r"^\s*\.local\b", ptx, re.MULTILINE):
         local = max(local, 1)
-    pattern = MMA_PATTERNS.get((job.kernel, job.arch))
+    pattern = expected_mma(job)
     mma = "-"
     errors = []
     if pattern is not None:

@@ -11,11 +11,22 @@ Two GEMM paths in one kernel (``NATIVE`` constexpr):
 * sm_100 (Blackwell datacenter): ``tl.dot_scaled`` -> ``tcgen05.mma ... kind::mxf8f6f4.block_scale``,
   the hardware applies the E8M0 scales inside the MMA.
 * sm_90 / sm_120 (no MX MMA; Hopper has none and Triton 3.5 has no sm_120 lowering for it): explicit
-  scaling. Each fp8 tile is widened and multiplied by its power-of-two scale in registers, then a
-  bf16 tensor-core dot accumulates in fp32. The scaled values are EXACT in bf16 (an e4m3 value has
-  4 significant bits, bf16 has 8, and 2**e only moves the exponent), so the path differs from the
-  native one only in fp32 summation order, as long as |q| * scale stays inside bf16's (= fp32's)
-  exponent range [2**-133, 3.4e38].
+  scaling at bf16-MMA speed. Per K tile each operand's scales are loaded as ONE vector
+  ``[rows, BLOCK_K // 32]`` of E8M0 bytes (4 bytes per row at BLOCK_K = 128; the first version
+  gathered one byte per element, 15-25x slower than bf16 on the H100), turned into power-of-two
+  multipliers in registers, broadcast over their 32 columns, and multiplied into the fp8 tile
+  widened to bf16; then one bf16 tensor-core dot per tile accumulates into the fp32 accumulator
+  (no per-tile promotion). Exactness: an e4m3 (e5m2) value has 4 (3) significant bits and bf16 has 8,
+  and multiplying by 2**(e - 127) only moves the exponent, so ``q * 2**(e - 127)`` is a bf16 value
+  whenever it is an fp32 normal (bf16 and fp32 share the exponent range; the largest 4-bit value,
+  1.875 * 2**127, is below bf16's max). The bf16 products then reach the fp32 accumulator exactly,
+  so this path differs from the reference only in fp32 summation order. Out of range: a dequantized
+  element below 2**-126 (scale below 2**-117 for e4m3, 2**-110 for e5m2) loses low bits as a bf16
+  subnormal, and one at 2**128 or above is inf. Neither comes from :func:`mxfp8_quantize`: its
+  scales are >= 2**-42 (the 1e-10 amax floor / fp8_max), and q * scale is x rounded to fp8
+  precision: inf only for |x| > 248 * 2**120 (within 3.2 % of fp32's max), where the quantized value
+  itself is 2**128. E8M0 scales from elsewhere (a checkpoint) can be that extreme; the native sm_100
+  path and the reference then keep the low bits, this path does not.
 
 Quantizer rounding rule (same as ue8m0 in reference.py): scale = 2**ceil(log2(max(amax, 1e-10) /
 fp8_max)) with the bit trick of formats.round_scale_ue8m0, E8M0 bits = its float32 exponent field,
@@ -46,6 +57,21 @@ def _e8m0_to_f32(bits):
     v = (e << 23).to(tl.float32, bitcast=True)
     v = tl.where(e == 0, 5.877471754111438e-39, v)
     return tl.where(e == 255, float("nan"), v)
+
+
+@triton.jit
+def _scale_groups(q, bits, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, KEEP_F32: tl.constexpr):
+    """fp8 tile q [ROWS, BLOCK_K] times its E8M0 scales bits [ROWS, BLOCK_K // 32] (one per 32
+    columns), broadcast in registers -> bf16 (fp32 with KEEP_F32: the interpreter's bf16 dot is wrong).
+    Exact: see the module docstring."""
+    mult = _e8m0_to_f32(bits)
+    if KEEP_F32:
+        v = tl.reshape(q.to(tl.float32), [ROWS, BLOCK_K // 32, 32]) * mult[:, :, None]
+    else:
+        # bf16 x bf16 product of exact values is exact; half the registers of fp32 (compiled at
+        # 128 x 128 x 128 / 8 warps for sm_90: fp32 used all 255 registers per thread).
+        v = tl.reshape(q.to(tl.bfloat16), [ROWS, BLOCK_K // 32, 32]) * mult.to(tl.bfloat16)[:, :, None]
+    return tl.reshape(v, [ROWS, BLOCK_K])
 
 
 @triton.jit
@@ -103,25 +129,20 @@ def _mxfp8_gemm_kernel(
         mask_k = k < K
         a = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        g = t * SCALES + offs_g
+        mask_g = g < K // 32
+        # One [rows, BLOCK_K // 32] vector of scale bytes per operand and tile (4 bytes per row at
+        # BLOCK_K = 128). 127 = 2**0 for the masked tail: its elements are 0, the scale must not be nan.
+        sa = tl.load(xs_rows + g[None, :], mask=mask_m[:, None] & mask_g[None, :], other=127)
+        sb = tl.load(ws_rows + g[None, :], mask=mask_n[:, None] & mask_g[None, :], other=127)
         if NATIVE:
-            g = t * SCALES + offs_g
-            mask_g = g < K // 32
-            # 127 = 2**0 for the masked tail: its elements are 0, the scale must just not be nan.
-            sa = tl.load(xs_rows + g[None, :], mask=mask_m[:, None] & mask_g[None, :], other=127)
-            sb = tl.load(ws_rows + g[None, :], mask=mask_n[:, None] & mask_g[None, :], other=127)
             if SWAP_AB:
                 acc = tl.dot_scaled(b, sb, W_FMT, tl.trans(a), sa, X_FMT, acc)
             else:
                 acc = tl.dot_scaled(a, sa, X_FMT, tl.trans(b), sb, W_FMT, acc)
         else:
-            # One scale byte per element, gathered (each byte is read by 32 lanes: L1 hits).
-            sa = tl.load(xs_rows + (k // 32)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=127)
-            sb = tl.load(ws_rows + (k // 32)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=127)
-            af = a.to(tl.float32) * _e8m0_to_f32(sa)
-            bf = b.to(tl.float32) * _e8m0_to_f32(sb)
-            if not DOT_F32:  # exact: see the module docstring
-                af = af.to(tl.bfloat16)
-                bf = bf.to(tl.bfloat16)
+            af = _scale_groups(a, sa, BLOCK_M, BLOCK_K, DOT_F32)
+            bf = _scale_groups(b, sb, BLOCK_N, BLOCK_K, DOT_F32)
             if SWAP_AB:
                 acc = tl.dot(bf, tl.trans(af), acc)
             else:

@@ -257,15 +257,28 @@ def dequantize(
     q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int], out_dtype: torch.dtype
 ) -> torch.Tensor:
     """q [B, R, C] fp8, scale [B, RB, CB] float32 -> [B, R, C] ``out_dtype``."""
-    br, bc = block_shape
     b, rows, cols = q.shape
     if q.stride(2) != 1:
         q = q.contiguous()
     y = torch.empty((b, rows, cols), dtype=_store_dtype(out_dtype), device=q.device)
+    dequantize_into(q, scale, block_shape, y)
+    return y.to(out_dtype)
+
+
+def dequantize_into(
+    q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int], y: torch.Tensor
+) -> None:
+    """y[...] = q * scale (broadcast over (br, bc) blocks), written in place.
+
+    q [B, R, C] fp8 and y [B, R, C] (any float dtype), both with unit stride along C (rows and
+    batches may be strided, e.g. a row panel of a larger weight); scale [B, cdiv(R, br), cdiv(C, bc)]
+    float32 whose row 0 is the block of q's row 0.
+    """
+    br, bc = block_shape
+    b, rows, cols = q.shape
     tile_r, tile_c = 32, 128
     grid = (triton.cdiv(rows, tile_r), triton.cdiv(cols, tile_c), b)
     _dequant_kernel[grid](
         q, scale, y, rows, cols, q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         y.stride(0), y.stride(1), BR=br, BC=bc, TILE_R=tile_r, TILE_C=tile_c, num_warps=4,
     )  # fmt: skip
-    return y.to(out_dtype)
