@@ -20,6 +20,7 @@ from torch_fp8_blockwise.testing import assert_kernel_close
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+HIGH = (BF16, F16, F32)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Fastest W8A8 path at each measured M (1, 16, 64, 256, 1024, 4096), T = our tuned Triton,
@@ -51,13 +52,18 @@ def test_unknown_shapes_switch_to_cublas_at_32():
     assert [_decide(m, 4096, 4096) for m in (1, 16, 31, 32, 33, 5000)] == ["triton"] * 3 + ["cublas"] * 3
 
 
-def test_w8a16_fused_at_decode_dequant_gemm_from_128_only_for_bf16_fp16_out():
-    for out in (BF16, F16):
-        assert [_decide(m, 4096, 4096, BF16, "none", out) for m in (1, 64, 127, 128, 256, 4096)] == (
+def test_w8a16_fused_at_decode_dequant_gemm_from_128_only_within_budget():
+    for dtype in (BF16, F16):
+        assert [_decide(m, 4096, 4096, dtype, "none", dtype) for m in (1, 64, 127, 128, 256, 4096)] == (
             ["triton"] * 3 + ["triton_dequant_mm"] * 3
         )
-    assert _decide(4096, 4096, 4096, F32, "none", F32) == "triton"  # 2**-9 per weight > 1e-3 budget
+    assert _decide(4096, 4096, 4096, BF16, "none", F32) == "triton"  # bf16 panel: 2**-9 > 1e-3 budget
+    assert _decide(4096, 4096, 4096, BF16, "none", F16) == "triton"
     assert _decide(4096, 4096, 4096, BF16, "none", dequant_mm=False) == "triton"
+    for x_dtype in HIGH:
+        for out in HIGH:
+            ok = _decide(4096, 4096, 4096, x_dtype, "none", out) == "triton_dequant_mm"
+            assert ok == _route.dequant_mm_supports(x_dtype, out), (x_dtype, out)
 
 
 def test_cublas_never_taken_when_ineligible_or_unavailable():
@@ -75,6 +81,7 @@ def test_preference_is_taken_where_eligible():
     assert _decide(4096, 4096, 4096, BF16, "none", prefer="triton") == "triton"
     assert _decide(1, 4096, 4096, BF16, "none", prefer="triton_dequant_mm") == "triton_dequant_mm"
     assert _decide(1, 4096, 4096, BF16, "none", F32, prefer="triton_dequant_mm") == "triton"
+    assert _decide(1, 4096, 4096, BF16, "none", F16, prefer="triton_dequant_mm") == "triton"
     assert _decide(1, 4096, 4096, prefer="triton_dequant_mm") == "triton"  # not a W8A8 route
 
 
@@ -175,8 +182,8 @@ def test_w8a16_hook_routes_large_m_to_dequant_matmul_once_it_exists(monkeypatch)
 
 
 def test_the_real_dequant_mm_is_wired_when_present(monkeypatch):
-    """Until backends/triton/dequant_mm.py lands this documents the hook; once it does, the route
-    must find it."""
+    """Once backends/triton/dequant_mm.py is installed, the route finds it and the routed op runs it
+    (on CPU in the interpreter) within the contract; without it, the reason says so."""
     import importlib.util
 
     present = importlib.util.find_spec("torch_fp8_blockwise.backends.triton.dequant_mm") is not None
@@ -184,6 +191,20 @@ def test_the_real_dequant_mm_is_wired_when_present(monkeypatch):
     assert (reason is None) == present, reason
     if not present:
         assert "dequant_mm.dequant_matmul is not installed" in reason
+        return
+    from torch_fp8_blockwise.backends.triton import dequant_mm
+
+    route_on_cpu(monkeypatch)
+    calls = []
+    real = dequant_mm.dequant_matmul
+    monkeypatch.setattr(dequant_mm, "dequant_matmul", lambda *a: calls.append(1) or real(*a))
+    x, wq, ws = _problem(130, 144, 384)
+    bias = torch.randn(144)
+    for dtype in (BF16, F16):
+        ref = reference.blockwise_matmul(x.to(dtype), wq, ws, (128, 128), None, bias, dtype, "none")
+        y = tfb.blockwise_matmul(x.to(dtype), wq, ws, bias=bias, activation="none")
+        assert_kernel_close(y, ref, f"dequant_mm {dtype}")
+    assert len(calls) == 2
 
 
 def test_cli_backends_prints_the_rule(capsys):

@@ -8,10 +8,10 @@ Routes (all meet the same numerics contract, NOTES section 5):
   passed (sm_90 today).
 * ``"triton"``: our Triton W8A8 / W8A16 kernel (backends/triton/blockwise_matmul.py); takes
   every call.
-* ``"triton_dequant_mm"``: W8A16 at large M: dequantize weight panels to bf16/fp16 and run a
-  dense GEMM (backends/triton/dequant_mm.py). Only for bf16/fp16 output: the dequantized weight
-  ``wq * ws`` rounded to bf16 costs ~2**-9 relative per element, within one output ulp but not
-  within the 1e-3 bound of fp32 output.
+* ``"triton_dequant_mm"``: W8A16 at large M: dequantize weight panels to x's dtype and run a
+  dense GEMM (backends/triton/dequant_mm.py). Only for the (x, out) dtype pairs whose panel
+  rounding fits the output's budget (``dequant_mm.supported``: e.g. bf16 x -> bf16 out; a bf16
+  panel costs ~2**-9 relative per weight, within one bf16 ulp but not within fp32's 1e-3).
 
 The rule, from the H100 measurements in shared/data/h100/bench_2026-11-22.md (kernel time under
 CUDA graphs; decode also with a cold L2): per (N, K) the measured winner at each M of
@@ -132,7 +132,7 @@ def decide(
     function is installed). Returns one of :data:`ROUTES`; never a route the call is ineligible for.
     """
     if activation == "none" and x_dtype not in _cublas.W_DTYPES:
-        dequant_ok = dequant_mm and out_dtype in (torch.bfloat16, torch.float16)
+        dequant_ok = dequant_mm and dequant_mm_supports(x_dtype, out_dtype)
         route = prefer if prefer in ("triton", "triton_dequant_mm") else _steps_route(W8A16_DEFAULT, m)
         return route if route == "triton" or dequant_ok else "triton"
     cublas_ok = cublas and (
@@ -152,6 +152,20 @@ def _dequant_matmul() -> Callable[..., torch.Tensor] | None:
     except ImportError:
         return None
     return getattr(dequant_mm, "dequant_matmul", None)
+
+
+def dequant_mm_supports(x_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """(x, out) dtype pairs for which dequantize + GEMM meets the contract: the module's own
+    ``supported()`` (its panel rounding measured against each output budget), else the rule of
+    thumb: bf16/fp16 output from x of the same dtype (a bf16 panel costs ~2**-9 per weight)."""
+    try:
+        from .backends.triton import dequant_mm
+    except ImportError:
+        dequant_mm = None
+    supported = getattr(dequant_mm, "supported", None)
+    if supported is not None:
+        return supported(x_dtype, out_dtype)
+    return x_dtype == out_dtype and out_dtype in (torch.bfloat16, torch.float16)
 
 
 def dequant_mm_reason() -> str | None:
@@ -223,7 +237,10 @@ def describe() -> list[str]:
     for (n, k), steps in W8A8_TABLE.items():
         lines.append(f"    N={n:<6} K={k:<6} {fmt(steps)}")
     lines.append(f"    other shapes    {fmt(W8A8_DEFAULT)}")
-    lines.append(f"  W8A16 (activation='none'): {fmt(W8A16_DEFAULT)} (dequant_mm only for bf16/fp16 out)")
+    lines.append(
+        f"  W8A16 (activation='none'): {fmt(W8A16_DEFAULT)} (dequant_mm only for (x, out) dtype pairs "
+        "it computes within budget)"
+    )
     lines.append(
         "  cublas only where eligible: 128x128 blocks, K % 128 == 0, N % 16 == 0, e4m3fn x, "
         "probe passed on the device"
