@@ -178,7 +178,8 @@ def test_backward_is_a_clear_error_not_a_zero_gradient(op):
 
 def test_backend_table_names_every_backend_and_why():
     table = tfb.backend_table("cpu")
-    assert set(table) == {"reference", "cpu", "triton", "pallas"}
+    assert set(table) == {"reference", "cpu", "triton", "pallas", "cublas"}
     assert table["cpu"]["blockwise_matmul"] == "cpu"
+    assert table["cublas"]["status"] == "unavailable: cuBLAS block-scaled runs on CUDA tensors, not cpu"
     for row in table.values():
         assert row["status"] == "available" or row["status"].startswith("unavailable: ")

@@ -5,11 +5,15 @@ Importing this package registers the ops. Python wrappers with full docstrings:
 :func:`mxfp8_matmul`. Models: :class:`Fp8BlockwiseLinear`, :func:`quantize_model_`
 (:mod:`.nn`); DeepSeek-format safetensors: :mod:`.checkpoint`. Backend choice follows the
 tensors' device (cpu -> CPU path, cuda -> Triton, xla -> Pallas); :func:`use_backend` forces one.
+On CUDA, blockwise_matmul is routed per call to cuBLAS block-scaled or a Triton kernel by a
+measured rule (``_route``; docs/routing.md), adjustable with :func:`set_route` /
+:func:`routing_override`.
 """
 
 # checkpoint imports safetensors only when one of its functions runs: the package import stays cheap.
 from . import checkpoint, nn
 from ._dispatch import BackendUnavailable, backend_table, unavailable_reason, use_backend
+from ._route import routing_override, set_route
 from .formats import FP8_DTYPES, SCALE_FORMATS, fp8_max
 from .nn import Fp8BlockwiseLinear, Fp8Config, QuantizationSummary, quantize_model_
 from .ops import blockwise_matmul, dequantize, mxfp8_matmul, mxfp8_quantize, quantize
@@ -33,6 +37,8 @@ __all__ = [
     "nn",
     "quantize",
     "quantize_model_",
+    "routing_override",
+    "set_route",
     "unavailable_reason",
     "use_backend",
 ]

@@ -3,9 +3,10 @@
     device type   backend     module
     -----------   ---------   ----------------------------------------
     cpu           cpu         torch_fp8_blockwise.backends.cpu
-    cuda          triton      torch_fp8_blockwise.backends.triton
+    cuda          triton      torch_fp8_blockwise.backends.triton (blockwise_matmul routed, see _route)
     xla           pallas      torch_fp8_blockwise.backends.pallas
     (forced)      reference   torch_fp8_blockwise.reference
+    (forced)      cublas      torch_fp8_blockwise.backends.cublas (blockwise_matmul W8A8 only)
 
 A backend module implements any of the op functions with the canonical signatures documented in
 :mod:`torch_fp8_blockwise.reference` (validated arguments, batch dims flattened, no empty sizes).
@@ -33,6 +34,7 @@ BACKEND_MODULES: dict[str, str] = {
     "cpu": "torch_fp8_blockwise.backends.cpu",
     "triton": "torch_fp8_blockwise.backends.triton",
     "pallas": "torch_fp8_blockwise.backends.pallas",
+    "cublas": "torch_fp8_blockwise.backends.cublas",
 }
 
 DEVICE_BACKENDS: dict[str, str] = {"cpu": "cpu", "cuda": "triton", "xla": "pallas"}
@@ -41,6 +43,9 @@ OPS: tuple[str, ...] = ("quantize", "dequantize", "blockwise_matmul", "mxfp8_qua
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fp8_backend", default=None)
 _modules: dict[str, ModuleType] = {}
+#: implementation() answers that succeeded, per (op, device, forced backend): availability of a
+#: backend on a device does not change within a process, and this keeps the hot path one lookup.
+_impl_cache: dict[tuple[str, torch.device, str | None], tuple[str, Callable[..., Any]]] = {}
 _import_errors: dict[str, str] = {}
 
 
@@ -52,8 +57,11 @@ class BackendUnavailable(RuntimeError):
 def use_backend(name: str) -> Iterator[None]:
     """Force every fp8 op in this context to run on backend ``name``.
 
-    ``name`` is one of "reference", "cpu", "triton", "pallas". Lets tests run a GPU or TPU kernel
-    on CPU tensors: Triton under ``TRITON_INTERPRET=1``, Pallas with ``interpret=True``.
+    ``name`` is one of "reference", "cpu", "triton", "pallas", "cublas". Lets tests run a GPU or
+    TPU kernel on CPU tensors: Triton under ``TRITON_INTERPRET=1``, Pallas with ``interpret=True``.
+    On CUDA, "triton" and "cublas" bypass the routing rule (``_route``): "triton" runs the Triton
+    kernel for every call, "cublas" runs cuBLAS block-scaled and raises for a call it cannot
+    compute correctly (e.g. K % 128 != 0).
     """
     if name not in BACKEND_MODULES:
         raise ValueError(f"use_backend: expected one of {tuple(BACKEND_MODULES)}, got {name!r}")
@@ -108,14 +116,23 @@ def select(device: torch.device) -> str:
 
 def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., Any]]:
     """(backend name, function) that runs ``op`` for tensors on ``device``."""
+    key = (op, device, _forced.get())
+    hit = _impl_cache.get(key)
+    if hit is not None:
+        return hit
     name = select(device)
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailable(f"fp8::{op} on {device}: backend {name!r} cannot run: {reason}")
     fn = getattr(_module(name), op, None)
-    if fn is None:
-        return "reference", getattr(_module("reference"), op)
-    return name, fn
+    hit = (name, fn) if fn is not None else ("reference", getattr(_module("reference"), op))
+    _impl_cache[key] = hit
+    return hit
+
+
+def clear_cache() -> None:
+    """Forget cached implementation() answers (tests that change DEVICE_BACKENDS)."""
+    _impl_cache.clear()
 
 
 def backend_table(device: torch.device | str = "cpu") -> dict[str, dict[str, str]]:

@@ -101,6 +101,20 @@ def backends() -> int:
         print(f"{name:<10} {row.pop('status')}")
         for op, impl in row.items():
             print(f"    {op:<18} -> {impl}")
+    from . import _route
+    from .backends import cublas
+
+    print()
+    for line in _route.describe():
+        print(line)
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            device = torch.device("cuda", index)
+            reason = cublas.probe(device)
+            name = torch.cuda.get_device_name(device)
+            print(f"  cuda:{index} ({name}) cuBLAS block-scaled probe: {reason or 'passed'}")
+    else:
+        print(f"  cuBLAS block-scaled: {cublas.probe('cuda')}")
     return 0
 
 

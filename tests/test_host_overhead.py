@@ -1,0 +1,123 @@
+"""Host overhead of an eager call: structural guards (counts, not timings; timings are in
+scripts/bench_host.py).
+
+* The ops are registered through torch.library.Library define/impl, not torch.library.custom_op
+  (whose per-call wrapper costs ~3x a Library kernel: NOTES section 6).
+* An M=0 call runs a fixed, short list of Python functions (counted with sys.setprofile).
+* Validation is memoized: a repeated call does not re-run the checks, yet a bad call still gets the
+  same error word for word.
+* The backend receives the caller's tensors themselves: no copy, cast or zero-fill on the way.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import torch_fp8_blockwise as tfb
+from torch_fp8_blockwise import _dispatch, _validate, ops, reference
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _weights(n=256, k=256):
+    return reference.quantize(torch.randn(n, k), (128, 128), E4M3, "fp32")
+
+
+def test_ops_are_library_kernels_not_custom_op_wrappers():
+    from torch._library.custom_ops import OPDEFS
+
+    for name in ops.SCHEMAS:
+        qualname = f"fp8::{name}"
+        assert qualname not in OPDEFS, qualname
+        for key in ("CompositeExplicitAutograd", "Autograd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), (qualname, key)
+
+
+def _python_calls(fn) -> list[str]:
+    """Python functions entered while running fn() (file:function), in order."""
+    seen: list[str] = []
+
+    def prof(frame, event, arg):
+        if event == "call":
+            seen.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen[1:]  # the first entry is fn itself
+
+
+def test_an_empty_call_runs_five_python_functions():
+    w, ws = _weights()
+    x = torch.empty(0, 256, dtype=torch.bfloat16)
+    op = torch.ops.fp8.blockwise_matmul.default
+    op(x, w, ws, [128, 128], None, None, None, "dynamic")  # fill the caches
+    calls = _python_calls(lambda: op(x, w, ws, [128, 128], None, None, None, "dynamic"))
+    assert calls == [
+        "_ops.py:__call__",  # OpOverload.__call__ -> the C++ dispatcher
+        "ops.py:kernel",  # our Autograd-key kernel: no grad needed, plain keyset -> impl directly
+        "ops.py:_blockwise_matmul_impl",
+        "_validate.py:matmul_args_cached",  # one tuple, one dict lookup
+        "ops.py:_run_matmul",
+    ], calls
+
+
+def test_a_real_call_adds_only_the_dispatch_lookups_and_the_backend():
+    w, ws = _weights()
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    tfb.blockwise_matmul(x, w, ws)
+    op = torch.ops.fp8.blockwise_matmul.default
+    calls = _python_calls(lambda: op(x, w, ws, [128, 128], None, None, None, "dynamic"))
+    ops_layer = [
+        c for c in calls if c.split(":")[0] in ("ops.py", "_validate.py", "_dispatch.py", "_route.py")
+    ]
+    assert ops_layer == [
+        "ops.py:kernel",
+        "ops.py:_blockwise_matmul_impl",
+        "_validate.py:matmul_args_cached",
+        "ops.py:_run_matmul",
+        "_dispatch.py:implementation",  # cached: one dict lookup
+    ], ops_layer
+
+
+def test_validation_runs_once_per_argument_metadata(monkeypatch):
+    w, ws = _weights()
+    full = []
+    real = _validate.matmul_args
+    monkeypatch.setattr(_validate, "matmul_args", lambda *a: full.append(1) or real(*a))
+    monkeypatch.setattr(_validate, "_matmul_cache", {})
+    for m in (3, 3, 3, 5, 5, 3):
+        tfb.blockwise_matmul(torch.randn(m, 256), w, ws)
+    assert len(full) == 2
+    tfb.blockwise_matmul(torch.randn(3, 256, dtype=torch.bfloat16), w, ws)  # dtype is in the key
+    assert len(full) == 3
+    with pytest.raises(ValueError, match=r"w_scale: expected shape \(2, 2\)"):
+        tfb.blockwise_matmul(torch.randn(3, 256), w, ws[:1])
+    wt = torch.empty_strided((256, 256), (1, 256), dtype=E4M3)  # same shape, transposed strides
+    with pytest.raises(ValueError, match="w: expected a contiguous row-major"):
+        tfb.blockwise_matmul(torch.randn(3, 256), wt, ws)
+
+
+def test_backend_gets_the_callers_tensors_without_copies(monkeypatch):
+    seen = {}
+
+    def backend(x, w, w_scale, block, x_scale, bias, out_dtype, activation):
+        seen.update(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias, out_dtype=out_dtype)
+        return torch.empty(x.shape[0], w.shape[0], dtype=out_dtype)
+
+    monkeypatch.setattr(reference, "blockwise_matmul", backend)
+    monkeypatch.setattr(_dispatch, "_impl_cache", {})
+    w, ws = _weights()
+    xq, xs = reference.quantize(torch.randn(6, 256), (1, 128), E4M3, "fp32")
+    bias = torch.randn(256, dtype=torch.bfloat16)
+    with tfb.use_backend("reference"):
+        y = tfb.blockwise_matmul(xq, w, ws, x_scale=xs, bias=bias)
+    assert y.shape == (6, 256)
+    for name, t in (("x", xq), ("w", w), ("w_scale", ws), ("x_scale", xs), ("bias", bias)):
+        assert seen[name] is t, name
+    assert seen["out_dtype"] == torch.bfloat16
