@@ -1,15 +1,27 @@
-"""CPU backend: vectorized torch ops, one fp32 GEMM per matmul, no Python loop over blocks.
+"""CPU backend: compiled fp8 kernels (``cpu_kernels/fp8_cpu.c``) with a pure-torch fallback.
 
-Why one GEMM is exact: in W8A8 the scale of a product term depends on (m, kb) for x and on
-(n // bn, kb) for w, both constant inside a K block, so
-``sum_kb (sum_k xq*wq) * xs * ws == sum_k (xq*xs)[m, k] * (wq*ws)[n, k]``: dequantize both
-operands (exact in fp32: an fp8 value times a float32 scale rounds once) and multiply once.
-The reference applies the scales per K block instead; the two differ only by fp32 rounding order.
+How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
 
-Where the time goes (N = K = 4096, 2 Zen4 cores, torch 2.13): fp8 -> fp32 conversion of the
-weight ~100 ms (torch's scalar cast path, 0.17 Gelem/s), fp32 GEMM 8 ms at M = 1 and 64 ms at
-M = 256. The CPU-speed work replaces :func:`_dequantize_weight` (widen fp8 with vectorized integer
-ops in a fused kernel, or cache the widened weight) without touching the rest.
+* The activation becomes float32 [M, K] first: W8A16 casts it, W8A8 quantizes it to e4m3 in
+  1 x bk groups and dequantizes it again (the quantization loss W8A8 promises), fp8 x with
+  x_scale is dequantized. All of this is O(M K), by the C kernels.
+* M <= ``SMALL_M``: one call of the fused C GEMM: each thread widens 4 weight rows x 512 K of fp8
+  into float32 times their block scale (integer ops + F16C, exact) in L1 and multiplies them
+  with all M rows; the weight is read once and no dequantized copy exists (extra memory: the
+  fp32 x and y, plus 8 KB per thread).
+* M > ``SMALL_M``: the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
+  buffer ([PANEL, K], 4 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
+  oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
+
+Why dequantize-then-multiply is within the kernel-error bound of the W8A8 reference: the scale of
+a product term depends on (m, kb) for x and on (n // bn, kb) for w, both constant inside a K
+block, so ``sum_kb (sum_k xq*wq) * xs * ws == sum_k (xq*xs)[m, k] * (wq*ws)[n, k]``; each
+dequantized operand is exact up to one fp32 rounding, so the two differ only by fp32 rounding order.
+
+Fallback: when the kernels cannot be built or are disabled (``FP8_CPU_KERNELS=0``; the reason is
+in :func:`kernel_status`), the same ops run as vectorized torch code (one fp32 GEMM per matmul,
+no Python loop over blocks), about 50x slower at M = 1 because torch widens fp8 with a scalar
+loop (0.2 Gelem/s). Both paths are tested against the reference.
 
 Canonical signatures and semantics: :mod:`torch_fp8_blockwise.reference`.
 """
@@ -20,8 +32,29 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import MX_BLOCK, cdiv, compute_scale, e8m0_to_float, float_to_e8m0, fp8_max
+from . import cpu_kernels
+
+#: Largest M served by the fused C GEMM; above it torch's GEMM on dequantized panels is faster
+#: (measured crossover on 2 Zen3 cores, N = K = 4096: see docs/cpu.md).
+SMALL_M = 32
+#: Weight rows per dequantized panel for M > SMALL_M (a multiple of every bn; 4 MB of fp32 at K = 4096).
+PANEL = 512
+
+_KIND = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def kernel_status() -> str:
+    """Whether the compiled kernels run ("compiled (avx2): <path>") or why the torch path is used."""
+    return cpu_kernels.status()
+
+
+def _lib():
+    lib = cpu_kernels._lib
+    return cpu_kernels.library() if lib is cpu_kernels._UNSET else lib
+
+
+# ------------------------------------------------------------------------- pure-torch fallback
 def _blocked(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
     """[B, R, C] -> [B, RB, br, CB, bc], zero-padding ragged edges (a view when aligned)."""
     _, rows, cols = x.shape
@@ -51,7 +84,7 @@ def _quantize_f32(
     return _unblocked(qb, rows, cols), scale
 
 
-def quantize(
+def _torch_quantize(
     x: torch.Tensor, block_shape: tuple[int, int], dtype: torch.dtype, scale_format: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, scale = _quantize_f32(x, block_shape, dtype, scale_format)
@@ -65,7 +98,7 @@ def _dequantize_f32(q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int
     return _unblocked(qb.mul_(scale.float()[:, :, None, :, None]), rows, cols)
 
 
-def dequantize(
+def _torch_dequantize(
     q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int], out_dtype: torch.dtype
 ) -> torch.Tensor:
     return _dequantize_f32(q, scale, block_shape).to(out_dtype)
@@ -76,7 +109,7 @@ def _dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor, block_shape: tupl
     return _dequantize_f32(w[None], w_scale[None], block_shape)[0]
 
 
-def blockwise_matmul(
+def _torch_blockwise_matmul(
     x: torch.Tensor,
     w: torch.Tensor,
     w_scale: torch.Tensor,
@@ -100,9 +133,106 @@ def blockwise_matmul(
     return y.to(out_dtype)
 
 
+# ------------------------------------------------------------------------------ compiled path
+def quantize(
+    x: torch.Tensor, block_shape: tuple[int, int], dtype: torch.dtype, scale_format: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, R, C] -> (q [B, R, C] ``dtype``, scale [B, cdiv(R, br), cdiv(C, bc)] float32)."""
+    lib = _lib()
+    if lib is None:
+        return _torch_quantize(x, block_shape, dtype, scale_format)
+    x = x.contiguous()
+    b, rows, cols = x.shape
+    br, bc = block_shape
+    q = torch.empty(x.shape, dtype=dtype)
+    scale = torch.empty(b, cdiv(rows, br), cdiv(cols, bc), dtype=torch.float32)
+    lib.fp8_quantize(
+        x.data_ptr(), _DT[x.dtype], b, rows, cols, br, bc, _KIND[dtype], scale_format == "ue8m0",
+        q.data_ptr(), scale.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return q, scale
+
+
+def _dequantize_into(q: torch.Tensor, scale: torch.Tensor, block_shape, out: torch.Tensor, lib) -> None:
+    """q [B, R, C] fp8 (contiguous) times scale [B, RB, CB] float32 (contiguous) -> out [B, R, C]."""
+    b, rows, cols = q.shape
+    lib.fp8_dequantize(
+        q.data_ptr(), _KIND[q.dtype], scale.data_ptr(), b, rows, cols, *block_shape,
+        out.data_ptr(), _DT[out.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """q [B, R, C] fp8, scale [B, cdiv(R, br), cdiv(C, bc)] float32 -> [B, R, C] ``out_dtype``."""
+    lib = _lib()
+    if lib is None:
+        return _torch_dequantize(q, scale, block_shape, out_dtype)
+    out = torch.empty(q.shape, dtype=out_dtype)
+    _dequantize_into(q.contiguous(), scale.float().contiguous(), block_shape, out, lib)
+    return out
+
+
+def _activation_f32(x, x_scale, bk: int, activation: str, lib) -> torch.Tensor:
+    """The activation as the contiguous float32 [M, K] operand the reference multiplies."""
+    if x_scale is None and activation == "none":
+        return x.float().contiguous()
+    if x_scale is None:  # dynamic W8A8: the e4m3 rounding is the loss W8A8 promises
+        x, x_scale = quantize(x[None], (1, bk), torch.float8_e4m3fn, "fp32")
+        x, x_scale = x[0], x_scale[0]
+    xf = torch.empty(x.shape, dtype=torch.float32)
+    _dequantize_into(x.contiguous()[None], x_scale.float().contiguous()[None], (1, bk), xf[None], lib)
+    return xf
+
+
+def blockwise_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    block_shape: tuple[int, int],
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+) -> torch.Tensor:
+    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32 -> y [M, N]."""
+    lib = _lib()
+    if lib is None:
+        return _torch_blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
+    bn, bk = block_shape
+    (m, k), n = x.shape, w.shape[0]
+    xf = _activation_f32(x, x_scale, bk, activation, lib)
+    ws = w_scale.float().contiguous()
+    threads, kind = torch.get_num_threads(), _KIND[w.dtype]
+    if m <= SMALL_M:
+        y = torch.empty(m, n, dtype=torch.float32)
+        lib.fp8_gemm(xf.data_ptr(), m, w.data_ptr(), kind, ws.data_ptr(), n, k, bn, bk, y.data_ptr(), threads)
+        if bias is not None:
+            y += bias
+        return y.to(out_dtype)
+    # Large M: y^T panel by panel (a contiguous slice of y^T is a valid out= for mm), bias fused
+    # into addmm, then one pass that transposes and casts.
+    panel = max(PANEL, bn)
+    buf = torch.empty(min(panel, n), k, dtype=torch.float32)
+    yt = torch.empty(n, m, dtype=torch.float32)
+    row_bytes, scale_row_bytes = k * w.element_size(), ws.shape[1] * 4
+    for n0 in range(0, n, panel):
+        rows = min(panel, n - n0)
+        lib.fp8_dequantize(
+            w.data_ptr() + n0 * row_bytes, kind, ws.data_ptr() + (n0 // bn) * scale_row_bytes,
+            1, rows, k, bn, bk, buf.data_ptr(), 0, threads,
+        )  # fmt: skip
+        if bias is None:
+            torch.mm(buf[:rows], xf.T, out=yt[n0 : n0 + rows])
+        else:
+            torch.addmm(bias[n0 : n0 + rows, None].float(), buf[:rows], xf.T, out=yt[n0 : n0 + rows])
+    return torch.empty(m, n, dtype=out_dtype).copy_(yt.T)
+
+
 def mxfp8_quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scale = _quantize_f32(x[None], (1, MX_BLOCK), dtype, "ue8m0")
-    return q[0].to(dtype), float_to_e8m0(scale[0])
+    q, scale = quantize(x[None], (1, MX_BLOCK), dtype, "ue8m0")
+    return q[0], float_to_e8m0(scale[0])
 
 
 def mxfp8_matmul(
