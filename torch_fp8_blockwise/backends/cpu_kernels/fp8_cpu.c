@@ -113,7 +113,7 @@ static inline uint16_t f32_to_f16(float f) {
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
-    float normal = u2f((two_w >> 4) + (0x70u << 23)) * 0x1.0p-112f;
+    float normal = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
     float denorm = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
     uint32_t r = sign | (two_w < (1u << 27) ? f2u(denorm) : f2u(normal));
     return u2f(r);
