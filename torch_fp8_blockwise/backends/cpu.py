@@ -2,13 +2,13 @@
 
 How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
 
-* The activation becomes float32 [M, K] first: W8A16 casts it, W8A8 quantizes it to e4m3 in
-  1 x bk groups and dequantizes it again (the quantization loss W8A8 promises), fp8 x with
-  x_scale is dequantized. All of this is O(M K), by the C kernels.
-* M <= ``SMALL_M``: one call of the fused C GEMM: each thread widens 4 weight rows x 512 K of fp8
-  into float32 times their block scale (integer ops + F16C, exact) in L1 and multiplies them
-  with all M rows; the weight is read once and no dequantized copy exists (extra memory: the
-  fp32 x and y, plus 8 KB per thread).
+* The activation becomes float32 [M, K] first, inside the C code: W8A16 converts it, W8A8
+  quantizes it to e4m3 in 1 x bk groups and dequantizes it again (bit for bit the reference's
+  quantization: the loss W8A8 promises), fp8 x with x_scale is dequantized. O(M K).
+* M <= ``SMALL_M``: ONE call of the fused C GEMM (activation, product, bias and output cast):
+  each thread widens 4 weight rows x 512 K of fp8 into float32 times their block scale (integer
+  ops + F16C, exact) in L1 and multiplies them with all M rows; the weight is read once and no
+  dequantized copy exists (extra memory: the fp32 activation, 8 KB per thread and the output).
 * M > ``SMALL_M``: the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
   buffer ([PANEL, K], 4 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
@@ -36,7 +36,7 @@ from . import cpu_kernels
 
 #: Largest M served by the fused C GEMM; above it torch's GEMM on dequantized panels is faster
 #: (measured crossover on 2 Zen3 cores, N = K = 4096: see docs/cpu.md).
-SMALL_M = 32
+SMALL_M = 48
 #: Weight rows per dequantized panel for M > SMALL_M (a multiple of every bn; 4 MB of fp32 at K = 4096).
 PANEL = 512
 
@@ -153,15 +153,6 @@ def quantize(
     return q, scale
 
 
-def _dequantize_into(q: torch.Tensor, scale: torch.Tensor, block_shape, out: torch.Tensor, lib) -> None:
-    """q [B, R, C] fp8 (contiguous) times scale [B, RB, CB] float32 (contiguous) -> out [B, R, C]."""
-    b, rows, cols = q.shape
-    lib.fp8_dequantize(
-        q.data_ptr(), _KIND[q.dtype], scale.data_ptr(), b, rows, cols, *block_shape,
-        out.data_ptr(), _DT[out.dtype], torch.get_num_threads(),
-    )  # fmt: skip
-
-
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int], out_dtype: torch.dtype
 ) -> torch.Tensor:
@@ -169,21 +160,14 @@ def dequantize(
     lib = _lib()
     if lib is None:
         return _torch_dequantize(q, scale, block_shape, out_dtype)
+    q, scale = q.contiguous(), scale.float().contiguous()
     out = torch.empty(q.shape, dtype=out_dtype)
-    _dequantize_into(q.contiguous(), scale.float().contiguous(), block_shape, out, lib)
+    b, rows, cols = q.shape
+    lib.fp8_dequantize(
+        q.data_ptr(), _KIND[q.dtype], scale.data_ptr(), b, rows, cols, *block_shape,
+        out.data_ptr(), _DT[out_dtype], torch.get_num_threads(),
+    )  # fmt: skip
     return out
-
-
-def _activation_f32(x, x_scale, bk: int, activation: str, lib) -> torch.Tensor:
-    """The activation as the contiguous float32 [M, K] operand the reference multiplies."""
-    if x_scale is None and activation == "none":
-        return x.float().contiguous()
-    if x_scale is None:  # dynamic W8A8: the e4m3 rounding is the loss W8A8 promises
-        x, x_scale = quantize(x[None], (1, bk), torch.float8_e4m3fn, "fp32")
-        x, x_scale = x[0], x_scale[0]
-    xf = torch.empty(x.shape, dtype=torch.float32)
-    _dequantize_into(x.contiguous()[None], x_scale.float().contiguous()[None], (1, bk), xf[None], lib)
-    return xf
 
 
 def blockwise_matmul(
@@ -202,15 +186,37 @@ def blockwise_matmul(
         return _torch_blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
     bn, bk = block_shape
     (m, k), n = x.shape, w.shape[0]
-    xf = _activation_f32(x, x_scale, bk, activation, lib)
+    x = x.contiguous()
+    # The activation as the C code reads it: high precision (converted, or quantized to e4m3 and
+    # dequantized for dynamic W8A8), or fp8 bytes (codes 3, 4) with their scales.
+    xdt = _DT[x.dtype] if x_scale is None else 3 + _KIND[x.dtype]
+    xs = 0 if x_scale is None else x_scale.float().contiguous()
+    dynamic = x_scale is None and activation == "dynamic"
     ws = w_scale.float().contiguous()
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
     if m <= SMALL_M:
-        y = torch.empty(m, n, dtype=torch.float32)
-        lib.fp8_gemm(xf.data_ptr(), m, w.data_ptr(), kind, ws.data_ptr(), n, k, bn, bk, y.data_ptr(), threads)
-        if bias is not None:
-            y += bias
-        return y.to(out_dtype)
+        y = torch.empty(m, n, dtype=out_dtype)
+        lib.fp8_gemm(
+            x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, w.data_ptr(), kind,
+            ws.data_ptr(), n, k, bn, bk, None if bias is None else bias.data_ptr(),
+            0 if bias is None else _DT[bias.dtype], y.data_ptr(), _DT[out_dtype], threads,
+        )  # fmt: skip
+        return y
+    if xdt == 0 and not dynamic:
+        xf = x
+    else:
+        xf = torch.empty(m, k, dtype=torch.float32)
+        lib.fp8_prepare_x(
+            x.data_ptr(),
+            xdt,
+            0 if x_scale is None else xs.data_ptr(),
+            dynamic,
+            m,
+            k,
+            bk,
+            xf.data_ptr(),
+            threads,
+        )
     # Large M: y^T panel by panel (a contiguous slice of y^T is a valid out= for mm), bias fused
     # into addmm, then one pass that transposes and casts.
     panel = max(PANEL, bn)

@@ -87,8 +87,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     # (q, kind, scale, B, R, C, br, bc, out, dt, nthreads)
     lib.fp8_dequantize.argtypes = [p, i32, p, i64, i64, i64, i64, i64, p, i32, i32]
     lib.fp8_dequantize.restype = None
-    # (x, M, w, kind, ws, N, K, bn, bk, y, nthreads)
-    lib.fp8_gemm.argtypes = [p, i64, p, i32, p, i64, i64, i64, i64, p, i32]
+    # (x, xdt, xs, dynamic, M, K, bk, xf, nthreads)
+    lib.fp8_prepare_x.argtypes = [p, i32, p, i32, i64, i64, i64, p, i32]
+    lib.fp8_prepare_x.restype = None
+    # (x, xdt, xs, dynamic, M, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads)
+    lib.fp8_gemm.argtypes = [p, i32, p, i32, i64, p, i32, p, i64, i64, i64, i64, p, i32, p, i32, i32]
     lib.fp8_gemm.restype = None
 
 

@@ -271,6 +271,7 @@ AVX2_FN static float amax_avx2(const void *x, int dt, int64_t i0, int64_t n) {
     return m;
 }
 
+/* x[i0 : i0 + n] / s -> q[0 : n] fp8 bytes */
 AVX2_FN static void quant_row_avx2(const void *x, int dt, int64_t i0, int64_t n, float s, int kind,
                                    uint8_t *q) {
     const float big = fp8_max_of(kind);
@@ -279,9 +280,9 @@ AVX2_FN static void quant_row_avx2(const void *x, int dt, int64_t i0, int64_t n,
     for (; j + 8 <= n; j += 8) {
         __m256 v = _mm256_div_ps(load8_hp(x, dt, i0 + j), vs);
         v = _mm256_min_ps(hi, _mm256_max_ps(lo, v)); /* second operand wins on nan: nan stays */
-        narrow8(v, kind, q + i0 + j);
+        narrow8(v, kind, q + j);
     }
-    for (; j < n; j++) q[i0 + j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
+    for (; j < n; j++) q[j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
 }
 
 /* q[0 : n] * s -> out[o0 : o0 + n] for the multiple-of-16 prefix; returns how many were done. */
@@ -340,7 +341,7 @@ static float amax_scalar(const void *x, int dt, int64_t i0, int64_t n) {
 
 static void quant_row_scalar(const void *x, int dt, int64_t i0, int64_t n, float s, int kind, uint8_t *q) {
     const float big = fp8_max_of(kind);
-    for (int64_t j = 0; j < n; j++) q[i0 + j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
+    for (int64_t j = 0; j < n; j++) q[j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
 }
 
 /* x [B, R, C] (dtype dt) -> q [B, R, C] fp8 bytes, scale [B, cdiv(R, br), cdiv(C, bc)] float32.
@@ -351,7 +352,7 @@ void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_
     ensure_init();
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), tasks = B * RB * CB;
     const int isa = g_isa;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (tasks > 1 && B * R * C > 32768)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (tasks > 1 && B * R * C > 32768)
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t b = t / (RB * CB), rb = (t / CB) % RB, cb = t % CB;
         const int64_t r0 = rb * br, r1 = r0 + br < R ? r0 + br : R;
@@ -371,10 +372,10 @@ void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_
         for (int64_t r = r0; r < r1; r++) {
             const int64_t i0 = (b * R + r) * C + c0;
 #if FP8_HAVE_X86
-            if (isa) quant_row_avx2(x, dt, i0, n, s, kind, q);
-            else quant_row_scalar(x, dt, i0, n, s, kind, q);
+            if (isa) quant_row_avx2(x, dt, i0, n, s, kind, q + i0);
+            else quant_row_scalar(x, dt, i0, n, s, kind, q + i0);
 #else
-            quant_row_scalar(x, dt, i0, n, s, kind, q);
+            quant_row_scalar(x, dt, i0, n, s, kind, q + i0);
 #endif
         }
     }
@@ -400,7 +401,7 @@ void fp8_dequantize(const uint8_t *q, int kind, const float *scale, int64_t B, i
     ensure_init();
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), rows = B * R;
     const int isa = g_isa;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (rows > 1 && rows * C > 32768)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16) if (rows > 1 && rows * C > 32768)
     for (int64_t row = 0; row < rows; row++) {
         const int64_t b = row / R, r = row % R;
         const float *srow = scale + (b * RB + r / br) * CB;
@@ -436,14 +437,14 @@ static void widen_tile(const uint8_t *w, int kind, const float *ws, int64_t N, i
     }
 }
 
+/* acc [M, NR] (+)= x rows [0, M) x [k0, k0 + klen) . the NR widened rows in buf */
 static void tile_scalar(const float *x, int64_t M, int64_t K, int64_t k0, int64_t klen, const float *buf,
-                        float *y, int64_t N, int64_t n0, int first) {
+                        float *acc, int first) {
     for (int64_t m = 0; m < M; m++) {
-        for (int r = 0; r < NR && n0 + r < N; r++) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < klen; k++) acc += x[m * K + k0 + k] * buf[r * KC + k];
-            float *out = y + m * N + n0 + r;
-            *out = first ? acc : *out + acc;
+        for (int r = 0; r < NR; r++) {
+            float a = 0.0f;
+            for (int64_t k = 0; k < klen; k++) a += x[m * K + k0 + k] * buf[r * KC + k];
+            acc[m * NR + r] = first ? a : acc[m * NR + r] + a;
         }
     }
 }
@@ -518,7 +519,7 @@ AVX2_FN static inline __m256 load_tail8(const float *p, int64_t n) {
 
 #define TILE_MR(MR)                                                                                 \
     AVX2_FN static void tile_mr##MR(const float *x, int64_t K, int64_t k0, int64_t klen, const float *buf, \
-                                    float *y, int64_t N, int64_t n0, int64_t m, int first) {        \
+                                    float *acc, int64_t m, int first) {                              \
         __m256 a[NR][MR];                                                                           \
         for (int r = 0; r < NR; r++)                                                                \
             for (int i = 0; i < MR; i++) a[r][i] = _mm256_setzero_ps();                             \
@@ -527,8 +528,8 @@ AVX2_FN static inline __m256 load_tail8(const float *p, int64_t n) {
         for (; k + 8 <= klen; k += 8) TILE_STEP(MR, _mm256_loadu_ps(xr + i * K + k))               \
         if (k < klen) TILE_STEP(MR, load_tail8(xr + i * K + k, klen - k))                           \
         for (int i = 0; i < MR; i++)                                                                \
-            for (int r = 0; r < NR && n0 + r < N; r++) {                                            \
-                float *out = y + (m + i) * N + n0 + r, v = hsum8(a[r][i]);                          \
+            for (int r = 0; r < NR; r++) {                                                          \
+                float *out = acc + (m + i) * NR + r, v = hsum8(a[r][i]);                            \
                 *out = first ? v : *out + v;                                                        \
             }                                                                                       \
     }
@@ -536,25 +537,79 @@ TILE_MR(1)
 TILE_MR(2)
 
 AVX2_FN static void tile_avx2(const float *x, int64_t M, int64_t K, int64_t k0, int64_t klen,
-                              const float *buf, float *y, int64_t N, int64_t n0, int first) {
+                              const float *buf, float *acc, int first) {
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) tile_mr2(x, K, k0, klen, buf, y, N, n0, m, first);
-    if (m < M) tile_mr1(x, K, k0, klen, buf, y, N, n0, m, first);
+    for (; m + 2 <= M; m += 2) tile_mr2(x, K, k0, klen, buf, acc, m, first);
+    if (m < M) tile_mr1(x, K, k0, klen, buf, acc, m, first);
 }
 #endif
 
-/* y [M, N] float32 = x [M, K] float32 @ (w [N, K] fp8 * w_scale [cdiv(N, bn), cdiv(K, bk)])^T.
- * Each weight tile is widened once, in registers-sized chunks that stay in L1, and used by all M
- * rows: the fp8 weight is streamed once and the dequantized weight never exists in memory. */
-void fp8_gemm(const float *x, int64_t M, const uint8_t *w, int kind, const float *ws, int64_t N, int64_t K,
-              int64_t bn, int64_t bk, float *y, int nthreads) {
+/* The activation as the float32 [M, K] operand of the product, row m (into out[0, K)):
+ *   xdt 0/1/2 (fp32/bf16/fp16), dynamic = 0: converted (W8A16);
+ *   xdt 0/1/2, dynamic = 1: quantized to e4m3 in 1 x bk groups (fp32 scales) and dequantized,
+ *                           bit for bit reference.quantize then q * scale (W8A8 dynamic);
+ *   xdt 3/4 (e4m3/e5m2 bytes) with xs [M, cdiv(K, bk)]: q * scale (W8A8 with fp8 x). */
+static void prepare_row(const void *x, int xdt, const float *xs, int dynamic, int64_t m, int64_t K,
+                        int64_t bk, float *out, int isa) {
+    const int64_t KB = cdiv64(K, bk);
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t c0 = kb * bk, n = (c0 + bk < K ? c0 + bk : K) - c0, i0 = m * K + c0;
+        if (xdt >= 3) {
+            dequant_seg((const uint8_t *)x + i0, xdt - 3, xs[m * KB + kb], n, out, DT_F32, c0, isa);
+        } else if (dynamic) {
+            uint8_t q[512];
+#if FP8_HAVE_X86
+            const float s = block_scale(isa ? amax_avx2(x, xdt, i0, n) : amax_scalar(x, xdt, i0, n), 0, 0);
+            if (isa) quant_row_avx2(x, xdt, i0, n, s, KIND_E4M3, q);
+            else quant_row_scalar(x, xdt, i0, n, s, KIND_E4M3, q);
+#else
+            const float s = block_scale(amax_scalar(x, xdt, i0, n), 0, 0);
+            quant_row_scalar(x, xdt, i0, n, s, KIND_E4M3, q);
+#endif
+            dequant_seg(q, KIND_E4M3, s, n, out, DT_F32, c0, isa);
+        } else {
+            for (int64_t j = 0; j < n; j++) out[c0 + j] = load_hp(x, xdt, i0 + j);
+        }
+    }
+}
+
+/* xf [M, K] float32 from x (see prepare_row), rows in parallel: the activation of the panel path. */
+void fp8_prepare_x(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t K, int64_t bk,
+                   float *xf, int nthreads) {
+    ensure_init();
+    const int isa = g_isa;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (M > 1 && M * K > 32768)
+    for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
+}
+
+/* y [M, N] (dtype ydt) = x [M, K] @ (w [N, K] fp8 * w_scale [cdiv(N, bn), cdiv(K, bk)])^T + bias [N]
+ * (dtype bias_dt, or NULL), x as in prepare_row, accumulated in fp32. Each weight tile (4 rows x
+ * 512 K) is widened once into L1 and used by all M rows: the fp8 weight is streamed once and the
+ * dequantized weight never exists in memory. Threads split N; each y element has one owner, so the
+ * result does not depend on the thread count. */
+void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, const uint8_t *w, int kind,
+              const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt,
+              void *y, int ydt, int nthreads) {
     ensure_init();
     const int64_t tiles = cdiv64(N, NR);
     const int isa = g_isa;
+    const int convert = !(xdt == DT_F32 && !dynamic);
+    float *xf = convert ? (float *)malloc(sizeof(float) * M * K) : (float *)x;
+    float *accs = (float *)malloc(sizeof(float) * M * NR * (nthreads > 0 ? nthreads : 1));
+    if ((convert && xf == NULL) || accs == NULL) abort();
 #pragma omp parallel num_threads(nthreads) if (tiles > 1 && N * K > 65536)
     {
         float buf[NR * KC] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
+#ifdef _OPENMP
+        float *acc = accs + M * NR * omp_get_thread_num();
+#else
+        float *acc = accs;
+#endif
+        if (convert) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
+        }
+#pragma omp for schedule(dynamic, 8)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * NR;
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -562,13 +617,20 @@ void fp8_gemm(const float *x, int64_t M, const uint8_t *w, int kind, const float
 #if FP8_HAVE_X86
                 if (isa) {
                     widen_tile_avx2(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf);
-                    tile_avx2(x, M, K, k0, klen, buf, y, N, n0, k0 == 0);
+                    tile_avx2(xf, M, K, k0, klen, buf, acc, k0 == 0);
                     continue;
                 }
 #endif
                 widen_tile(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf, 0);
-                tile_scalar(x, M, K, k0, klen, buf, y, N, n0, k0 == 0);
+                tile_scalar(xf, M, K, k0, klen, buf, acc, k0 == 0);
+            }
+            for (int r = 0; r < NR && n0 + r < N; r++) {
+                const float b = bias ? load_hp(bias, bias_dt, n0 + r) : 0.0f;
+                for (int64_t m = 0; m < M; m++)
+                    store_hp(y, ydt, m * N + n0 + r, bias ? acc[m * NR + r] + b : acc[m * NR + r]);
             }
         }
     }
+    if (convert) free(xf);
+    free(accs);
 }
