@@ -536,6 +536,62 @@ AVX2_FN static inline __m256 load_tail8(const float *p, int64_t n) {
 TILE_MR(1)
 TILE_MR(2)
 
+/* M = 1 (decode): no widened buffer. Each 16-element step widens ROWS weight rows in registers
+ * and multiplies them with x; the block scale (times 2**8 for e4m3) is applied once per block
+ * and row to the block's partial sum, so the scale costs nothing per element. */
+AVX2_FN static inline __attribute__((always_inline)) void gemv_rows(const float *x, const uint8_t *w, int kind,
+                                                                    const float *ws, int64_t K, int64_t bn,
+                                                                    int64_t bk, int64_t n0, const int ROWS,
+                                                                    float *out) {
+    const int64_t KB = cdiv64(K, bk);
+    const float *table = kind == KIND_E4M3 ? g_e4m3 : g_e5m2;
+    const float unit = kind == KIND_E4M3 ? 256.0f : 1.0f;
+    __m256 total[4];
+    float tail[4];
+    for (int r = 0; r < ROWS; r++) total[r] = _mm256_setzero_ps(), tail[r] = 0.0f;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t c0 = kb * bk, end = c0 + bk < K ? c0 + bk : K;
+        __m256 part[4];
+        for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps();
+        int64_t k = c0;
+        for (; k + 16 <= end; k += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int r = 0; r < ROWS; r++) {
+                __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + (n0 + r) * K + k)));
+                __m256i h;
+                if (kind == KIND_E4M3) {
+                    __m256i mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7F));
+                    h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
+                                        _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8));
+                    __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
+                    h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
+                } else {
+                    h = _mm256_slli_epi16(u, 8);
+                }
+                part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), x0, part[r]);
+                part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), x1, part[r]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            const float s = ws[((n0 + r) / bn) * KB + kb];
+            float t = 0.0f;
+            for (int64_t j = k; j < end; j++) t += table[w[(n0 + r) * K + j]] * x[j];
+            total[r] = _mm256_fmadd_ps(_mm256_mul_ps(part[r], _mm256_set1_ps(unit)), _mm256_set1_ps(s), total[r]);
+            tail[r] += t * s;
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum8(total[r]) + tail[r];
+}
+
+AVX2_FN static void gemv_tile_avx2(const float *x, const uint8_t *w, int kind, const float *ws, int64_t N,
+                                   int64_t K, int64_t bn, int64_t bk, int64_t n0, float *acc) {
+    if (n0 + NR <= N) {
+        gemv_rows(x, w, kind, ws, K, bn, bk, n0, NR, acc);
+        return;
+    }
+    for (int64_t n = n0; n < N; n++) gemv_rows(x, w, kind, ws, K, bn, bk, n, 1, acc + (n - n0));
+}
+
 AVX2_FN static void tile_avx2(const float *x, int64_t M, int64_t K, int64_t k0, int64_t klen,
                               const float *buf, float *acc, int first) {
     int64_t m = 0;
@@ -612,6 +668,12 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
 #pragma omp for schedule(dynamic, 8)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * NR;
+#if FP8_HAVE_X86
+            if (isa && M == 1) {
+                gemv_tile_avx2(xf, w, kind, ws, N, K, bn, bk, n0, acc);
+                goto write;
+            }
+#endif
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t klen = K - k0 < KC ? K - k0 : KC, kpad = (klen + 7) / 8 * 8;
 #if FP8_HAVE_X86
@@ -624,6 +686,7 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
                 widen_tile(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf, 0);
                 tile_scalar(xf, M, K, k0, klen, buf, acc, k0 == 0);
             }
+        write:
             for (int r = 0; r < NR && n0 + r < N; r++) {
                 const float b = bias ? load_hp(bias, bias_dt, n0 + r) : 0.0f;
                 for (int64_t m = 0; m < M; m++)
