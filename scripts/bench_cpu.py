@@ -3,6 +3,7 @@
 
     python scripts/bench_cpu.py                  # every shape below (a few minutes on 2 cores)
     python scripts/bench_cpu.py --quick          # N = K = 4096 at M = 1, 16 only, plus quantize
+    python scripts/bench_cpu.py --threads 1      # every op on one thread (ours and torch's)
 
 Matmul, per (M, N, K): median ms of torch bf16 matmul with a bf16 weight (the speed to beat),
 torch fp32 matmul, naive eager "dequantize the fp8 weight with torch ops, then bf16 matmul" (what
@@ -43,15 +44,15 @@ BIG = [(m, 4096, 4096) for m in (1, 16, 256, 2048)]
 SMOL = [(m, n, k) for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536)) for m in (1, 64)]
 
 
-def interleaved_ms(cases: dict[str, Callable[[], object]], budget_s: float = 6.0) -> dict[str, float]:
+def interleaved_ms(cases: dict[str, Callable[[], object]], budget_s: float = 5.0) -> dict[str, float]:
     """Median ms of each case, run round-robin (one call of every case per round) so that load
-    from other processes hits every case alike; 3..15 rounds, as many as fit in ~budget_s."""
+    from other processes hits every case alike; 3..200 rounds, as many as fit in ~budget_s."""
     probe = {}
     for name, fn in cases.items():
         start = time.perf_counter()
         fn()  # warm-up: lazy initialisation, compile, allocator
         probe[name] = time.perf_counter() - start
-    rounds = int(min(15, max(3, budget_s / sum(probe.values()))))
+    rounds = int(min(200, max(3, budget_s / sum(probe.values()))))
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
@@ -133,7 +134,7 @@ def bench_peak_memory(shapes) -> None:
                 [sys.executable, "-c", _PEAK, str(m), str(n), str(k), mode],
                 capture_output=True,
                 text=True,
-                env={**os.environ, "PYTHONPATH": root},
+                env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": str(torch.get_num_threads())},
             )
             extra = out.stdout.strip() or f"failed: {out.stderr.strip()[-200:]}"
             print(
@@ -146,7 +147,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="N = K = 4096 at M = 1 and 16 only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"threads={torch.get_num_threads()} torch {torch.__version__} cpu kernels: {cpu.kernel_status()}")
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}; times in ms, ratios = time / bf16 time")

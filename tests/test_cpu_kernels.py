@@ -270,7 +270,7 @@ def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):
     spy = _Spy(_compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1000, 576), (128, 128), E4M3, "fp32")
-    x, big = torch.randn(5, 576, dtype=torch.bfloat16), torch.randn(300, 700)
+    x, big = torch.randn(5, 576, dtype=torch.bfloat16), torch.randn(600, 700)
     before = torch.get_num_threads()
     out = {}
     try:

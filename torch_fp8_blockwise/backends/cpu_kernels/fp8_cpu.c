@@ -37,6 +37,11 @@
 #define DT_BF16 1
 #define DT_F16 2
 
+/* Elements (multiply-adds for the GEMM: 4x) below which a call stays on one thread: ~50 us of
+ * work, against ~5-10 us to wake a thread team, and a barrier that waits for a descheduled
+ * thread for milliseconds on a busy machine (e.g. SmolLM2's 576 x 576 projections at M = 1). */
+#define PAR_MIN (1 << 18)
+
 static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -352,7 +357,7 @@ void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_
     ensure_init();
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), tasks = B * RB * CB;
     const int isa = g_isa;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (tasks > 1 && B * R * C > 32768)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (tasks > 1 && B * R * C >= PAR_MIN)
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t b = t / (RB * CB), rb = (t / CB) % RB, cb = t % CB;
         const int64_t r0 = rb * br, r1 = r0 + br < R ? r0 + br : R;
@@ -401,7 +406,7 @@ void fp8_dequantize(const uint8_t *q, int kind, const float *scale, int64_t B, i
     ensure_init();
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), rows = B * R;
     const int isa = g_isa;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16) if (rows > 1 && rows * C > 32768)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16) if (rows > 1 && rows * C >= PAR_MIN)
     for (int64_t row = 0; row < rows; row++) {
         const int64_t b = row / R, r = row % R;
         const float *srow = scale + (b * RB + r / br) * CB;
@@ -634,7 +639,7 @@ void fp8_prepare_x(const void *x, int xdt, const float *xs, int dynamic, int64_t
                    float *xf, int nthreads) {
     ensure_init();
     const int isa = g_isa;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (M > 1 && M * K > 32768)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (M > 1 && M * K >= PAR_MIN)
     for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
 }
 
@@ -653,7 +658,11 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
     float *xf = convert ? (float *)malloc(sizeof(float) * M * K) : (float *)x;
     float *accs = (float *)malloc(sizeof(float) * M * NR * (nthreads > 0 ? nthreads : 1));
     if ((convert && xf == NULL) || accs == NULL) abort();
-#pragma omp parallel num_threads(nthreads) if (tiles > 1 && N * K > 65536)
+    /* O(M K) with M small: done before the parallel region, which then has a single barrier (a
+     * barrier waits for the slowest thread, and on a busy machine that is a descheduled one). */
+    if (convert)
+        for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
+#pragma omp parallel num_threads(nthreads) if (tiles > 1 && M * N * K >= 4 * PAR_MIN)
     {
         float buf[NR * KC] __attribute__((aligned(64)));
 #ifdef _OPENMP
@@ -661,11 +670,7 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
 #else
         float *acc = accs;
 #endif
-        if (convert) {
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
-        }
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 8) nowait
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * NR;
 #if FP8_HAVE_X86
