@@ -339,3 +339,27 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert all("compiled (" in out for out in outs), outs
     assert [f.suffix for f in tmp_path.iterdir()] == [".so"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_bf16_panels_stay_within_the_output_bound(monkeypatch, mode, out_dtype):
+    """The bf16 large-M panels (used on CPUs with native bf16 GEMM) serve bf16 output only."""
+    _compiled_or_fail()
+    monkeypatch.setattr(cpu, "BF16_PANELS", True)
+    m, n, k = cpu.SMALL_M + 19, 700, 640
+    x, wq, ws, kwargs, exact = _inputs(m, n, k, mode, E4M3, "fp32", (128, 128), True)
+    ref = reference.blockwise_matmul(
+        x,
+        wq,
+        ws,
+        (128, 128),
+        kwargs.get("x_scale"),
+        kwargs["bias"],
+        out_dtype,
+        kwargs.get("activation", "dynamic"),
+    )
+    with tfb.use_backend("cpu"):
+        y = tfb.blockwise_matmul(x, wq, ws, out_dtype=out_dtype, **kwargs)
+    assert_kernel_close(y, ref, f"bf16 panels {mode}")
+    assert sqnr(y, exact) >= sqnr_floor(E4M3)
