@@ -104,8 +104,9 @@ def _load() -> ctypes.CDLL | None:
     if cc is None:
         _status = "no C compiler found (set $CC or install gcc)"
     else:
-        path = _library_path(cc)
+        path = cache_dir() / "fp8_cpu-<hash>.so"
         try:
+            path = _library_path(cc)  # reads the source: a wheel without it lands in the except
             if not path.exists():
                 _compile(cc, path)
             lib = ctypes.CDLL(str(path))
