@@ -68,8 +68,9 @@ def path(request, monkeypatch):
 
 # --------------------------------------------------------------------------------- matmul
 MODES = ["w8a8_dynamic", "w8a8_fp8_x", "w8a16"]
-# M on both sides of SMALL_M (48); N, K off the block grid; N = 1100 spans 3 panels of 512.
-SHAPES = [(1, 1000, 576), (2, 576, 200), (13, 200, 1000), (67, 1100, 576), (49, 130, 300)]
+# Fused GEMM (M <= 48, and M <= 256 for small weights) and panels (M = 300); N, K off the block
+# grid; N = 1100 spans 3 panels of 512.
+SHAPES = [(1, 1000, 576), (2, 576, 200), (13, 200, 1000), (67, 1100, 576), (300, 1100, 200)]
 VARIANTS = [
     (E4M3, "fp32", (128, 128), torch.float32, False),
     (E4M3, "ue8m0", (128, 128), torch.bfloat16, True),
@@ -117,7 +118,7 @@ def test_matmul_matches_reference(path, m, n, k, mode, wdtype, fmt, block, out_d
     assert sqnr(y, exact) >= sqnr_floor(wdtype, fmt)
 
 
-@pytest.mark.parametrize("m", [3, 60])
+@pytest.mark.parametrize("m", [3, 60, 300])
 def test_matmul_non_contiguous_x_and_batch_dims(path, m):
     wq, ws = reference.quantize(torch.randn(300, 640), (128, 128), E4M3, "fp32")
     x = torch.randn(2, 640, m, dtype=torch.bfloat16).transpose(1, 2)  # [2, m, 640], K stride m
@@ -208,7 +209,7 @@ def test_mxfp8_quantize_bit_exact(path, dtype):
     assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
-@pytest.mark.parametrize("m", [1, 13, 60])
+@pytest.mark.parametrize("m", [1, 13, 60, 300])
 @pytest.mark.parametrize("fp8_x", [False, True], ids=["dynamic", "fp8_x"])
 def test_mxfp8_matmul(path, m, fp8_x):
     """MXFP8 runs the blockwise machinery with (bn, bk) = (1, 32)."""
@@ -259,7 +260,7 @@ def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
         tfb.blockwise_matmul(torch.randn(4, k), wq, ws, activation=mode)
         small = [name for name, _ in spy.calls]
         spy.calls.clear()
-        tfb.blockwise_matmul(torch.randn(cpu.SMALL_M + 1, k), wq, ws, activation=mode)
+        tfb.blockwise_matmul(torch.randn(cpu.SMALL_WEIGHT_MAX_M + 1, k), wq, ws, activation=mode)
         large = [name for name, _ in spy.calls]
     assert small == ["fp8_gemm"]  # activation, product, bias and cast in one call
     act = ["fp8_prepare_x"] if mode == "dynamic" else []  # fp32 x is used as it is
@@ -347,7 +348,7 @@ def test_bf16_panels_stay_within_the_output_bound(monkeypatch, mode, out_dtype):
     """The bf16 large-M panels (used on CPUs with native bf16 GEMM) serve bf16 output only."""
     _compiled_or_fail()
     monkeypatch.setattr(cpu, "BF16_PANELS", True)
-    m, n, k = cpu.SMALL_M + 19, 700, 640
+    m, n, k = cpu.SMALL_WEIGHT_MAX_M + 19, 700, 640
     x, wq, ws, kwargs, exact = _inputs(m, n, k, mode, E4M3, "fp32", (128, 128), True)
     ref = reference.blockwise_matmul(
         x,

@@ -9,7 +9,7 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   each thread widens 4 weight rows x 512 K of fp8 into float32 times their block scale (integer
   ops + F16C, exact) in L1 and multiplies them with all M rows; the weight is read once and no
   dequantized copy exists (extra memory: the fp32 activation, 8 KB per thread and the output).
-* M > ``SMALL_M``: the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
+* M > ``SMALL_M`` (and, for weights under 2M elements, M > 256): the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
   buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
   With bf16 output on a CPU with native bf16 GEMM (AVX512-BF16 / AMX), the panels and the
@@ -41,6 +41,11 @@ from . import cpu_kernels
 #: Largest M served by the fused C GEMM; above it torch's GEMM on dequantized panels is faster
 #: (measured crossover on 2 Zen3 cores, N = K = 4096: see docs/cpu.md).
 SMALL_M = 48
+#: Weights of fewer elements use the fused GEMM up to M = SMALL_WEIGHT_MAX_M: at M = 64 it costs
+#: the same CPU time as panels for SmolLM2's 576 x 576 and 1536 x 576 weights, in one parallel
+#: region instead of ~7 (each region's barrier can wait a time slice on a busy machine).
+SMALL_WEIGHT = 1 << 21
+SMALL_WEIGHT_MAX_M = 256
 #: Weight rows per dequantized panel for M > SMALL_M (a multiple of every bn; 4 MB of fp32 at K = 4096).
 PANEL = 512
 
@@ -215,7 +220,7 @@ def blockwise_matmul(
     dynamic = x_scale is None and activation == "dynamic"
     ws = w_scale.float().contiguous()
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
-    if m <= SMALL_M:
+    if m <= SMALL_M or (m <= SMALL_WEIGHT_MAX_M and n * k < SMALL_WEIGHT):
         y = torch.empty(m, n, dtype=out_dtype)
         lib.fp8_gemm(
             x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, w.data_ptr(), kind,
