@@ -1,27 +1,86 @@
-"""CPU backend: vectorized torch ops, one fp32 GEMM per matmul, no Python loop over blocks.
+"""CPU backend: compiled fp8 kernels (``cpu_kernels/fp8_cpu.c``) with a pure-torch fallback.
 
-Why one GEMM is exact: in W8A8 the scale of a product term depends on (m, kb) for x and on
-(n // bn, kb) for w, both constant inside a K block, so
-``sum_kb (sum_k xq*wq) * xs * ws == sum_k (xq*xs)[m, k] * (wq*ws)[n, k]``: dequantize both
-operands (exact in fp32: an fp8 value times a float32 scale rounds once) and multiply once.
-The reference applies the scales per K block instead; the two differ only by fp32 rounding order.
+How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
 
-Where the time goes (N = K = 4096, 2 Zen4 cores, torch 2.13): fp8 -> fp32 conversion of the
-weight ~100 ms (torch's scalar cast path, 0.17 Gelem/s), fp32 GEMM 8 ms at M = 1 and 64 ms at
-M = 256. The CPU-speed work replaces :func:`_dequantize_weight` (widen fp8 with vectorized integer
-ops in a fused kernel, or cache the widened weight) without touching the rest.
+* The activation becomes float32 [M, K] first, inside the C code: W8A16 converts it, W8A8
+  quantizes it to e4m3 in 1 x bk groups and dequantizes it again (bit for bit the reference's
+  quantization: the loss W8A8 promises), fp8 x with x_scale is dequantized. O(M K).
+* M <= ``SMALL_M``: ONE call of the fused C GEMM (activation, product, bias and output cast):
+  each thread widens 4 weight rows x 512 K of fp8 into float32 times their block scale (integer
+  ops + F16C, exact) in L1 and multiplies them with all M rows; the weight is read once and no
+  dequantized copy exists (extra memory: the fp32 activation, 8 KB per thread and the output).
+* M > ``SMALL_M`` (and, for weights under 2M elements, M > 256): the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
+  buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
+  oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
+  With bf16 output on a CPU with native bf16 GEMM (AVX512-BF16 / AMX), the panels and the
+  activation are bf16 instead (``BF16_PANELS``).
+
+Why dequantize-then-multiply is within the kernel-error bound of the W8A8 reference: the scale of
+a product term depends on (m, kb) for x and on (n // bn, kb) for w, both constant inside a K
+block, so ``sum_kb (sum_k xq*wq) * xs * ws == sum_k (xq*xs)[m, k] * (wq*ws)[n, k]``; each
+dequantized operand is exact up to one fp32 rounding, so the two differ only by fp32 rounding order.
+
+Fallback: when the kernels cannot be built or are disabled (``FP8_CPU_KERNELS=0``; the reason is
+in :func:`kernel_status`), the same ops run as vectorized torch code (one fp32 GEMM per matmul,
+no Python loop over blocks), about 50x slower at M = 1 because torch widens fp8 with a scalar
+loop (0.2 Gelem/s). Both paths are tested against the reference.
 
 Canonical signatures and semantics: :mod:`torch_fp8_blockwise.reference`.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from ..formats import MX_BLOCK, cdiv, compute_scale, e8m0_to_float, float_to_e8m0, fp8_max
+from . import cpu_kernels
+
+#: Largest M served by the fused C GEMM; above it torch's GEMM on dequantized panels is faster
+#: (measured crossover on 2 Zen3 cores, N = K = 4096: see docs/cpu.md).
+SMALL_M = 48
+#: Weights of fewer elements use the fused GEMM up to M = SMALL_WEIGHT_MAX_M: at M = 64 it costs
+#: the same CPU time as panels for SmolLM2's 576 x 576 and 1536 x 576 weights, in one parallel
+#: region instead of ~7 (each region's barrier can wait a time slice on a busy machine).
+SMALL_WEIGHT = 1 << 21
+SMALL_WEIGHT_MAX_M = 256
+#: Weight rows per dequantized panel for M > SMALL_M (a multiple of every bn; 4 MB of fp32 at K = 4096).
+PANEL = 512
 
 
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 (torch's bf16 GEMM is then ~2x its fp32 GEMM; without them it is
+    many times slower than fp32: 2453 vs 447 ms at M = 256, N = K = 4096 on AVX2-only Zen3)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+#: Large-M panels in bf16 (bf16 output only); FP8_CPU_PANEL_DTYPE=bf16 / fp32 overrides the CPU check.
+BF16_PANELS = {"bf16": True, "fp32": False}.get(
+    os.environ.get("FP8_CPU_PANEL_DTYPE", ""), _cpu_has_native_bf16()
+)
+
+_KIND = {torch.float8_e4m3fn: 0, torch.float8_e5m2: 1}
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def kernel_status() -> str:
+    """Whether the compiled kernels run ("compiled (avx2): <path>") or why the torch path is used."""
+    return cpu_kernels.status()
+
+
+def _lib():
+    lib = cpu_kernels._lib
+    return cpu_kernels.library() if lib is cpu_kernels._UNSET else lib
+
+
+# ------------------------------------------------------------------------- pure-torch fallback
 def _blocked(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
     """[B, R, C] -> [B, RB, br, CB, bc], zero-padding ragged edges (a view when aligned)."""
     _, rows, cols = x.shape
@@ -51,7 +110,7 @@ def _quantize_f32(
     return _unblocked(qb, rows, cols), scale
 
 
-def quantize(
+def _torch_quantize(
     x: torch.Tensor, block_shape: tuple[int, int], dtype: torch.dtype, scale_format: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, scale = _quantize_f32(x, block_shape, dtype, scale_format)
@@ -65,7 +124,7 @@ def _dequantize_f32(q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int
     return _unblocked(qb.mul_(scale.float()[:, :, None, :, None]), rows, cols)
 
 
-def dequantize(
+def _torch_dequantize(
     q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int], out_dtype: torch.dtype
 ) -> torch.Tensor:
     return _dequantize_f32(q, scale, block_shape).to(out_dtype)
@@ -76,7 +135,7 @@ def _dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor, block_shape: tupl
     return _dequantize_f32(w[None], w_scale[None], block_shape)[0]
 
 
-def blockwise_matmul(
+def _torch_blockwise_matmul(
     x: torch.Tensor,
     w: torch.Tensor,
     w_scale: torch.Tensor,
@@ -100,9 +159,109 @@ def blockwise_matmul(
     return y.to(out_dtype)
 
 
+# ------------------------------------------------------------------------------ compiled path
+def quantize(
+    x: torch.Tensor, block_shape: tuple[int, int], dtype: torch.dtype, scale_format: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, R, C] -> (q [B, R, C] ``dtype``, scale [B, cdiv(R, br), cdiv(C, bc)] float32)."""
+    lib = _lib()
+    if lib is None:
+        return _torch_quantize(x, block_shape, dtype, scale_format)
+    x = x.contiguous()
+    b, rows, cols = x.shape
+    br, bc = block_shape
+    q = torch.empty(x.shape, dtype=dtype)
+    scale = torch.empty(b, cdiv(rows, br), cdiv(cols, bc), dtype=torch.float32)
+    lib.fp8_quantize(
+        x.data_ptr(), _DT[x.dtype], b, rows, cols, br, bc, _KIND[dtype], scale_format == "ue8m0",
+        q.data_ptr(), scale.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return q, scale
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """q [B, R, C] fp8, scale [B, cdiv(R, br), cdiv(C, bc)] float32 -> [B, R, C] ``out_dtype``."""
+    lib = _lib()
+    if lib is None:
+        return _torch_dequantize(q, scale, block_shape, out_dtype)
+    q, scale = q.contiguous(), scale.float().contiguous()
+    out = torch.empty(q.shape, dtype=out_dtype)
+    b, rows, cols = q.shape
+    lib.fp8_dequantize(
+        q.data_ptr(), _KIND[q.dtype], scale.data_ptr(), b, rows, cols, *block_shape,
+        out.data_ptr(), _DT[out_dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def blockwise_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    block_shape: tuple[int, int],
+    x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+) -> torch.Tensor:
+    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32 -> y [M, N]."""
+    lib = _lib()
+    if lib is None:
+        return _torch_blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
+    bn, bk = block_shape
+    (m, k), n = x.shape, w.shape[0]
+    x = x.contiguous()
+    # The activation as the C code reads it: high precision (converted, or quantized to e4m3 and
+    # dequantized for dynamic W8A8), or fp8 bytes (codes 3, 4) with their scales.
+    xdt = _DT[x.dtype] if x_scale is None else 3 + _KIND[x.dtype]
+    xs = 0 if x_scale is None else x_scale.float().contiguous()
+    dynamic = x_scale is None and activation == "dynamic"
+    ws = w_scale.float().contiguous()
+    threads, kind = torch.get_num_threads(), _KIND[w.dtype]
+    if m <= SMALL_M or (m <= SMALL_WEIGHT_MAX_M and n * k < SMALL_WEIGHT):
+        y = torch.empty(m, n, dtype=out_dtype)
+        lib.fp8_gemm(
+            x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, w.data_ptr(), kind,
+            ws.data_ptr(), n, k, bn, bk, None if bias is None else bias.data_ptr(),
+            0 if bias is None else _DT[bias.dtype], y.data_ptr(), _DT[out_dtype], threads,
+        )  # fmt: skip
+        return y
+    # Large M: the GEMM runs in torch, on panels of dequantized weight. bf16 panels only where
+    # the CPU multiplies bf16 natively and the output is bf16 (rounding the operands to bf16 costs
+    # ~1e-3 relative error, inside the bf16 output's bound, not inside fp32's 1e-3).
+    gemm_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 and BF16_PANELS else torch.float32
+    if xdt == _DT[gemm_dtype] and not dynamic:
+        xf = x
+    else:
+        xf = torch.empty(m, k, dtype=torch.float32)
+        lib.fp8_prepare_x(
+            x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, k, bk, xf.data_ptr(), threads
+        )  # fmt: skip
+        xf = xf.to(gemm_dtype)
+    # y^T panel by panel (a contiguous slice of y^T is a valid out= for mm), bias fused into addmm,
+    # then one pass that transposes and casts.
+    panel = max(PANEL, bn)
+    buf = torch.empty(min(panel, n), k, dtype=gemm_dtype)
+    yt = torch.empty(n, m, dtype=gemm_dtype)
+    row_bytes, scale_row_bytes = k * w.element_size(), ws.shape[1] * 4
+    for n0 in range(0, n, panel):
+        rows = min(panel, n - n0)
+        lib.fp8_dequantize(
+            w.data_ptr() + n0 * row_bytes, kind, ws.data_ptr() + (n0 // bn) * scale_row_bytes,
+            1, rows, k, bn, bk, buf.data_ptr(), _DT[gemm_dtype], threads,
+        )  # fmt: skip
+        if bias is None:
+            torch.mm(buf[:rows], xf.T, out=yt[n0 : n0 + rows])
+        else:
+            torch.addmm(bias[n0 : n0 + rows, None].to(gemm_dtype), buf[:rows], xf.T, out=yt[n0 : n0 + rows])
+    return torch.empty(m, n, dtype=out_dtype).copy_(yt.T)
+
+
 def mxfp8_quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scale = _quantize_f32(x[None], (1, MX_BLOCK), dtype, "ue8m0")
-    return q[0].to(dtype), float_to_e8m0(scale[0])
+    q, scale = quantize(x[None], (1, MX_BLOCK), dtype, "ue8m0")
+    return q[0], float_to_e8m0(scale[0])
 
 
 def mxfp8_matmul(

@@ -1,0 +1,366 @@
+"""The CPU backend's three paths (AVX2 C kernels, scalar C kernels, pure torch) against the reference.
+
+Every path runs the same cases: W8A8 dynamic / fp8 x / W8A16, both fp8 dtypes, both scale
+formats, three block shapes, bias, three output dtypes, odd M / N / K on both sides of SMALL_M
+(fused C GEMM vs dequantized panels + torch GEMM), non-contiguous x; quantize / dequantize bit for
+bit with special values. The compiled library must build wherever a C compiler exists (a failed
+build fails here, it is not skipped), and the number of C calls per matmul must not grow with the
+number of K blocks (a guard against a per-block Python loop, not a timing).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torch_fp8_blockwise as tfb
+from torch_fp8_blockwise import reference
+from torch_fp8_blockwise.backends import cpu, cpu_kernels
+from torch_fp8_blockwise.testing import assert_kernel_close, sqnr, sqnr_floor
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_library_builds_where_a_compiler_exists():
+    if os.environ.get("FP8_CPU_KERNELS") == "0":
+        assert cpu_kernels.library() is None and "FP8_CPU_KERNELS=0" in cpu.kernel_status()
+        return
+    if cpu_kernels.compiler() is None:
+        assert cpu_kernels.library() is None and "no C compiler" in cpu.kernel_status()
+        return
+    assert cpu_kernels.library() is not None, cpu.kernel_status()
+    assert cpu.kernel_status().startswith("compiled ("), cpu.kernel_status()
+
+
+def _has_avx2() -> bool:
+    lib = cpu_kernels.library()
+    if lib is None:
+        return False
+    isa = lib.fp8_get_isa()
+    ok = lib.fp8_set_isa(1) == 1
+    lib.fp8_set_isa(isa)
+    return ok
+
+
+@pytest.fixture(params=["avx2", "scalar", "torch"])
+def path(request, monkeypatch):
+    """Run the test body on one of the CPU backend's paths."""
+    lib = cpu_kernels.library()
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+        yield "torch"
+        return
+    if lib is None:
+        pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
+    if request.param == "avx2" and not _has_avx2():
+        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    before = lib.fp8_get_isa()
+    lib.fp8_set_isa(1 if request.param == "avx2" else 0)
+    yield request.param
+    lib.fp8_set_isa(before)
+
+
+# --------------------------------------------------------------------------------- matmul
+MODES = ["w8a8_dynamic", "w8a8_fp8_x", "w8a16"]
+# Fused GEMM (M <= 48, and M <= 256 for small weights) and panels (M = 300); N, K off the block
+# grid; N = 1100 spans 3 panels of 512.
+SHAPES = [(1, 1000, 576), (2, 576, 200), (13, 200, 1000), (67, 1100, 576), (300, 1100, 200)]
+VARIANTS = [
+    (E4M3, "fp32", (128, 128), torch.float32, False),
+    (E4M3, "ue8m0", (128, 128), torch.bfloat16, True),
+    (E5M2, "fp32", (128, 128), torch.float32, True),
+    (E4M3, "fp32", (256, 128), torch.float16, True),
+    (E5M2, "ue8m0", (128, 256), torch.float32, False),
+    (E4M3, "fp32", (128, 512), torch.bfloat16, False),
+]
+CASES = [
+    (*shape, mode, *VARIANTS[i % len(VARIANTS)])
+    for i, (shape, mode) in enumerate(itertools.product(SHAPES, MODES))
+]
+
+
+def _inputs(m, n, k, mode, wdtype, fmt, block, bias):
+    w_true = torch.randn(n, k)
+    wq, ws = reference.quantize(w_true, block, wdtype, fmt)
+    x_true = torch.randn(m, k, dtype=torch.bfloat16)
+    kwargs = {"bias": torch.randn(n, dtype=torch.bfloat16) if bias else None}
+    x = x_true
+    if mode == "w8a8_fp8_x":
+        x, kwargs["x_scale"] = reference.quantize(x_true.float(), (1, block[1]), E4M3, fmt)
+    elif mode == "w8a16":
+        kwargs["activation"] = "none"
+    exact = x_true.float() @ w_true.T + (kwargs["bias"].float() if bias else 0)
+    return x, wq, ws, kwargs, exact
+
+
+@pytest.mark.parametrize("m,n,k,mode,wdtype,fmt,block,out_dtype,bias", CASES, ids=str)
+def test_matmul_matches_reference(path, m, n, k, mode, wdtype, fmt, block, out_dtype, bias):
+    x, wq, ws, kwargs, exact = _inputs(m, n, k, mode, wdtype, fmt, block, bias)
+    ref = reference.blockwise_matmul(
+        x,
+        wq,
+        ws,
+        block,
+        kwargs.get("x_scale"),
+        kwargs["bias"],
+        out_dtype,
+        kwargs.get("activation", "dynamic"),
+    )
+    with tfb.use_backend("cpu"):
+        y = tfb.blockwise_matmul(x, wq, ws, block, out_dtype=out_dtype, **kwargs)
+    assert_kernel_close(y, ref, f"{path} {mode}")
+    assert sqnr(y, exact) >= sqnr_floor(wdtype, fmt)
+
+
+@pytest.mark.parametrize("m", [3, 60, 300])
+def test_matmul_non_contiguous_x_and_batch_dims(path, m):
+    wq, ws = reference.quantize(torch.randn(300, 640), (128, 128), E4M3, "fp32")
+    x = torch.randn(2, 640, m, dtype=torch.bfloat16).transpose(1, 2)  # [2, m, 640], K stride m
+    ref = reference.blockwise_matmul(
+        x.reshape(-1, 640), wq, ws, (128, 128), None, None, torch.bfloat16, "none"
+    )
+    with tfb.use_backend("cpu"):
+        y = tfb.blockwise_matmul(x, wq, ws, activation="none")
+    assert_kernel_close(y.reshape(-1, 300), ref, path)
+
+
+def test_matmul_nan_and_inf_in_the_weight_propagate(path):
+    """fp8 nan / inf codes must reach the output as the reference has them, not as finite values."""
+    wq, ws = reference.quantize(torch.randn(8, 256), (128, 128), E4M3, "fp32")
+    wq.view(torch.uint8)[3, 5] = 0x7F  # e4m3 nan
+    w5, ws5 = reference.quantize(torch.randn(8, 256), (128, 128), E5M2, "fp32")
+    w5.view(torch.uint8)[2, 7] = 0x7C  # e5m2 +inf
+    x = torch.rand(2, 256) + 0.5
+    for w, s in ((wq, ws), (w5, ws5)):
+        ref = reference.blockwise_matmul(x, w, s, (128, 128), None, None, torch.float32, "none")
+        with tfb.use_backend("cpu"):
+            y = tfb.blockwise_matmul(x, w, s, activation="none")
+        assert_kernel_close(y, ref, path)
+
+
+# ----------------------------------------------------------------------- quantize / dequantize
+def _special(shape, dtype):
+    x = torch.randn(shape) * 3
+    x[0, : min(shape[1], 300)] = 0.0  # all-zero blocks
+    x[1, 3], x[1, -1] = float("inf"), -float("inf")
+    x[2, 5], x[-1, -2] = float("nan"), float("nan")
+    x[3, :40] = 1e-40  # fp32 subnormals (0 in bf16 / fp16)
+    x[4, :64] = 1e-30
+    x[5, 7] = 3e38
+    x[6] = torch.linspace(-500, 500, shape[1])  # many ties on the fp8 grid after scaling
+    return x.to(dtype)
+
+
+QUANT = [
+    ((9, 1000), (1, 128)),
+    ((300, 200), (128, 128)),
+    ((9, 96), (1, 256)),
+    ((513, 260), (256, 128)),
+    ((130, 1100), (128, 512)),
+]
+
+
+@pytest.mark.parametrize("shape,block", QUANT, ids=str)
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quantize_bit_exact(path, shape, block, in_dtype):
+    x = _special(shape, in_dtype)
+    for dtype, fmt in itertools.product((E4M3, E5M2), ("fp32", "ue8m0")):
+        q_ref, s_ref = reference.quantize(x, block, dtype, fmt)
+        with tfb.use_backend("cpu"):
+            q, s = tfb.quantize(x, block, dtype, fmt)
+        assert torch.equal(s, s_ref), (dtype, fmt)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (dtype, fmt)
+
+
+def test_quantize_batched_and_non_contiguous(path):
+    x = torch.randn(3, 200, 130, dtype=torch.bfloat16).transpose(1, 2)
+    q_ref, s_ref = reference.quantize(x, (128, 128), E4M3, "fp32")
+    with tfb.use_backend("cpu"):
+        q, s = tfb.quantize(x, (128, 128))
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dequantize_every_code_bit_exact(path, dtype, out_dtype):
+    """Every code (nan, inf, subnormals) in every block, times scales whose products over- or
+    underflow in some output dtypes; ragged edge blocks on both dims."""
+    codes = (torch.arange(200)[:, None] + torch.arange(700)[None, :]) % 256
+    q = codes.to(torch.uint8).view(dtype)  # [200, 700]
+    scale = torch.tensor([[1.0, 3.7e-3, 2.0**-120], [1e30, 5.5, 2.0**100]])  # (128, 256) blocks
+    ref = reference.dequantize(q, scale, (128, 256), out_dtype)
+    with tfb.use_backend("cpu"):
+        y = tfb.dequantize(q, scale, (128, 256), out_dtype)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=str)
+def test_mxfp8_quantize_bit_exact(path, dtype):
+    x = _special((9, 320), torch.bfloat16)
+    q_ref, s_ref = reference.mxfp8_quantize(x, dtype)
+    with tfb.use_backend("cpu"):
+        q, s = tfb.mxfp8_quantize(x, dtype)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m", [1, 13, 60, 300])
+@pytest.mark.parametrize("fp8_x", [False, True], ids=["dynamic", "fp8_x"])
+def test_mxfp8_matmul(path, m, fp8_x):
+    """MXFP8 runs the blockwise machinery with (bn, bk) = (1, 32)."""
+    w_true, x_true = torch.randn(600, 96), torch.randn(m, 96)
+    wq, ws = reference.mxfp8_quantize(w_true, E4M3)
+    x, x_scale = reference.mxfp8_quantize(x_true, E4M3) if fp8_x else (x_true, None)
+    ref = reference.mxfp8_matmul(x, wq, ws, x_scale, None, torch.float32)
+    with tfb.use_backend("cpu"):
+        y = tfb.mxfp8_matmul(x, wq, ws, x_scale, out_dtype=torch.float32)
+    assert_kernel_close(y, ref, path)
+
+
+# ------------------------------------------------------------------ threads, call counts, build
+class _Spy:
+    """Stands in for the ctypes library: records (function, nthreads) of every call."""
+
+    def __init__(self, lib) -> None:
+        self.lib, self.calls = lib, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls.append((name, args[-1]))
+            return fn(*args)
+
+        return call
+
+
+def _compiled_or_fail():
+    lib = cpu_kernels.library()
+    if lib is None and cpu_kernels.compiler() is not None and os.environ.get("FP8_CPU_KERNELS") != "0":
+        pytest.fail(f"a C compiler exists but the kernels did not build: {cpu.kernel_status()}")
+    if lib is None:
+        pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
+    return lib
+
+
+@pytest.mark.parametrize("k", [128, 4096])
+@pytest.mark.parametrize("mode", ["dynamic", "none"])
+def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
+    """One fused GEMM call at small M; one dequantize call per 512-row panel at large M, plus one
+    for the activation. 32 K blocks cost the same number of calls as 1."""
+    spy = _Spy(_compiled_or_fail())
+    monkeypatch.setattr(cpu_kernels, "_lib", spy)
+    wq, ws = reference.quantize(torch.randn(1100, k), (128, 128), E4M3, "fp32")
+    with tfb.use_backend("cpu"):
+        tfb.blockwise_matmul(torch.randn(4, k), wq, ws, activation=mode)
+        small = [name for name, _ in spy.calls]
+        spy.calls.clear()
+        tfb.blockwise_matmul(torch.randn(cpu.SMALL_WEIGHT_MAX_M + 1, k), wq, ws, activation=mode)
+        large = [name for name, _ in spy.calls]
+    assert small == ["fp8_gemm"]  # activation, product, bias and cast in one call
+    act = ["fp8_prepare_x"] if mode == "dynamic" else []  # fp32 x is used as it is
+    assert large == [*act, "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]  # cdiv(1100, 512)
+
+
+def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):
+    spy = _Spy(_compiled_or_fail())
+    monkeypatch.setattr(cpu_kernels, "_lib", spy)
+    wq, ws = reference.quantize(torch.randn(1000, 576), (128, 128), E4M3, "fp32")
+    x, big = torch.randn(5, 576, dtype=torch.bfloat16), torch.randn(600, 700)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            spy.calls.clear()
+            with tfb.use_backend("cpu"):
+                out[threads] = (
+                    tfb.blockwise_matmul(x, wq, ws),
+                    *tfb.quantize(big, (128, 128)),
+                )
+            assert {n for _, n in spy.calls} == {threads}
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(out[1], out[2], strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == E4M3 else torch.equal(a, b)
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+_CHECK = """
+import warnings, torch, torch_fp8_blockwise as tfb
+from torch_fp8_blockwise import reference
+from torch_fp8_blockwise.backends import cpu
+from torch_fp8_blockwise.testing import assert_kernel_close
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    wq, ws = tfb.quantize(torch.randn(300, 200), (128, 128))
+x = torch.randn(3, 200)
+ref = reference.blockwise_matmul(x, wq, ws, (128, 128), None, None, torch.float32, "dynamic")
+assert_kernel_close(tfb.blockwise_matmul(x, wq, ws), ref)
+print(cpu.kernel_status())
+print("warnings:", [str(w.message) for w in caught])
+"""
+
+
+@pytest.mark.slow
+def test_fallback_when_disabled_or_the_build_fails(tmp_path):
+    off = _run(_CHECK, FP8_CPU_KERNELS="0")
+    assert off.returncode == 0, off.stderr
+    assert "disabled by FP8_CPU_KERNELS=0" in off.stdout and "warnings: []" in off.stdout
+    broken = _run(_CHECK, CC="false", FP8_CPU_KERNEL_CACHE=str(tmp_path))
+    assert broken.returncode == 0, broken.stderr
+    assert "failed" in broken.stdout and "CPU kernels unavailable" in broken.stdout  # status + one warning
+
+
+@pytest.mark.slow
+def test_concurrent_first_builds_share_one_cache(tmp_path):
+    """Two processes building into an empty cache at once both load a whole library."""
+    if cpu_kernels.compiler() is None:
+        pytest.skip("no C compiler")
+    env = {**os.environ, "PYTHONPATH": ROOT, "FP8_CPU_KERNEL_CACHE": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _CHECK], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all("compiled (" in out for out in outs), outs
+    assert [f.suffix for f in tmp_path.iterdir()] == [".so"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_bf16_panels_stay_within_the_output_bound(monkeypatch, mode, out_dtype):
+    """The bf16 large-M panels (used on CPUs with native bf16 GEMM) serve bf16 output only."""
+    _compiled_or_fail()
+    monkeypatch.setattr(cpu, "BF16_PANELS", True)
+    m, n, k = cpu.SMALL_WEIGHT_MAX_M + 19, 700, 640
+    x, wq, ws, kwargs, exact = _inputs(m, n, k, mode, E4M3, "fp32", (128, 128), True)
+    ref = reference.blockwise_matmul(
+        x,
+        wq,
+        ws,
+        (128, 128),
+        kwargs.get("x_scale"),
+        kwargs["bias"],
+        out_dtype,
+        kwargs.get("activation", "dynamic"),
+    )
+    with tfb.use_backend("cpu"):
+        y = tfb.blockwise_matmul(x, wq, ws, out_dtype=out_dtype, **kwargs)
+    assert_kernel_close(y, ref, f"bf16 panels {mode}")
+    assert sqnr(y, exact) >= sqnr_floor(E4M3)

@@ -1,0 +1,138 @@
+"""Build-on-first-use loader of the CPU kernel library ``fp8_cpu.c`` (ctypes, no torch headers).
+
+The first call of :func:`library` in a process compiles ``fp8_cpu.c`` with the system C compiler
+(``$CC``, else ``gcc``/``cc``) into a cache directory, loads it with ctypes and keeps the handle;
+every later call returns the cached handle (one dict-free global lookup). The file name carries a
+hash of the source, the compiler and its flags, so an edit or another compiler builds a new file
+and a stale one is never loaded. Compiling takes ~1 s; concurrent processes each compile to a
+temporary file and rename it into place (atomic), so none sees a half-written library.
+
+Environment:
+    FP8_CPU_KERNELS=0         never build or load: the CPU backend uses its pure-torch path.
+    FP8_CPU_KERNEL_CACHE=DIR  where the library is built (default
+                              ``$XDG_CACHE_HOME/torch_fp8_blockwise/cpu_kernels``, i.e. ~/.cache/...).
+    FP8_CPU_ISA=scalar        force the portable scalar code (tests); default: AVX2+FMA+F16C when
+                              the CPU has them, else scalar.
+
+Why the library could not be used is recorded once (:func:`status`) and reported in one warning.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("fp8_cpu.c")
+#: No -ffast-math: the kernels rely on IEEE nan/inf behaviour and exact division.
+CFLAGS: tuple[str, ...] = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-strict-aliasing")
+
+#: Codes shared with fp8_cpu.c.
+ISA_NAMES = {0: "scalar", 1: "avx2"}
+
+_UNSET = object()
+_lib: object = _UNSET
+_status = "not loaded yet"
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("FP8_CPU_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "torch_fp8_blockwise" / "cpu_kernels"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _library_path(cc: str) -> Path:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update("\0".join((cc, *CFLAGS)).encode())
+    return cache_dir() / f"fp8_cpu-{digest.hexdigest()[:16]}.so"
+
+
+def _compile(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: another process sees the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.fp8_set_isa.argtypes, lib.fp8_set_isa.restype = [i32], i32
+    lib.fp8_get_isa.argtypes, lib.fp8_get_isa.restype = [], i32
+    # (x, dt, B, R, C, br, bc, kind, ue8m0, q, scale, nthreads)
+    lib.fp8_quantize.argtypes = [p, i32, i64, i64, i64, i64, i64, i32, i32, p, p, i32]
+    lib.fp8_quantize.restype = None
+    # (q, kind, scale, B, R, C, br, bc, out, dt, nthreads)
+    lib.fp8_dequantize.argtypes = [p, i32, p, i64, i64, i64, i64, i64, p, i32, i32]
+    lib.fp8_dequantize.restype = None
+    # (x, xdt, xs, dynamic, M, K, bk, xf, nthreads)
+    lib.fp8_prepare_x.argtypes = [p, i32, p, i32, i64, i64, i64, p, i32]
+    lib.fp8_prepare_x.restype = None
+    # (x, xdt, xs, dynamic, M, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads)
+    lib.fp8_gemm.argtypes = [p, i32, p, i32, i64, p, i32, p, i64, i64, i64, i64, p, i32, p, i32, i32]
+    lib.fp8_gemm.restype = None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _status
+    if os.environ.get("FP8_CPU_KERNELS", "1") == "0":
+        _status = "disabled by FP8_CPU_KERNELS=0"
+        return None
+    cc = compiler()
+    if cc is None:
+        _status = "no C compiler found (set $CC or install gcc)"
+    else:
+        path = cache_dir() / "fp8_cpu-<hash>.so"
+        try:
+            path = _library_path(cc)  # reads the source: a wheel without it lands in the except
+            if not path.exists():
+                _compile(cc, path)
+            lib = ctypes.CDLL(str(path))
+            _declare(lib)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _status = f"build or load of {path} failed: {e}"
+        else:
+            if os.environ.get("FP8_CPU_ISA", "auto") == "scalar":
+                lib.fp8_set_isa(0)
+            _status = f"compiled ({ISA_NAMES[lib.fp8_get_isa()]}): {path}"
+            return lib
+    warnings.warn(
+        f"torch_fp8_blockwise CPU kernels unavailable, using the slower torch path: {_status}", stacklevel=3
+    )
+    return None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (then :func:`status` says why). Built on the first call."""
+    global _lib
+    if _lib is _UNSET:
+        _lib = _load()
+    return _lib  # type: ignore[return-value]
+
+
+def status() -> str:
+    """How the CPU kernels stand: "compiled (avx2): <path>", or why they are not used."""
+    library()
+    return _status

@@ -1,0 +1,704 @@
+/* CPU kernels of the fp8 block-wise backend: quantize, dequantize, and a fused small-M GEMM.
+ *
+ * Built on first use by __init__.py beside this file (gcc -O3 -fopenmp -shared), called through ctypes on
+ * tensor data pointers. Every function has a portable scalar version and an AVX2 + FMA + F16C
+ * version (compiled here with a target attribute, so one .so serves every x86-64 CPU); the
+ * version is chosen at run time by CPU feature (fp8_set_isa lets tests force the scalar one).
+ *
+ * Layouts (all row-major, contiguous):
+ *   fp8 tensors are bytes; kind 0 = float8_e4m3fn, 1 = float8_e5m2.
+ *   high-precision tensors: dtype 0 = float32, 1 = bfloat16, 2 = float16.
+ *   a block scale grid for [B, R, C] tiled by (br, bc) is float32 [B, cdiv(R, br), cdiv(C, bc)].
+ *
+ * Numerics follow torch_fp8_blockwise.reference bit for bit where the reference is elementwise:
+ *   fp8 -> fp32 is exact; q * scale rounds once; fp32 -> fp8 is c10's round-to-nearest-even;
+ *   fp32 -> bf16 / fp16 are c10's round-to-nearest-even conversions.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FP8_HAVE_X86 1
+#include <immintrin.h>
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#else
+#define FP8_HAVE_X86 0
+#endif
+
+#define KIND_E4M3 0
+#define KIND_E5M2 1
+#define DT_F32 0
+#define DT_BF16 1
+#define DT_F16 2
+
+/* Elements (multiply-adds for the GEMM: 4x) below which a call stays on one thread: ~50 us of
+ * work, against ~5-10 us to wake a thread team, and a barrier that waits for a descheduled
+ * thread for milliseconds on a busy machine (e.g. SmolLM2's 576 x 576 projections at M = 1). */
+#define PAR_MIN (1 << 18)
+
+static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* ------------------------------------------------------------------ scalar conversions */
+static float g_e4m3[256], g_e5m2[256];
+
+static void init_tables(void) {
+    for (int u = 0; u < 256; u++) {
+        int s = u >> 7, e = (u >> 3) & 15, m = u & 7;
+        float v = e ? ldexpf(1.0f + m / 8.0f, e - 7) : ldexpf(m / 8.0f, -6);
+        if ((u & 0x7F) == 0x7F) v = NAN;
+        g_e4m3[u] = s ? -v : v;
+        e = (u >> 2) & 31, m = u & 3;
+        v = e ? ldexpf(1.0f + m / 4.0f, e - 15) : ldexpf(m / 4.0f, -14);
+        if (e == 31) v = m ? NAN : INFINITY;
+        g_e5m2[u] = s ? -v : v;
+    }
+}
+
+/* c10's Float8_e4m3fn(float): round to nearest even, >= 480 -> nan (callers clamp first). */
+static inline uint8_t f32_to_e4m3(float f) {
+    uint32_t b = f2u(f), sign = b & 0x80000000u, r;
+    b ^= sign;
+    if (b >= (1087u << 20)) {
+        r = 0x7F;
+    } else if (b < (121u << 23)) {
+        r = f2u(u2f(b) + u2f(141u << 23)) - (141u << 23);
+    } else {
+        uint32_t odd = (b >> 20) & 1;
+        b += ((uint32_t)(7 - 127) << 23) + 0x7FFFF + odd;
+        r = b >> 20;
+    }
+    return (uint8_t)(r | (sign >> 24));
+}
+
+/* c10's Float8_e5m2(float). */
+static inline uint8_t f32_to_e5m2(float f) {
+    uint32_t b = f2u(f), sign = b & 0x80000000u, r;
+    b ^= sign;
+    if (b >= (143u << 23)) {
+        r = b > (255u << 23) ? 0x7F : 0x7C;
+    } else if (b < (113u << 23)) {
+        r = f2u(u2f(b) + u2f(134u << 23)) - (134u << 23);
+    } else {
+        uint32_t odd = (b >> 21) & 1;
+        b += ((uint32_t)(15 - 127) << 23) + 0xFFFFF + odd;
+        r = b >> 21;
+    }
+    return (uint8_t)(r | (sign >> 24));
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t b = f2u(f);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((b + ((b >> 16) & 1) + 0x7FFF) >> 16);
+}
+
+/* IEEE fp32 -> fp16, round to nearest even (same as F16C and c10::Half). */
+static inline uint16_t f32_to_f16(float f) {
+    const float scale_to_inf = 0x1.0p+112f, scale_to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+    uint32_t w = f2u(f), shl1 = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1 & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = u2f((bias >> 1) + 0x07800000u) + base;
+    uint32_t bits = f2u(base);
+    uint32_t exp_bits = (bits >> 13) & 0x00007C00u, mant_bits = bits & 0x00000FFFu;
+    uint32_t nonsign = exp_bits + mant_bits;
+    return (uint16_t)((sign >> 16) | (shl1 > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normal = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float denorm = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+    uint32_t r = sign | (two_w < (1u << 27) ? f2u(denorm) : f2u(normal));
+    return u2f(r);
+}
+
+static inline float load_hp(const void *x, int dt, int64_t i) {
+    if (dt == DT_F32) return ((const float *)x)[i];
+    if (dt == DT_BF16) return u2f((uint32_t)((const uint16_t *)x)[i] << 16);
+    return f16_to_f32(((const uint16_t *)x)[i]);
+}
+
+static inline void store_hp(void *y, int dt, int64_t i, float v) {
+    if (dt == DT_F32) ((float *)y)[i] = v;
+    else if (dt == DT_BF16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((uint16_t *)y)[i] = f32_to_f16(v);
+}
+
+static inline float fp8_max_of(int kind) { return kind == KIND_E4M3 ? 448.0f : 57344.0f; }
+
+/* formats.compute_scale: max(amax, 1e-10) / fp8_max, optionally rounded up to a power of two. */
+static inline float block_scale(float amax, int kind, int ue8m0) {
+    float s = (amax > 1e-10f ? amax : 1e-10f) / fp8_max_of(kind);
+    if (ue8m0) s = u2f((f2u(s) + 0x7FFFFFu) & 0x7F800000u);
+    return s;
+}
+
+static inline uint8_t quant1(float v, float s, float big, int kind) {
+    float q = v / s;
+    q = q < -big ? -big : (q > big ? big : q); /* nan stays nan */
+    return kind == KIND_E4M3 ? f32_to_e4m3(q) : f32_to_e5m2(q);
+}
+
+/* ------------------------------------------------------------------ AVX2 building blocks */
+#if FP8_HAVE_X86
+/* 16 fp8 bytes -> 16 fp32 values exactly, via fp16 bits (F16C widens fp16 subnormals exactly):
+ * e5m2 is the top byte of an fp16; e4m3 shifted into an fp16's exponent/mantissa is the value
+ * times 2**-8 (bias 15 vs 7), and its nan (s.1111.111) is forced to an fp16 nan. */
+AVX2_FN static inline void widen16(const uint8_t *p, int kind, __m256 *lo, __m256 *hi) {
+    __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    __m256i h;
+    if (kind == KIND_E4M3) {
+        __m256i mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7F));
+        h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
+                            _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8));
+        __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
+        h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
+    } else {
+        h = _mm256_slli_epi16(u, 8);
+    }
+    *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+    if (kind == KIND_E4M3) {
+        const __m256 two8 = _mm256_set1_ps(256.0f);
+        *lo = _mm256_mul_ps(*lo, two8);
+        *hi = _mm256_mul_ps(*hi, two8);
+    }
+}
+
+AVX2_FN static inline __m256 load8_hp(const void *x, int dt, int64_t i) {
+    if (dt == DT_F32) return _mm256_loadu_ps((const float *)x + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+    if (dt == DT_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* 8 fp32 (already clamped to +-fp8_max or nan) -> 8 fp8 bytes, c10's rounding. */
+AVX2_FN static inline void narrow8(__m256 v, int kind, uint8_t *out) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i sign = _mm256_and_si256(b, _mm256_set1_epi32((int)0x80000000u));
+    b = _mm256_xor_si256(b, sign);
+    __m256i r;
+    if (kind == KIND_E4M3) {
+        __m256i nan = _mm256_cmpgt_epi32(b, _mm256_set1_epi32((1087 << 20) - 1));
+        __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(121 << 23), b);
+        __m256 magic = _mm256_castsi256_ps(_mm256_set1_epi32(141 << 23));
+        __m256i rd = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(b), magic)),
+                                      _mm256_set1_epi32(141 << 23));
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 20), _mm256_set1_epi32(1));
+        __m256i rn = _mm256_add_epi32(b, _mm256_set1_epi32((int)(((uint32_t)(7 - 127) << 23) + 0x7FFFF)));
+        rn = _mm256_srli_epi32(_mm256_add_epi32(rn, odd), 20);
+        r = _mm256_blendv_epi8(rn, rd, small);
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7F), nan);
+    } else {
+        __m256i big = _mm256_cmpgt_epi32(b, _mm256_set1_epi32((143 << 23) - 1));
+        __m256i nan = _mm256_cmpgt_epi32(b, _mm256_set1_epi32(255 << 23));
+        __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(113 << 23), b);
+        __m256 magic = _mm256_castsi256_ps(_mm256_set1_epi32(134 << 23));
+        __m256i rd = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(b), magic)),
+                                      _mm256_set1_epi32(134 << 23));
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 21), _mm256_set1_epi32(1));
+        __m256i rn = _mm256_add_epi32(b, _mm256_set1_epi32((int)(((uint32_t)(15 - 127) << 23) + 0xFFFFF)));
+        rn = _mm256_srli_epi32(_mm256_add_epi32(rn, odd), 21);
+        r = _mm256_blendv_epi8(rn, rd, small);
+        r = _mm256_blendv_epi8(r, _mm256_blendv_epi8(_mm256_set1_epi32(0x7C), _mm256_set1_epi32(0x7F), nan),
+                               big);
+    }
+    r = _mm256_or_si256(r, _mm256_srli_epi32(sign, 24));
+    /* byte 0 of each int32 -> 4 bytes per 128-bit lane */
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4,
+                                          8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    r = _mm256_shuffle_epi8(r, pick);
+    uint32_t lo = (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(r));
+    uint32_t hi = (uint32_t)_mm_cvtsi128_si32(_mm256_extracti128_si256(r, 1));
+    uint64_t both = (uint64_t)lo | ((uint64_t)hi << 32);
+    memcpy(out, &both, 8);
+}
+
+AVX2_FN static inline void store8_hp(void *y, int dt, int64_t i, __m256 v) {
+    if (dt == DT_F32) {
+        _mm256_storeu_ps((float *)y + i, v);
+    } else if (dt == DT_F16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        __m256i b = _mm256_castps_si256(v);
+        __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(b, 16),
+                                                                             _mm256_set1_epi32(1)),
+                                                          _mm256_set1_epi32(0x7FFF)));
+        r = _mm256_srli_epi32(r, 16);
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), packed);
+    }
+}
+
+AVX2_FN static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+AVX2_FN static inline float hsum8(__m256 v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+/* Largest finite |x| of one row segment. */
+AVX2_FN static float amax_avx2(const void *x, int dt, int64_t i0, int64_t n) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 inf = _mm256_set1_ps(INFINITY);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 a = _mm256_and_ps(load8_hp(x, dt, i0 + j), absmask);
+        acc = _mm256_max_ps(acc, _mm256_and_ps(a, _mm256_cmp_ps(a, inf, _CMP_LT_OQ)));
+    }
+    float m = hmax8(acc);
+    for (; j < n; j++) {
+        float a = fabsf(load_hp(x, dt, i0 + j));
+        if (a < INFINITY && a > m) m = a;
+    }
+    return m;
+}
+
+/* x[i0 : i0 + n] / s -> q[0 : n] fp8 bytes */
+AVX2_FN static void quant_row_avx2(const void *x, int dt, int64_t i0, int64_t n, float s, int kind,
+                                   uint8_t *q) {
+    const float big = fp8_max_of(kind);
+    const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(big), lo = _mm256_set1_ps(-big);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 v = _mm256_div_ps(load8_hp(x, dt, i0 + j), vs);
+        v = _mm256_min_ps(hi, _mm256_max_ps(lo, v)); /* second operand wins on nan: nan stays */
+        narrow8(v, kind, q + j);
+    }
+    for (; j < n; j++) q[j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
+}
+
+/* q[0 : n] * s -> out[o0 : o0 + n] for the multiple-of-16 prefix; returns how many were done. */
+AVX2_FN static int64_t dequant_row_avx2(const uint8_t *q, int kind, float s, int64_t n, void *out, int dt,
+                                        int64_t o0) {
+    const __m256 vs = _mm256_set1_ps(s);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256 lo, hi;
+        widen16(q + j, kind, &lo, &hi);
+        store8_hp(out, dt, o0 + j, _mm256_mul_ps(lo, vs));
+        store8_hp(out, dt, o0 + j + 8, _mm256_mul_ps(hi, vs));
+    }
+    return j;
+}
+#endif
+
+/* ------------------------------------------------------------------ ISA choice */
+static int cpu_has_avx2(void) {
+#if FP8_HAVE_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+static void ensure_init(void) {
+    if (g_isa < 0) {
+        init_tables();
+        g_isa = cpu_has_avx2();
+    }
+}
+
+/* Force the scalar path (0) or the AVX2 path (1, if the CPU has it); returns the ISA in use. */
+int fp8_set_isa(int isa) {
+    ensure_init();
+    g_isa = (isa == 1 && cpu_has_avx2()) ? 1 : 0;
+    return g_isa;
+}
+
+int fp8_get_isa(void) {
+    ensure_init();
+    return g_isa;
+}
+
+/* ------------------------------------------------------------------ quantize */
+static float amax_scalar(const void *x, int dt, int64_t i0, int64_t n) {
+    float m = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float a = fabsf(load_hp(x, dt, i0 + j));
+        if (a < INFINITY && a > m) m = a;
+    }
+    return m;
+}
+
+static void quant_row_scalar(const void *x, int dt, int64_t i0, int64_t n, float s, int kind, uint8_t *q) {
+    const float big = fp8_max_of(kind);
+    for (int64_t j = 0; j < n; j++) q[j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
+}
+
+/* x [B, R, C] (dtype dt) -> q [B, R, C] fp8 bytes, scale [B, cdiv(R, br), cdiv(C, bc)] float32.
+ * One (batch, row-block, col-block) per task: pass 1 takes the block's finite amax, pass 2
+ * divides and rounds (the block is <= 512 x 512 and stays in cache between the passes). */
+void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_t br, int64_t bc, int kind,
+                  int ue8m0, uint8_t *q, float *scale, int nthreads) {
+    ensure_init();
+    const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), tasks = B * RB * CB;
+    const int isa = g_isa;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (tasks > 1 && B * R * C >= PAR_MIN)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t b = t / (RB * CB), rb = (t / CB) % RB, cb = t % CB;
+        const int64_t r0 = rb * br, r1 = r0 + br < R ? r0 + br : R;
+        const int64_t c0 = cb * bc, n = (c0 + bc < C ? c0 + bc : C) - c0;
+        float amax = 0.0f;
+        for (int64_t r = r0; r < r1; r++) {
+            const int64_t i0 = (b * R + r) * C + c0;
+#if FP8_HAVE_X86
+            float a = isa ? amax_avx2(x, dt, i0, n) : amax_scalar(x, dt, i0, n);
+#else
+            float a = amax_scalar(x, dt, i0, n);
+#endif
+            if (a > amax) amax = a;
+        }
+        const float s = block_scale(amax, kind, ue8m0);
+        scale[t] = s;
+        for (int64_t r = r0; r < r1; r++) {
+            const int64_t i0 = (b * R + r) * C + c0;
+#if FP8_HAVE_X86
+            if (isa) quant_row_avx2(x, dt, i0, n, s, kind, q + i0);
+            else quant_row_scalar(x, dt, i0, n, s, kind, q + i0);
+#else
+            quant_row_scalar(x, dt, i0, n, s, kind, q + i0);
+#endif
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ dequantize */
+/* q[0 : n] * s -> out[o0 : o0 + n] (dtype dt), each product rounded once in fp32. */
+static void dequant_seg(const uint8_t *q, int kind, float s, int64_t n, void *out, int dt, int64_t o0,
+                        int isa) {
+    const float *table = kind == KIND_E4M3 ? g_e4m3 : g_e5m2;
+    int64_t j = 0;
+#if FP8_HAVE_X86
+    if (isa) j = dequant_row_avx2(q, kind, s, n, out, dt, o0);
+#else
+    (void)isa;
+#endif
+    for (; j < n; j++) store_hp(out, dt, o0 + j, table[q[j]] * s);
+}
+
+/* q [B, R, C] fp8 bytes, scale [B, cdiv(R, br), cdiv(C, bc)] -> out [B, R, C] (dtype dt). */
+void fp8_dequantize(const uint8_t *q, int kind, const float *scale, int64_t B, int64_t R, int64_t C,
+                    int64_t br, int64_t bc, void *out, int dt, int nthreads) {
+    ensure_init();
+    const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), rows = B * R;
+    const int isa = g_isa;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16) if (rows > 1 && rows * C >= PAR_MIN)
+    for (int64_t row = 0; row < rows; row++) {
+        const int64_t b = row / R, r = row % R;
+        const float *srow = scale + (b * RB + r / br) * CB;
+        for (int64_t cb = 0; cb < CB; cb++) {
+            const int64_t c0 = cb * bc, n = (c0 + bc < C ? c0 + bc : C) - c0;
+            dequant_seg(q + row * C + c0, kind, srow[cb], n, out, dt, row * C + c0, isa);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ fused small-M GEMM */
+#define NR 4    /* weight rows per tile: 4 x 2 accumulators + 4 weight + 2 x registers of 16 */
+#define KC 512  /* K per widened chunk: NR x KC fp32 = 8 KB, stays in L1; a multiple of every bk */
+
+/* Widen rows [n0, n0 + NR) x [k0, k0 + klen) of w times their block scales into buf [NR, KC] fp32,
+ * zero beyond the weight and up to kpad (rows past N are zero: their outputs are discarded). */
+static void widen_tile(const uint8_t *w, int kind, const float *ws, int64_t N, int64_t K, int64_t bn,
+                       int64_t bk, int64_t n0, int64_t k0, int64_t klen, int64_t kpad, float *buf, int isa) {
+    const int64_t KB = cdiv64(K, bk);
+    for (int r = 0; r < NR; r++) {
+        float *dst = buf + r * KC;
+        const int64_t n = n0 + r;
+        if (n >= N) {
+            memset(dst, 0, sizeof(float) * kpad);
+            continue;
+        }
+        for (int64_t k = k0; k < k0 + klen;) {
+            const int64_t end = (k / bk + 1) * bk < k0 + klen ? (k / bk + 1) * bk : k0 + klen;
+            dequant_seg(w + n * K + k, kind, ws[(n / bn) * KB + k / bk], end - k, dst, DT_F32, k - k0, isa);
+            k = end;
+        }
+        for (int64_t k = klen; k < kpad; k++) dst[k] = 0.0f;
+    }
+}
+
+/* acc [M, NR] (+)= x rows [0, M) x [k0, k0 + klen) . the NR widened rows in buf */
+static void tile_scalar(const float *x, int64_t M, int64_t K, int64_t k0, int64_t klen, const float *buf,
+                        float *acc, int first) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int r = 0; r < NR; r++) {
+            float a = 0.0f;
+            for (int64_t k = 0; k < klen; k++) a += x[m * K + k0 + k] * buf[r * KC + k];
+            acc[m * NR + r] = first ? a : acc[m * NR + r] + a;
+        }
+    }
+}
+
+#if FP8_HAVE_X86
+/* widen_tile in one AVX2 function (no call per block): 16 elements per step, the block scale
+ * folded into the fp16 -> fp32 factor (2**8 for e4m3) unless that product overflows. */
+AVX2_FN static void widen_tile_avx2(const uint8_t *w, int kind, const float *ws, int64_t N, int64_t K,
+                                    int64_t bn, int64_t bk, int64_t n0, int64_t k0, int64_t klen,
+                                    int64_t kpad, float *buf) {
+    const int64_t KB = cdiv64(K, bk);
+    const float *table = kind == KIND_E4M3 ? g_e4m3 : g_e5m2;
+    for (int r = 0; r < NR; r++) {
+        float *dst = buf + r * KC;
+        const int64_t n = n0 + r;
+        if (n >= N) {
+            memset(dst, 0, sizeof(float) * kpad);
+            continue;
+        }
+        const uint8_t *row = w + n * K;
+        const float *srow = ws + (n / bn) * KB;
+        for (int64_t k = k0; k < k0 + klen;) {
+            const int64_t end = (k / bk + 1) * bk < k0 + klen ? (k / bk + 1) * bk : k0 + klen;
+            const float s = srow[k / bk];
+            const float f = kind == KIND_E4M3 ? s * 256.0f : s;
+            int64_t j = k;
+            if (!isinf(f) || isinf(s)) {
+                const __m256 vf = _mm256_set1_ps(f);
+                for (; j + 16 <= end; j += 16) {
+                    __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + j)));
+                    __m256i h;
+                    if (kind == KIND_E4M3) {
+                        __m256i mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7F));
+                        h = _mm256_or_si256(
+                            _mm256_slli_epi16(mag, 7),
+                            _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8));
+                        __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
+                        h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
+                    } else {
+                        h = _mm256_slli_epi16(u, 8);
+                    }
+                    __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+                    __m256 hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+                    _mm256_store_ps(dst + (j - k0), _mm256_mul_ps(lo, vf));
+                    _mm256_store_ps(dst + (j - k0) + 8, _mm256_mul_ps(hi, vf));
+                }
+            }
+            for (; j < end; j++) dst[j - k0] = table[row[j]] * s;
+            k = end;
+        }
+        for (int64_t k = klen; k < kpad; k++) dst[k] = 0.0f;
+    }
+}
+
+AVX2_FN static inline __m256 load_tail8(const float *p, int64_t n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx));
+}
+
+/* x rows [m, m + MR) x [k0, k0 + klen) against the 4 widened rows in buf; kpad - klen < 8 and
+ * buf is zero there, so the last step loads x with a mask instead of reading past the row. */
+#define TILE_STEP(MR, LOADX)                                                                        \
+    {                                                                                               \
+        __m256 w0 = _mm256_load_ps(buf + k), w1 = _mm256_load_ps(buf + KC + k);                    \
+        __m256 w2 = _mm256_load_ps(buf + 2 * KC + k), w3 = _mm256_load_ps(buf + 3 * KC + k);       \
+        for (int i = 0; i < MR; i++) {                                                              \
+            __m256 v = LOADX;                                                                       \
+            a[0][i] = _mm256_fmadd_ps(w0, v, a[0][i]), a[1][i] = _mm256_fmadd_ps(w1, v, a[1][i]);   \
+            a[2][i] = _mm256_fmadd_ps(w2, v, a[2][i]), a[3][i] = _mm256_fmadd_ps(w3, v, a[3][i]);   \
+        }                                                                                           \
+    }
+
+#define TILE_MR(MR)                                                                                 \
+    AVX2_FN static void tile_mr##MR(const float *x, int64_t K, int64_t k0, int64_t klen, const float *buf, \
+                                    float *acc, int64_t m, int first) {                              \
+        __m256 a[NR][MR];                                                                           \
+        for (int r = 0; r < NR; r++)                                                                \
+            for (int i = 0; i < MR; i++) a[r][i] = _mm256_setzero_ps();                             \
+        const float *xr = x + m * K + k0;                                                           \
+        int64_t k = 0;                                                                              \
+        for (; k + 8 <= klen; k += 8) TILE_STEP(MR, _mm256_loadu_ps(xr + i * K + k))               \
+        if (k < klen) TILE_STEP(MR, load_tail8(xr + i * K + k, klen - k))                           \
+        for (int i = 0; i < MR; i++)                                                                \
+            for (int r = 0; r < NR; r++) {                                                          \
+                float *out = acc + (m + i) * NR + r, v = hsum8(a[r][i]);                            \
+                *out = first ? v : *out + v;                                                        \
+            }                                                                                       \
+    }
+TILE_MR(1)
+TILE_MR(2)
+
+/* M = 1 (decode): no widened buffer. Each 16-element step widens ROWS weight rows in registers
+ * and multiplies them with x; the block scale (times 2**8 for e4m3) is applied once per block
+ * and row to the block's partial sum, so the scale costs nothing per element. */
+AVX2_FN static inline __attribute__((always_inline)) void gemv_rows(const float *x, const uint8_t *w, int kind,
+                                                                    const float *ws, int64_t K, int64_t bn,
+                                                                    int64_t bk, int64_t n0, const int ROWS,
+                                                                    float *out) {
+    const int64_t KB = cdiv64(K, bk);
+    const float *table = kind == KIND_E4M3 ? g_e4m3 : g_e5m2;
+    const float unit = kind == KIND_E4M3 ? 256.0f : 1.0f;
+    __m256 total[4];
+    float tail[4];
+    for (int r = 0; r < ROWS; r++) total[r] = _mm256_setzero_ps(), tail[r] = 0.0f;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t c0 = kb * bk, end = c0 + bk < K ? c0 + bk : K;
+        __m256 part[4];
+        for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps();
+        int64_t k = c0;
+        for (; k + 16 <= end; k += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int r = 0; r < ROWS; r++) {
+                __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + (n0 + r) * K + k)));
+                __m256i h;
+                if (kind == KIND_E4M3) {
+                    __m256i mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7F));
+                    h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
+                                        _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8));
+                    __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
+                    h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
+                } else {
+                    h = _mm256_slli_epi16(u, 8);
+                }
+                part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), x0, part[r]);
+                part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), x1, part[r]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            const float s = ws[((n0 + r) / bn) * KB + kb];
+            float t = 0.0f;
+            for (int64_t j = k; j < end; j++) t += table[w[(n0 + r) * K + j]] * x[j];
+            total[r] = _mm256_fmadd_ps(_mm256_mul_ps(part[r], _mm256_set1_ps(unit)), _mm256_set1_ps(s), total[r]);
+            tail[r] += t * s;
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = hsum8(total[r]) + tail[r];
+}
+
+AVX2_FN static void gemv_tile_avx2(const float *x, const uint8_t *w, int kind, const float *ws, int64_t N,
+                                   int64_t K, int64_t bn, int64_t bk, int64_t n0, float *acc) {
+    if (n0 + NR <= N) {
+        gemv_rows(x, w, kind, ws, K, bn, bk, n0, NR, acc);
+        return;
+    }
+    for (int64_t n = n0; n < N; n++) gemv_rows(x, w, kind, ws, K, bn, bk, n, 1, acc + (n - n0));
+}
+
+AVX2_FN static void tile_avx2(const float *x, int64_t M, int64_t K, int64_t k0, int64_t klen,
+                              const float *buf, float *acc, int first) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) tile_mr2(x, K, k0, klen, buf, acc, m, first);
+    if (m < M) tile_mr1(x, K, k0, klen, buf, acc, m, first);
+}
+#endif
+
+/* The activation as the float32 [M, K] operand of the product, row m (into out[0, K)):
+ *   xdt 0/1/2 (fp32/bf16/fp16), dynamic = 0: converted (W8A16);
+ *   xdt 0/1/2, dynamic = 1: quantized to e4m3 in 1 x bk groups (fp32 scales) and dequantized,
+ *                           bit for bit reference.quantize then q * scale (W8A8 dynamic);
+ *   xdt 3/4 (e4m3/e5m2 bytes) with xs [M, cdiv(K, bk)]: q * scale (W8A8 with fp8 x). */
+static void prepare_row(const void *x, int xdt, const float *xs, int dynamic, int64_t m, int64_t K,
+                        int64_t bk, float *out, int isa) {
+    const int64_t KB = cdiv64(K, bk);
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t c0 = kb * bk, n = (c0 + bk < K ? c0 + bk : K) - c0, i0 = m * K + c0;
+        if (xdt >= 3) {
+            dequant_seg((const uint8_t *)x + i0, xdt - 3, xs[m * KB + kb], n, out, DT_F32, c0, isa);
+        } else if (dynamic) {
+            uint8_t q[512];
+#if FP8_HAVE_X86
+            const float s = block_scale(isa ? amax_avx2(x, xdt, i0, n) : amax_scalar(x, xdt, i0, n), 0, 0);
+            if (isa) quant_row_avx2(x, xdt, i0, n, s, KIND_E4M3, q);
+            else quant_row_scalar(x, xdt, i0, n, s, KIND_E4M3, q);
+#else
+            const float s = block_scale(amax_scalar(x, xdt, i0, n), 0, 0);
+            quant_row_scalar(x, xdt, i0, n, s, KIND_E4M3, q);
+#endif
+            dequant_seg(q, KIND_E4M3, s, n, out, DT_F32, c0, isa);
+        } else {
+            for (int64_t j = 0; j < n; j++) out[c0 + j] = load_hp(x, xdt, i0 + j);
+        }
+    }
+}
+
+/* xf [M, K] float32 from x (see prepare_row), rows in parallel: the activation of the panel path. */
+void fp8_prepare_x(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t K, int64_t bk,
+                   float *xf, int nthreads) {
+    ensure_init();
+    const int isa = g_isa;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 4) if (M > 1 && M * K >= PAR_MIN)
+    for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
+}
+
+/* y [M, N] (dtype ydt) = x [M, K] @ (w [N, K] fp8 * w_scale [cdiv(N, bn), cdiv(K, bk)])^T + bias [N]
+ * (dtype bias_dt, or NULL), x as in prepare_row, accumulated in fp32. Each weight tile (4 rows x
+ * 512 K) is widened once into L1 and used by all M rows: the fp8 weight is streamed once and the
+ * dequantized weight never exists in memory. Threads split N; each y element has one owner, so the
+ * result does not depend on the thread count. */
+void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, const uint8_t *w, int kind,
+              const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt,
+              void *y, int ydt, int nthreads) {
+    ensure_init();
+    const int64_t tiles = cdiv64(N, NR);
+    const int isa = g_isa;
+    const int convert = !(xdt == DT_F32 && !dynamic);
+    float *xf = convert ? (float *)malloc(sizeof(float) * M * K) : (float *)x;
+    float *accs = (float *)malloc(sizeof(float) * M * NR * (nthreads > 0 ? nthreads : 1));
+    if ((convert && xf == NULL) || accs == NULL) abort();
+    /* O(M K) with M small: done before the parallel region, which then has a single barrier (a
+     * barrier waits for the slowest thread, and on a busy machine that is a descheduled one). */
+    if (convert)
+        for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
+#pragma omp parallel num_threads(nthreads) if (tiles > 1 && M * N * K >= 4 * PAR_MIN)
+    {
+        float buf[NR * KC] __attribute__((aligned(64)));
+#ifdef _OPENMP
+        float *acc = accs + M * NR * omp_get_thread_num();
+#else
+        float *acc = accs;
+#endif
+#pragma omp for schedule(dynamic, 8) nowait
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t n0 = t * NR;
+#if FP8_HAVE_X86
+            if (isa && M == 1) {
+                gemv_tile_avx2(xf, w, kind, ws, N, K, bn, bk, n0, acc);
+                goto write;
+            }
+#endif
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t klen = K - k0 < KC ? K - k0 : KC, kpad = (klen + 7) / 8 * 8;
+#if FP8_HAVE_X86
+                if (isa) {
+                    widen_tile_avx2(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf);
+                    tile_avx2(xf, M, K, k0, klen, buf, acc, k0 == 0);
+                    continue;
+                }
+#endif
+                widen_tile(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf, 0);
+                tile_scalar(xf, M, K, k0, klen, buf, acc, k0 == 0);
+            }
+        write:
+            for (int r = 0; r < NR && n0 + r < N; r++) {
+                const float b = bias ? load_hp(bias, bias_dt, n0 + r) : 0.0f;
+                for (int64_t m = 0; m < M; m++)
+                    store_hp(y, ydt, m * N + n0 + r, bias ? acc[m * NR + r] + b : acc[m * NR + r]);
+            }
+        }
+    }
+    if (convert) free(xf);
+    free(accs);
+}
