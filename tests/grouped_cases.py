@@ -122,3 +122,53 @@ def assert_quantization_loss_ok(y: torch.Tensor, exact: torch.Tensor, what: str)
     cos, snr = cosine(y, exact), testing.sqnr(y, exact)
     assert cos >= COSINE_FLOOR, f"{what}: cosine {cos:.5f} < {COSINE_FLOOR}"
     assert snr >= testing.SQNR_FLOOR_DB, f"{what}: SQNR {snr:.1f} dB < {testing.SQNR_FLOOR_DB}"
+
+
+def run_gmm(backend: str, args: dict, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The op through torch.ops.fp8 on ``backend`` (validation + dispatch included)."""
+    from torch_fp8_blockwise import use_backend
+    from torch_fp8_blockwise.ops import grouped_matmul
+
+    with use_backend(backend):
+        return grouped_matmul(**args, out_dtype=out_dtype)
+
+
+def run_tgmm(backend: str, x, dy, sizes: list[int], block_m: int, out_dtype=None) -> torch.Tensor:
+    from torch_fp8_blockwise import use_backend
+    from torch_fp8_blockwise.ops import grouped_matmul_transposed
+
+    with use_backend(backend):
+        return grouped_matmul_transposed(x, dy, torch.tensor(sizes, dtype=torch.int32), block_m, out_dtype)
+
+
+def check_gmm(backend: str, case: dict, out_dtype: torch.dtype | None = None, what: str = "") -> torch.Tensor:
+    """Backend vs reference (kernel error bound) and rows past the sum exactly 0."""
+    y = run_gmm(backend, case["args"], out_dtype)
+    ref = run_gmm("reference", case["args"], out_dtype)
+    testing.assert_kernel_close(y, ref, what)
+    total = int(case["args"]["group_sizes"].sum())
+    assert not y[total:].any(), f"{what}: rows past sum(group_sizes) are not 0"
+    return y
+
+
+def check_tgmm(backend: str, x, dy, sizes, block_m: int, out_dtype=None, what: str = "") -> torch.Tensor:
+    out = run_tgmm(backend, x, dy, sizes, block_m, out_dtype)
+    ref = run_tgmm("reference", x, dy, sizes, block_m, out_dtype)
+    testing.assert_kernel_close(out, ref, what)
+    return out
+
+
+def with_sizes(case: dict, sizes: list[int], extra_rows: int) -> dict:
+    """The same weights (and the first rows of x) with other group sizes: sweeps reuse one case."""
+    m = sum(sizes) + extra_rows
+    args = dict(case["args"], group_sizes=torch.tensor(sizes, dtype=torch.int32), x=case["args"]["x"][:m])
+    if args["x_scale"] is not None:
+        args["x_scale"] = args["x_scale"][:m]
+    return {"args": args, "x_f": case["x_f"][:m], "w_f": case["w_f"]}
+
+
+def pattern_cases(mode: str, n: int = 160, k: int = 256, sizes=(3, 17, 1, 9), extra_rows: int = 5):
+    """(pattern, case) for all 256 zero / non-zero patterns of 8 groups, sharing one weight set."""
+    full = gmm_inputs(pattern_sizes(255, 8, sizes), n=n, k=k, mode=mode, extra_rows=extra_rows)
+    for pattern in range(256):
+        yield pattern, with_sizes(full, pattern_sizes(pattern, 8, sizes), extra_rows)

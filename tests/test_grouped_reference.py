@@ -11,6 +11,7 @@ from grouped_cases import (
     dense_gmm,
     dense_tgmm,
     gmm_inputs,
+    pattern_cases,
     pattern_sizes,
     unquantized_gmm,
     unquantized_tgmm,
@@ -36,9 +37,8 @@ def _ref_gmm(args: dict, out_dtype=F32) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["dynamic", "fp8", "none"])
 def test_gmm_every_zero_nonzero_pattern_of_8_groups(mode):
     # Sizes 3, 17, 1, 9 put group boundaries at odd rows; 5 extra rows lie past the sum.
-    for pattern in range(256):
-        sizes = pattern_sizes(pattern, 8, (3, 17, 1, 9))
-        case = gmm_inputs(sizes, n=160, k=256, mode=mode, extra_rows=5)
+    for pattern, case in pattern_cases(mode):
+        sizes = case["args"]["group_sizes"].tolist()
         y = _ref_gmm(case["args"])
         testing.assert_kernel_close(y, dense_gmm(case["args"], F32), f"pattern {pattern:08b}")
         assert not y[sum(sizes) :].any(), f"pattern {pattern:08b}: rows past sum(group_sizes) not 0"
