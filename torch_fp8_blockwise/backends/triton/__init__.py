@@ -6,6 +6,7 @@ Op functions take the canonical, validated arguments documented in
 * :func:`quantize`, :func:`dequantize`: kernels in ``quantize.py``.
 * :func:`blockwise_matmul`: W8A8 / W8A16 kernel in ``blockwise_matmul.py``.
 * :func:`mxfp8_quantize`, :func:`mxfp8_matmul`: ``mxfp8.py``.
+* :func:`grouped_matmul`, :func:`grouped_matmul_transposed` (MoE gmm / tgmm): ``grouped.py``.
 
 Importing this package needs ``triton``; without it the ImportError propagates and the dispatcher
 reports it as the reason the backend is unavailable.
@@ -20,12 +21,15 @@ import triton  # noqa: F401  (an ImportError here is the dispatcher's "unavailab
 
 from . import configs
 from .blockwise_matmul import blockwise_matmul
+from .grouped import grouped_matmul, grouped_matmul_transposed
 from .mxfp8 import mxfp8_matmul, mxfp8_quantize
 from .quantize import block_quantize, dequantize
 
 __all__ = [
     "blockwise_matmul",
     "dequantize",
+    "grouped_matmul",
+    "grouped_matmul_transposed",
     "mxfp8_matmul",
     "mxfp8_quantize",
     "quantize",

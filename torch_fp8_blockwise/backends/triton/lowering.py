@@ -87,6 +87,10 @@ _DIV16 = ("ptr", "stride", "N", "K", "cols")
 
 
 def _kernel_fn(kernel: str):
+    if "." in kernel:  # grouped.py's kernels, "<op>.<mma kind>"
+        from .grouped import kernel_fn
+
+        return kernel_fn(kernel)
     if kernel in ("w8a8", "w8a16", "w8a16_f32"):
         from .blockwise_matmul import _blockwise_gemm_kernel
 
@@ -254,7 +258,7 @@ def compile_job(job: Job) -> Row:
     regs, local = _resource_usage(compiled.asm["cubin"])
     if re.search(r"^\s*\.local\b", ptx, re.MULTILINE):
         local = max(local, 1)
-    pattern = MMA_PATTERNS.get((job.kernel, job.arch))
+    pattern = MMA_PATTERNS.get((job.kernel.rsplit(".", 1)[-1], job.arch))
     mma = "-"
     errors = []
     if pattern is not None:
@@ -288,10 +292,13 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def shipped_jobs(archs: tuple[int, ...], quick: bool = False) -> list[Job]:
+    from .grouped import lowering_jobs as grouped_jobs
+
     jobs: list[Job] = []
     for arch in archs:
         jobs += _gemm_jobs(arch, QUICK_PROBLEMS if quick else PROBLEMS)
         jobs += _quant_jobs(arch)
+        jobs += grouped_jobs(arch, quick)
     return jobs
 
 
