@@ -183,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moe", action="store_true", help="the MoE shapes even on cpu (slow)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--roofline-only", action="store_true")
+    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("G", "M", "K", "N"),
+                        help="time this shape instead of the defaults (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shapes = MOE_SHAPES if (device.type != "cpu" or args.moe) else SMALL_SHAPES
+    if args.shape:
+        shapes = tuple(tuple(s) for s in args.shape)
     if not args.roofline_only:
         bench(shapes, device, args.repeats)
     roofline(MOE_SHAPES)

@@ -136,3 +136,19 @@ def test_backward_is_a_clear_error():
     y = grouped_matmul(x, a["w"], a["w_scale"], a["group_sizes"])
     with pytest.raises(RuntimeError, match=r"fp8::grouped_matmul is inference-only"):
         y.sum().backward()
+
+
+def test_bench_script_runs_on_cpu(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_grouped.py"
+    )
+    spec = importlib.util.spec_from_file_location("bench_grouped", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--shape", "4", "64", "128", "128", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.split()[:4] == ["4", "64", "128", "128"])
+    assert len(row.split()) == 14  # G M K N | 5 numbers | 3 numbers
