@@ -19,4 +19,10 @@ TORCH_LIBRARY_FRAGMENT(fp8, m) {
   m.def(
       "mxfp8_matmul(Tensor x, Tensor w, Tensor w_scale, Tensor? x_scale=None, Tensor? bias=None, "
       "ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "grouped_matmul(Tensor x, Tensor w, Tensor w_scale, Tensor group_sizes, int[] block_shape=[128,128], "
+      "Tensor? x_scale=None, ScalarType? out_dtype=None, str activation=\"dynamic\") -> Tensor");
+  m.def(
+      "grouped_matmul_transposed(Tensor x, Tensor dy, Tensor group_sizes, int block_m=128, "
+      "ScalarType? out_dtype=None) -> Tensor");
 }

@@ -39,7 +39,15 @@ BACKEND_MODULES: dict[str, str] = {
 
 DEVICE_BACKENDS: dict[str, str] = {"cpu": "cpu", "cuda": "triton", "xla": "pallas"}
 
-OPS: tuple[str, ...] = ("quantize", "dequantize", "blockwise_matmul", "mxfp8_quantize", "mxfp8_matmul")
+OPS: tuple[str, ...] = (
+    "quantize",
+    "dequantize",
+    "blockwise_matmul",
+    "mxfp8_quantize",
+    "mxfp8_matmul",
+    "grouped_matmul",
+    "grouped_matmul_transposed",
+)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fp8_backend", default=None)
 _modules: dict[str, ModuleType] = {}

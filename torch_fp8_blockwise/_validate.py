@@ -287,3 +287,120 @@ def mxfp8_matmul_args(
     )
     same_device(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
     return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=1, bk=MX_BLOCK, out_dtype=out_dtype)
+
+
+# ------------------------------------------------------------------- grouped (MoE) matmul ops
+#: Rows per quantization block along M accepted by grouped_matmul_transposed.
+GROUPED_BLOCK_M: tuple[int, ...] = MATMUL_BLOCKS
+
+
+@dataclass(frozen=True)
+class GroupedProblem:
+    """Validated sizes of one grouped op call.
+
+    grouped_matmul: x [M, K], w [G, N, K] -> y [M, N], (bn, bk) the weight block.
+    grouped_matmul_transposed: x [M, K], dy [M, N] -> out [G, K, N], bn = bk = 0, block_m the
+    rows of one quantization block along M.
+    """
+
+    m: int
+    n: int
+    k: int
+    g: int
+    bn: int
+    bk: int
+    block_m: int
+    out_dtype: torch.dtype
+
+
+def _group_sizes(group_sizes: torch.Tensor, g: int, what: str) -> None:
+    dtype_in(group_sizes, "group_sizes", (torch.int32,))
+    shape_is(group_sizes, "group_sizes", (g,), f"(G,) = one row count per group, {what}")
+
+
+def group_sizes_values(group_sizes: torch.Tensor, m: int) -> None:
+    """Checks of the VALUES of group_sizes, run only where they are free (CPU tensors).
+
+    On cuda / xla reading them would be a host sync, which the grouped ops must not do (they run
+    inside CUDA graphs and XLA graphs); there, sum(group_sizes) > M truncates the groups at row M
+    and a negative size gives an unspecified result (docs/grouped.md).
+    """
+    if group_sizes.device.type != "cpu" or group_sizes.numel() == 0:
+        return
+    if bool((group_sizes < 0).any()):
+        raise ValueError(f"group_sizes: expected sizes >= 0, got {group_sizes.tolist()}")
+    total = int(group_sizes.sum(dtype=torch.int64))
+    if total > m:
+        raise ValueError(f"group_sizes: expected sum(group_sizes) <= M={m} (x's rows), got sum {total}")
+
+
+def grouped_matmul_args(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block: object,
+    x_scale: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    activation: object,
+) -> GroupedProblem:
+    tensors(x=x, w=w, w_scale=w_scale, group_sizes=group_sizes, x_scale=x_scale)
+    bn, bk = block_shape(block, "block_shape", MATMUL_BLOCKS, MATMUL_BLOCKS)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    dtype_in(w, "w", FP8_DTYPES)
+    if w.dim() != 3:
+        raise ValueError(f"w: expected 3 dims [G, N, K] (groups, out, in), got shape {tuple(w.shape)}")
+    if not w.is_contiguous():
+        raise ValueError(
+            f"w: expected a contiguous row-major [G, N, K] weight, got strides {tuple(w.stride())}; "
+            "call w.contiguous() once when loading (a per-call copy of the weight would be silent and slow)"
+        )
+    g, n, k = w.shape
+    dtype_in(w_scale, "w_scale", (torch.float32,))
+    shape_is(
+        w_scale, "w_scale", (g, cdiv(n, bn), cdiv(k, bk)), f"(G={g}, cdiv(N={n}, {bn}), cdiv(K={k}, {bk}))"
+    )
+    _group_sizes(group_sizes, g, "w.shape[0]")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected 2 dims [M, K] (rows sorted by group), got shape {tuple(x.shape)}")
+    if is_fp8(x.dtype) and activation == "none":
+        raise ValueError(
+            f"activation: 'none' keeps x at its own precision, but x is {x.dtype}; "
+            "use activation='dynamic' (the default) and pass x_scale"
+        )
+    _, m, out_dtype = _activation_and_tail(
+        x, k, x_scale, torch.float32, cdiv(k, bk), f"cdiv(K={k}, {bk})", None, n, out_dtype
+    )
+    same_device(x=x, w=w, w_scale=w_scale, group_sizes=group_sizes, x_scale=x_scale)
+    return GroupedProblem(m=m, n=n, k=k, g=g, bn=bn, bk=bk, block_m=0, out_dtype=out_dtype)
+
+
+def grouped_matmul_transposed_args(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block_m: object,
+    out_dtype: torch.dtype | None,
+) -> GroupedProblem:
+    tensors(x=x, dy=dy, group_sizes=group_sizes)
+    if not isinstance(block_m, int) or isinstance(block_m, bool):
+        raise TypeError(f"block_m: expected an int, got {block_m!r}")
+    if block_m not in GROUPED_BLOCK_M:
+        raise ValueError(f"block_m: expected one of {GROUPED_BLOCK_M}, got {block_m}")
+    for name, t, cols in (("x", x, "K"), ("dy", dy, "N")):
+        dtype_in(t, name, HIGH_PRECISION_DTYPES)
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected 2 dims [M, {cols}], got shape {tuple(t.shape)}")
+    m, k = x.shape
+    if dy.shape[0] != m:
+        raise ValueError(f"dy: expected {m} rows (x's M, rows sorted by group), got shape {tuple(dy.shape)}")
+    if group_sizes.dim() != 1:
+        raise ValueError(f"group_sizes: expected 1 dim (G,), got shape {tuple(group_sizes.shape)}")
+    g = group_sizes.shape[0]
+    _group_sizes(group_sizes, g, "the number of groups")
+    if out_dtype is None:
+        out_dtype = x.dtype
+    dtype_arg(out_dtype, "out_dtype", HIGH_PRECISION_DTYPES)
+    same_device(x=x, dy=dy, group_sizes=group_sizes)
+    return GroupedProblem(m=m, n=dy.shape[1], k=k, g=g, bn=0, bk=0, block_m=block_m, out_dtype=out_dtype)

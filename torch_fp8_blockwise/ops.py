@@ -398,3 +398,137 @@ def mxfp8_matmul(
     """
     _precheck(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
     return torch.ops.fp8.mxfp8_matmul(x, w, w_scale, x_scale, bias, out_dtype)
+
+
+# ==================================================================== grouped (MoE) matmul ops
+SCHEMAS["grouped_matmul"] = (
+    "(Tensor x, Tensor w, Tensor w_scale, Tensor group_sizes, int[] block_shape=[128,128],"
+    ' Tensor? x_scale=None, ScalarType? out_dtype=None, str activation="dynamic") -> Tensor'
+)
+SCHEMAS["grouped_matmul_transposed"] = (
+    "(Tensor x, Tensor dy, Tensor group_sizes, int block_m=128, ScalarType? out_dtype=None) -> Tensor"
+)
+
+
+def _grouped_matmul_impl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block_shape: Sequence[int] = (128, 128),
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    activation: str = "dynamic",
+) -> torch.Tensor:
+    p = _validate.grouped_matmul_args(x, w, w_scale, group_sizes, block_shape, x_scale, out_dtype, activation)
+    _validate.group_sizes_values(group_sizes, p.m)
+    if p.m == 0 or p.n == 0:
+        return torch.empty((p.m, p.n), dtype=p.out_dtype, device=x.device)
+    if p.k == 0 or p.g == 0:  # an empty sum, or no group owns a row
+        return torch.zeros((p.m, p.n), dtype=p.out_dtype, device=x.device)
+    _, fn = _dispatch.implementation("grouped_matmul", x.device)
+    xs = None if x_scale is None else x_scale.contiguous()
+    return fn(
+        x.contiguous(), w, w_scale.contiguous(), group_sizes.contiguous(), (p.bn, p.bk), xs, p.out_dtype,
+        activation,
+    )  # fmt: skip
+
+
+def _grouped_matmul_fake(
+    x, w, w_scale, group_sizes, block_shape=(128, 128), x_scale=None, out_dtype=None, activation="dynamic"
+):
+    p = _validate.grouped_matmul_args(x, w, w_scale, group_sizes, block_shape, x_scale, out_dtype, activation)
+    return x.new_empty((p.m, p.n), dtype=p.out_dtype)
+
+
+def _grouped_matmul_transposed_impl(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block_m: int = 128,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    p = _validate.grouped_matmul_transposed_args(x, dy, group_sizes, block_m, out_dtype)
+    _validate.group_sizes_values(group_sizes, p.m)
+    out_shape = (p.g, p.k, p.n)
+    if p.g == 0 or p.k == 0 or p.n == 0:
+        return torch.empty(out_shape, dtype=p.out_dtype, device=x.device)
+    if p.m == 0:  # every group is empty: an empty sum
+        return torch.zeros(out_shape, dtype=p.out_dtype, device=x.device)
+    _, fn = _dispatch.implementation("grouped_matmul_transposed", x.device)
+    return fn(x.contiguous(), dy.contiguous(), group_sizes.contiguous(), block_m, p.out_dtype)
+
+
+def _grouped_matmul_transposed_fake(x, dy, group_sizes, block_m=128, out_dtype=None):
+    p = _validate.grouped_matmul_transposed_args(x, dy, group_sizes, block_m, out_dtype)
+    return x.new_empty((p.g, p.k, p.n), dtype=p.out_dtype)
+
+
+_register("grouped_matmul", _grouped_matmul_impl, _grouped_matmul_fake)
+_register("grouped_matmul_transposed", _grouped_matmul_transposed_impl, _grouped_matmul_transposed_fake)
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block_shape: Sequence[int] = (128, 128),
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    activation: str = "dynamic",
+) -> torch.Tensor:
+    """Grouped (MoE) ``y[i] = x[i] @ w[g(i)].T`` with block-wise FP8 expert weights (gmm).
+
+    Args:
+        x: [M, K] token rows sorted by group (expert): group g owns rows
+            [sum(group_sizes[:g]), sum(group_sizes[:g+1])). Either fp8 (float8_e4m3fn / e5m2) with
+            ``x_scale``, or bfloat16 / float16 / float32 (a non-contiguous x is copied once).
+        w: [G, N, K] (groups, out_features, in_features) float8_e4m3fn / e5m2, contiguous row-major:
+            G DeepSeek-layout weights stacked.
+        w_scale: [G, cdiv(N, bn), cdiv(K, bk)] float32 multipliers, row-major; w[g] ~= wq[g] * w_scale[g].
+        group_sizes: [G] int32 row counts, on x's device. sum(group_sizes) <= M: rows at or past the
+            sum are 0 in the result. On CPU a larger sum or a negative size is a ValueError; on
+            cuda / xla the values are never read on the host (no sync: CUDA graphs and XLA graphs
+            hold), a sum above M truncates the groups at row M and negative sizes are unspecified.
+        block_shape: (bn, bk), each of 128, 256, 512.
+        x_scale: [M, cdiv(K, bk)] float32 multipliers for fp8 x (1 x bk groups); None otherwise.
+        out_dtype: bfloat16 / float16 / float32; default x.dtype, or bfloat16 for fp8 x.
+        activation: for high-precision x: "dynamic" quantizes x per 1 x bk group to e4m3fn
+            (W8A8); "none" keeps x at its precision (W8A16).
+
+    Returns: [M, N] ``out_dtype``; row i of group g equals ``blockwise_matmul(x[i], w[g], w_scale[g])``.
+    Semantics: :mod:`torch_fp8_blockwise.reference`; design notes: docs/grouped.md.
+    """
+    block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, group_sizes=group_sizes, x_scale=x_scale)
+    return torch.ops.fp8.grouped_matmul(x, w, w_scale, group_sizes, block, x_scale, out_dtype, activation)
+
+
+def grouped_matmul_transposed(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block_m: int = 128,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Grouped ``out[g] = x_g.T @ dy_g`` with both operands quantized to FP8 along M (tgmm).
+
+    The weight-gradient form of :func:`grouped_matmul`: the reduction runs over the rows of each group.
+
+    Args:
+        x: [M, K] bfloat16 / float16 / float32, rows sorted by group (as in :func:`grouped_matmul`).
+        dy: [M, N] bfloat16 / float16 / float32, the same row order.
+        group_sizes: [G] int32 row counts on x's device (same rules as :func:`grouped_matmul`).
+        block_m: rows per quantization block along M: 128, 256 or 512. x and dy are quantized to
+            float8_e4m3fn with one float32 scale per (block of block_m rows, column), blocks at
+            absolute row offsets 0, block_m, ... (x_scale [cdiv(M, block_m), K], dy_scale
+            [cdiv(M, block_m), N]); a block straddling a group boundary has one scale for both groups.
+        out_dtype: bfloat16 / float16 / float32; default x.dtype.
+
+    Returns: [G, K, N] ``out_dtype``, fp32-accumulated; an empty group gives zeros.
+    Semantics: :mod:`torch_fp8_blockwise.reference`.
+    """
+    _precheck(x=x, dy=dy, group_sizes=group_sizes)
+    if not isinstance(block_m, int) or isinstance(block_m, bool):
+        raise TypeError(f"block_m: expected an int, got {block_m!r}")
+    return torch.ops.fp8.grouped_matmul_transposed(x, dy, group_sizes, block_m, out_dtype)

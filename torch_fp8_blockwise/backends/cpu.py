@@ -277,3 +277,6 @@ def mxfp8_matmul(
     return blockwise_matmul(
         x, w, e8m0_to_float(w_scale), (1, MX_BLOCK), e8m0_to_float(x_scale), bias, out_dtype, "dynamic"
     )
+
+
+from .cpu_grouped import grouped_matmul, grouped_matmul_transposed  # noqa: E402, F401

@@ -1,8 +1,8 @@
 """Pallas TPU backend: ``torch.ops.fp8.*`` on XLA tensors through JAX Pallas kernels + call_jax.
 
 Files: ``blockwise_matmul.py`` (the matmul kernel, pure JAX), ``quantize.py`` (quantize /
-dequantize kernels, pure JAX), ``bridge.py`` (torch <-> JAX, call_jax, M buckets, E8M0 as uint8),
-``tuning.py`` (tuned table, heuristic, VMEM / roofline model), ``lowering.py`` (offline Mosaic
+dequantize kernels, pure JAX), ``grouped.py`` (MoE gmm / tgmm kernels, pure JAX), ``bridge.py``
+(torch <-> JAX, call_jax, M buckets, E8M0 as uint8), ``tuning.py`` (tuned table, heuristic, VMEM / roofline model), ``lowering.py`` (offline Mosaic
 proof behind ``scripts/check_lowering.py --target tpu``). Design notes and the comparison with
 tpu-inference's kernels: docs/pallas.md.
 
@@ -18,9 +18,16 @@ import importlib.util
 import jax  # noqa: F401  (an ImportError here is the dispatcher's "pallas unavailable" reason)
 import torch
 
-from .bridge import blockwise_matmul, dequantize, quantize
+from .bridge import blockwise_matmul, dequantize, grouped_matmul, grouped_matmul_transposed, quantize
 
-__all__ = ["blockwise_matmul", "dequantize", "quantize", "unavailable_reason"]
+__all__ = [
+    "blockwise_matmul",
+    "dequantize",
+    "grouped_matmul",
+    "grouped_matmul_transposed",
+    "quantize",
+    "unavailable_reason",
+]
 
 
 def unavailable_reason(device: torch.device) -> str | None:

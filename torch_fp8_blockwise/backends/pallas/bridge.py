@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import blockwise_matmul as _bm
+from . import grouped as _gp
 from . import quantize as _qz
 from . import tuning
 
@@ -75,12 +76,24 @@ def _dequantize_jax(q, scale, *, block: tuple[int, int], out_dtype: str, interpr
     return _qz.dequantize(q, scale, block=block, out_dtype=out_dtype, interpret=interpret)
 
 
+def _gmm_jax(x, w, w_scale, group_sizes, x_scale, *, cfg: _bm.MatmulConfig, out_dtype: str, interpret: bool):
+    TRACE_COUNTS["grouped_matmul"] += 1
+    return _gp.gmm(x, w, w_scale, group_sizes, x_scale, cfg=cfg, out_dtype=out_dtype, interpret=interpret)
+
+
+def _tgmm_jax(x, dy, group_sizes, *, cfg: _gp.TgmmConfig, out_dtype: str, interpret: bool):
+    TRACE_COUNTS["grouped_matmul_transposed"] += 1
+    return _gp.tgmm(x, dy, group_sizes, cfg=cfg, out_dtype=out_dtype, interpret=interpret)
+
+
 _JITTED = {
     fn: jax.jit(fn, static_argnames=static)
     for fn, static in (
         (_matmul_jax, ("cfg", "out_dtype", "interpret")),
         (_quantize_jax, ("block", "dtype", "scale_format", "interpret")),
         (_dequantize_jax, ("block", "out_dtype", "interpret")),
+        (_gmm_jax, ("cfg", "out_dtype", "interpret")),
+        (_tgmm_jax, ("cfg", "out_dtype", "interpret")),
     )
 }
 
@@ -241,3 +254,84 @@ def dequantize(
     """q [B, R, C] fp8, scale [B, RB, CB] float32 (or float8_e8m0fnu) -> [B, R, C] ``out_dtype``."""
     kwargs = {"block": tuple(block_shape), "out_dtype": dtype_name(out_dtype)}
     return _run(_dequantize_jax, (q, scale), kwargs, q.device)
+
+
+# --------------------------------------------------------------------------- grouped (MoE) ops
+def gmm_config(
+    m: int,
+    n: int,
+    k: int,
+    g: int,
+    block_shape: tuple[int, int],
+    x_mode: str,
+    x_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> _bm.MatmulConfig:
+    """Block sizes for gmm: the dense table / model for the average rows per group (cdiv(M, G),
+    bucketed), i.e. the M extent one expert's weight streams against; known on the host without
+    reading group_sizes."""
+    rows = tuning.m_bucket(max(1, -(-m // g)))
+    return matmul_config(rows, n, k, block_shape, x_mode, x_dtype, w_dtype, out_dtype, False)
+
+
+def grouped_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block_shape: tuple[int, int],
+    x_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    activation: str,
+    *,
+    config: _bm.MatmulConfig | None = None,
+) -> torch.Tensor:
+    """y [M, N] ``out_dtype`` (reference.grouped_matmul): x [M, K], w [G, N, K] fp8, w_scale
+    [G, cdiv(N,bn), cdiv(K,bk)] f32, group_sizes [G] int32 (never read on the host), x_scale
+    [M, cdiv(K,bk)] f32 for fp8 x. M is padded to its bucket, then to the M tile, with zero rows
+    that belong to no group (so one trace serves every M of a bucket and every group sizes)."""
+    m, k = x.shape
+    g, n, _ = w.shape
+    x_mode = "fp8" if x_scale is not None else ("dynamic" if activation == "dynamic" else "none")
+    cfg = config or gmm_config(m, n, k, g, block_shape, x_mode, x.dtype, w.dtype, out_dtype)
+    mp = -(-tuning.m_bucket(m) // cfg.tm) * cfg.tm
+    if mp != m:
+        x = _pad_rows(x, mp - m)
+        x_scale = None if x_scale is None else _pad_rows(x_scale, mp - m)
+    kwargs = {"cfg": cfg, "out_dtype": dtype_name(out_dtype)}
+    y = _run(_gmm_jax, (x, w, w_scale, group_sizes, x_scale), kwargs, x.device)
+    return y[:m] if mp != m else y
+
+
+def tgmm_config(block_m: int, out_dtype: torch.dtype) -> _gp.TgmmConfig:
+    """tm = 256 (512 for block_m 512: one quantization block per tile), tk = tn = 512: 256 x 512 fp8
+    operand tiles and a 512 x 512 f32 accumulator, ~6 MB of VMEM with double buffering."""
+    spec = tuning.GENERATIONS[generation()]
+    return _gp.TgmmConfig(
+        tm=max(256, block_m), tk=512, tn=512, block_m=block_m,
+        out_dtype=_bm.kernel_dtype(dtype_name(out_dtype)), mxu=spec.mxu,
+    )  # fmt: skip
+
+
+def grouped_matmul_transposed(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    group_sizes: torch.Tensor,
+    block_m: int,
+    out_dtype: torch.dtype,
+    *,
+    config: _gp.TgmmConfig | None = None,
+) -> torch.Tensor:
+    """out [G, K, N] ``out_dtype`` (reference.grouped_matmul_transposed): x [M, K], dy [M, N]
+    bf16 / f16 / f32, group_sizes [G] int32 (never read on the host). M is padded to its bucket with
+    zero rows (they belong to no group and leave every block's scale unchanged)."""
+    cfg = config or tgmm_config(block_m, out_dtype)
+    if cfg.block_m != block_m:
+        raise ValueError(f"config: block_m {cfg.block_m} differs from the call's block_m {block_m}")
+    m = x.shape[0]
+    mp = tuning.m_bucket(m)
+    if mp != m:
+        x, dy = _pad_rows(x, mp - m), _pad_rows(dy, mp - m)
+    kwargs = {"cfg": cfg, "out_dtype": dtype_name(out_dtype)}
+    return _run(_tgmm_jax, (x, dy, group_sizes), kwargs, x.device)

@@ -44,6 +44,7 @@ from . import tuning
 # Not `from . import blockwise_matmul`: the package attribute of that name is the op function.
 bm = importlib.import_module(__package__ + ".blockwise_matmul")
 qz = importlib.import_module(__package__ + ".quantize")
+gp = importlib.import_module(__package__ + ".grouped")
 
 #: TPU generation number that Mosaic's layout passes take (``hardware-generation``).
 HARDWARE_GENERATION = {"v5e": 5, "v6e": 6, "v7x": 7}
@@ -300,6 +301,77 @@ def check_quantize() -> list[Row]:
     return rows
 
 
+#: MoE problems of the grouped rows: (M rows, N, K, G experts): DeepSeek-V3 (256 experts, hidden
+#: 7168, expert width 2048) at decode and prefill, a Qwen3-MoE-like 128 experts at hidden 2048.
+GROUPED_PROBLEMS: tuple[tuple[int, int, int, int], ...] = (
+    (256, 2048, 7168, 256),
+    (65536, 2048, 7168, 256),
+    (16384, 768, 2048, 128),
+)
+
+
+def _lowered_row(row: Row, lower, generation: str, fp8_mxu: bool) -> Row:
+    """Lower, run the layout passes, and check the dot dtype of a grouped kernel."""
+    try:
+        mosaic = lower()
+    except Exception as e:  # Mosaic's verdict is the point: report any failure
+        row.lowered, row.ok, row.note = "NO", False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return row
+    error = layout_passes(mosaic, generation)
+    if error is not None:
+        row.lowered, row.ok, row.note = f"NO ({generation} layout)", False, error
+        return row
+    row.lowered = "yes"
+    types = set(_MATMUL_RE.findall(mosaic))
+    want = ("f8E4M3FN", "f8E4M3FN") if fp8_mxu else ("bf16", "bf16")
+    row.ok = types == {want}
+    row.fp8_dot = ("yes" if row.ok else "NO") if fp8_mxu else ("n/a (bf16)" if row.ok else "NO")
+    row.note = f"{len(_MATMUL_RE.findall(mosaic))} matmuls {sorted(types)}"
+    return row
+
+
+def check_grouped(quick: bool = False) -> list[Row]:
+    """gmm: the config bridge.gmm_config picks (dense table / model at cdiv(M, G) rows) for each
+    GROUPED_PROBLEMS entry and generation, on a 3-group problem of 2 M tiles; tgmm: every tiling
+    tile_m in (128, 256, 512) x tile_k in (128, 512, 1024) with block_m 128 (the tokamax case), and
+    block_m 256 / 512 at tile_m 256 / 512, tn = 512, per generation."""
+    rows = []
+    gens = ("v7x",) if quick else tuple(tuning.GENERATIONS)
+    for generation in gens:
+        for m, n, k, g in GROUPED_PROBLEMS[:1] if quick else GROUPED_PROBLEMS:
+            for x_mode, x_dtype in (("fp8", "float8_e4m3fn"), ("dynamic", "bfloat16")):
+                p = tuning.Problem(
+                    tuning.m_bucket(-(-m // g)), n, k, 128, 128, x_mode, x_dtype, "float8_e4m3fn"
+                )
+                cfg = tuning.select(generation, p)
+                mp, kk, nn = 2 * cfg.tm, 2 * cfg.tk, cfg.tn
+                args = [
+                    _sds((mp, kk), "bfloat16" if cfg.x_mode != x_mode else cfg.x_dtype),
+                    _sds((3, nn, kk), cfg.w_dtype),
+                    _sds((3, nn // cfg.bn, kk // cfg.bk), "float32"),
+                    _sds((3,), "int32"),
+                    _sds((mp, kk // cfg.bk), "float32") if x_mode == "fp8" else None,
+                ]
+                fn = functools.partial(gp.gmm, cfg=cfg, debug=True)
+                what = f"{generation:4s} gmm  {describe(cfg)} (M={m} N={n} K={k} G={g})"
+                row = Row("grouped", what, vmem=f"{bm.vmem_footprint(cfg) / tuning.MiB:6.2f} MiB")
+                rows.append(_lowered_row(row, lambda fn=fn, args=args: _export(fn, *args), generation,
+                                         cfg.dot_dtype.startswith("float8")))  # fmt: skip
+        tilings = [(tm, tk, 128) for tm in gp.TGMM_TILE_M for tk in gp.TGMM_TILE_K]
+        tilings += [(256, 512, 256), (512, 512, 512)]
+        for tm, tk, block_m in tilings[:2] if quick else tilings:
+            cfg = gp.TgmmConfig(tm=tm, tk=tk, tn=512, block_m=block_m, mxu=tuning.GENERATIONS[generation].mxu)
+            mm = 2 * max(tm, block_m)
+            args = [_sds((mm, 2 * tk), "bfloat16"), _sds((mm, 512), "bfloat16"), _sds((3,), "int32")]
+            fn = functools.partial(gp.tgmm, cfg=cfg, debug=True)
+            what = f"{generation:4s} tgmm tile_m={tm:<4d} tile_k={tk:<5d} tn=512 block_m={block_m} sub={cfg.sub} mxu={cfg.mxu}"
+            row = Row("grouped", what)
+            rows.append(
+                _lowered_row(row, lambda fn=fn, args=args: _export(fn, *args), generation, cfg.mxu == "fp8")
+            )
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="check_lowering.py --target tpu")
     parser.add_argument("--no-sweep", action="store_true", help="shipped configs, quantize and illegal only")
@@ -310,6 +382,7 @@ def main(argv: list[str]) -> int:
     if not args.no_sweep:
         rows += [check_matmul("sweep", g, c, pre) for g, c, pre in sweep_configs()]
     rows += check_quantize()
+    rows += check_grouped(quick=args.no_sweep)
     rows += [check_illegal(w, k) for w, k in ILLEGAL]
 
     print(
@@ -321,7 +394,9 @@ def main(argv: list[str]) -> int:
         if r.note and (args.verbose or not r.ok or r.kind == "illegal"):
             print(f"{'':8s}   {r.note}")
     failed = [r for r in rows if not r.ok]
-    counts = {k: sum(r.kind == k for r in rows) for k in ("shipped", "sweep", "quantize", "illegal")}
+    counts = {
+        k: sum(r.kind == k for r in rows) for k in ("shipped", "sweep", "quantize", "grouped", "illegal")
+    }
     print(
         f"\n{len(rows)} rows ({', '.join(f'{v} {k}' for k, v in counts.items())}) in "
         f"{time.perf_counter() - start:.0f} s: {len(failed)} failed"

@@ -8,6 +8,7 @@ Op functions take the canonical, validated arguments documented in
 * :func:`mxfp8_quantize`, :func:`mxfp8_matmul`: ``mxfp8.py``.
 * :func:`dequant_matmul`: W8A16 at large M through dequantized weight panels + torch's GEMM
   (``dequant_mm.py``; the router picks it, for bf16/fp16 output only).
+* :func:`grouped_matmul`, :func:`grouped_matmul_transposed` (MoE gmm / tgmm): ``grouped.py``.
 
 Importing this package needs ``triton``; without it the ImportError propagates and the dispatcher
 reports it as the reason the backend is unavailable.
@@ -23,6 +24,7 @@ import triton  # noqa: F401  (an ImportError here is the dispatcher's "unavailab
 from . import configs
 from .blockwise_matmul import blockwise_matmul
 from .dequant_mm import dequant_matmul
+from .grouped import grouped_matmul, grouped_matmul_transposed
 from .mxfp8 import mxfp8_matmul, mxfp8_quantize
 from .quantize import block_quantize, dequantize
 
@@ -30,6 +32,8 @@ __all__ = [
     "blockwise_matmul",
     "dequant_matmul",
     "dequantize",
+    "grouped_matmul",
+    "grouped_matmul_transposed",
     "mxfp8_matmul",
     "mxfp8_quantize",
     "quantize",

@@ -64,7 +64,8 @@ def expected_mma(job: Job) -> str | None:
     consts = dict(job.constexprs)
     if job.kernel == "w8a16" and not consts.get("SWAP_AB") and consts.get("BLOCK_M", 64) < 64:
         return SMALL_M_MMA
-    return MMA_PATTERNS.get((job.kernel, job.arch))
+    # Grouped kernels are named "<op>.<kind>" (e.g. "gmm.w8a8") and expect their kind's MMA.
+    return MMA_PATTERNS.get((job.kernel.rsplit(".", 1)[-1], job.arch))
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ _DIV16 = ("ptr", "stride", "N", "K", "cols")
 
 
 def _kernel_fn(kernel: str):
+    if "." in kernel:  # grouped.py's kernels, "<op>.<mma kind>"
+        from .grouped import kernel_fn
+
+        return kernel_fn(kernel)
     if kernel in ("w8a8", "w8a16", "w8a16_f32"):
         from .blockwise_matmul import _blockwise_gemm_kernel
 
@@ -312,10 +317,13 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def shipped_jobs(archs: tuple[int, ...], quick: bool = False) -> list[Job]:
+    from .grouped import lowering_jobs as grouped_jobs
+
     jobs: list[Job] = []
     for arch in archs:
         jobs += _gemm_jobs(arch, QUICK_PROBLEMS if quick else PROBLEMS)
         jobs += _quant_jobs(arch)
+        jobs += grouped_jobs(arch, quick)
     return jobs
 
 

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Grouped (MoE) FP8 matmuls vs a bf16 grouped baseline measured in the same run, plus the TPU
+roofline of each Pallas tiling.
+
+    python scripts/bench_grouped.py                  # CPU tensors, small MoE shapes (runs anywhere)
+    python scripts/bench_grouped.py --device cuda    # MoE shapes: 8-256 experts, hidden 2048-7168
+    python scripts/bench_grouped.py --roofline-only  # the TPU model rows only (no timing)
+
+Per shape: gmm (``fp8.grouped_matmul``, W8A8 with dynamic activations and with pre-quantized x) and
+tgmm (``fp8.grouped_matmul_transposed``) in ms, the bf16 baseline (``torch._grouped_mm`` where this
+torch has it for the device, else one matmul per group) in ms, and ours / baseline (< 1: faster).
+Rows are spread evenly over experts (sorted by expert), as a balanced router gives.
+
+Roofline (no TPU timing here): for each shape and TPU generation, the Pallas gmm config the bridge
+picks and the tgmm default tiling, modelled with backends/pallas/tuning.py's roofline: % of MXU peak
+against the cap that exact 128-deep quantization blocks put on a 256-deep MXU (each K / M block's
+partial is one 128-deep dot, half a pass: 50% on v6e / v7x), and the same model with 256-deep blocks
+(the larger-block option) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from torch_fp8_blockwise import reference  # noqa: E402
+from torch_fp8_blockwise.ops import grouped_matmul, grouped_matmul_transposed  # noqa: E402
+from torch_fp8_blockwise.testing import median_ms  # noqa: E402
+
+#: (experts G, tokens M routed in total (rows), hidden K, expert width N)
+MOE_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (8, 8192, 4096, 14336),  # Mixtral-like
+    (64, 16384, 2048, 1408),  # DeepSeek-V2-Lite / Qwen-MoE-like
+    (128, 32768, 2048, 768),  # Qwen3-MoE-30B-like
+    (256, 65536, 7168, 2048),  # DeepSeek-V3
+    (256, 2048, 7168, 2048),  # DeepSeek-V3 decode-ish (8 rows per expert)
+)
+SMALL_SHAPES: tuple[tuple[int, int, int, int], ...] = ((8, 512, 512, 256), (16, 1024, 256, 384))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int) -> float:
+    def run():
+        out = fn()
+        _sync(device)
+        return out
+
+    return median_ms(run, repeats)
+
+
+def _has_grouped_mm(device: torch.device) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.randn(32, 16, dtype=torch.bfloat16, device=device)
+        b = torch.randn(2, 16, 16, dtype=torch.bfloat16, device=device)
+        torch._grouped_mm(a, b, offs=torch.tensor([16, 32], dtype=torch.int32, device=device))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def bench(shapes, device: torch.device, repeats: int) -> None:
+    grouped_mm = _has_grouped_mm(device)
+    base_name = "torch._grouped_mm" if grouped_mm else "loop of matmuls"
+    print(f"device {device}, torch {torch.__version__}; bf16 baseline: {base_name}")
+    print(
+        f"{'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s} | {'gmm dyn':>8s} {'gmm fp8x':>8s} {'bf16':>8s} "
+        f"{'dyn/bf16':>8s} {'fp8x/bf16':>9s} | {'tgmm':>8s} {'bf16':>8s} {'tgmm/bf16':>9s}   (ms)"
+    )
+    for g, m, k, n in shapes:
+        _bench_shape(g, m, k, n, device, repeats, grouped_mm)
+
+
+def _bench_shape(
+    g: int, m: int, k: int, n: int, device: torch.device, repeats: int, grouped_mm: bool
+) -> None:
+    sizes = torch.full((g,), m // g, dtype=torch.int32)
+    sizes[: m - int(sizes.sum())] += 1
+    gs = sizes.to(device)
+    offs = torch.cumsum(gs, 0, dtype=torch.int32)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    w_f = torch.randn(g, n, k, device=device)
+    w, ws = reference.quantize(w_f, (128, 128), torch.float8_e4m3fn, "fp32")
+    w_bf = w_f.bfloat16()
+    xq, xs = reference.quantize_activation(x.float(), 128)
+    dy = torch.randn(m, n, dtype=torch.bfloat16, device=device)
+    bounds = list(zip([0, *offs.tolist()[:-1]], offs.tolist(), strict=True))
+
+    if grouped_mm:
+        w_t = w_bf.transpose(-2, -1)  # [G, K, N] view: _grouped_mm's layout for 2D x 3D
+
+        def base_gmm():
+            return torch._grouped_mm(x, w_t, offs=offs)
+
+        def base_tgmm():
+            return torch._grouped_mm(x.t(), dy, offs=offs)
+    else:
+
+        def base_gmm():
+            return torch.cat([x[s:e] @ w_bf[i].T for i, (s, e) in enumerate(bounds)])
+
+        def base_tgmm():
+            return torch.stack([x[s:e].T @ dy[s:e] for s, e in bounds])
+
+    t_dyn = _timed(lambda: grouped_matmul(x, w, ws, gs), device, repeats)
+    t_fp8 = _timed(lambda: grouped_matmul(xq, w, ws, gs, x_scale=xs), device, repeats)
+    t_base = _timed(base_gmm, device, repeats)
+    t_tg = _timed(lambda: grouped_matmul_transposed(x, dy, gs), device, repeats)
+    t_tbase = _timed(base_tgmm, device, repeats)
+    print(
+        f"{g:4d} {m:6d} {k:5d} {n:6d} | {t_dyn:8.2f} {t_fp8:8.2f} {t_base:8.2f} {t_dyn / t_base:8.2f} "
+        f"{t_fp8 / t_base:9.2f} | {t_tg:8.2f} {t_tbase:8.2f} {t_tg / t_tbase:9.2f}"
+    )
+
+
+def roofline(shapes) -> None:
+    """Pallas tilings of gmm / tgmm in the TPU model (tuning.roofline), per generation."""
+    try:
+        tuning = importlib.import_module("torch_fp8_blockwise.backends.pallas.tuning")
+    except ImportError as e:
+        print(f"\nroofline: skipped (the Pallas model needs jax: {e})")
+        return
+    print(
+        "\nTPU roofline (model, not timed): % of MXU peak of the grouped kernels; cap = what exact "
+        "bk-deep dots allow on the MXU (128-deep blocks: 50% of a 256-deep MXU)"
+    )
+    print(f"{'gen':4s} {'op':4s} {'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s}  {'tiling':28s} {'MXU%':>5s} {'cap%':>5s}"
+          f"  {'256-block MXU%':>14s} {'cap%':>5s}")  # fmt: skip
+    for gen, spec in sorted(tuning.GENERATIONS.items()):
+        for g, m, k, n in shapes:
+            rows = tuning.m_bucket(max(1, -(-m // g)))
+            line = []
+            for block in (128, 256):
+                p = tuning.Problem(rows, n, k, block, block, "dynamic", "bfloat16", "float8_e4m3fn")
+                cfg = tuning.select(gen, p) if block == 128 else tuning.model_best(p, spec)
+                visits = -(-m // cfg.tm) + g - 1  # one visit per (group, M tile) pair
+                r = tuning.roofline(tuning.Problem(visits * cfg.tm, n, k, block, block, cfg.x_mode,
+                                                   cfg.x_dtype, "float8_e4m3fn"), cfg, spec)  # fmt: skip
+                useful = 2.0 * m * n * k
+                util = useful / r.time_s / spec.peak_flops(cfg.dot_dtype)
+                cap = min(1.0, block / spec.mxu_k)
+                line.append((cfg, util, cap))
+            (cfg, util, cap), (_, util2, cap2) = line
+            tiling = f"tm={cfg.tm} tn={cfg.tn} tk={cfg.tk}"
+            print(f"{gen:4s} gmm  {g:4d} {m:6d} {k:5d} {n:6d}  {tiling:28s} {100 * util:5.1f} {100 * cap:5.0f}"
+                  f"  {100 * util2:14.1f} {100 * cap2:5.0f}")  # fmt: skip
+            # tgmm: reduction over M in tm-row tiles, one min(tm, block_m)-deep dot per quantization block.
+            tm, tk, tn = 256, 512, 512
+            for block_m in (128, 256):
+                depth = min(tm, block_m)
+                visits = -(-m // tm) + g - 1
+                steps = -(-k // tk) * -(-n // tn) * visits
+                peak = spec.peak_flops("float8_e4m3fn" if spec.fp8_flops else "bfloat16")
+                t_mxu = 2.0 * tm * tk * tn / (peak * min(1.0, depth / spec.mxu_k))
+                t_hbm = tm * (tk + tn) / spec.hbm_bytes_per_s
+                time_s = steps * (max(t_mxu, t_hbm) + tuning.STEP_OVERHEAD_S)
+                line[0 if block_m == 128 else 1] = (
+                    None,
+                    2.0 * m * n * k / time_s / peak,
+                    min(1.0, depth / spec.mxu_k),
+                )
+            (_, util, cap), (_, util2, cap2) = line
+            print(f"{gen:4s} tgmm {g:4d} {m:6d} {k:5d} {n:6d}  {'tm=256 tk=512 tn=512':28s} {100 * util:5.1f} "
+                  f"{100 * cap:5.0f}  {100 * util2:14.1f} {100 * cap2:5.0f}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (small shapes by default) or cuda")
+    parser.add_argument("--moe", action="store_true", help="the MoE shapes even on cpu (slow)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--roofline-only", action="store_true")
+    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("G", "M", "K", "N"),
+                        help="time this shape instead of the defaults (repeatable)")  # fmt: skip
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = MOE_SHAPES if (device.type != "cpu" or args.moe) else SMALL_SHAPES
+    if args.shape:
+        shapes = tuple(tuple(s) for s in args.shape)
+    if not args.roofline_only:
+        bench(shapes, device, args.repeats)
+    roofline(MOE_SHAPES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
