@@ -2,7 +2,8 @@
 
 Importing this package registers the ops. Python wrappers with full docstrings:
 :func:`quantize`, :func:`dequantize`, :func:`blockwise_matmul`, :func:`mxfp8_quantize`,
-:func:`mxfp8_matmul`. Models: :class:`Fp8BlockwiseLinear`, :func:`quantize_model_`
+:func:`mxfp8_matmul`, :func:`grouped_matmul`, :func:`grouped_matmul_transposed`
+(MoE). Models: :class:`Fp8BlockwiseLinear`, :func:`quantize_model_`
 (:mod:`.nn`); DeepSeek-format safetensors: :mod:`.checkpoint`. Backend choice follows the
 tensors' device (cpu -> CPU path, cuda -> Triton, xla -> Pallas); :func:`use_backend` forces one.
 On CUDA, blockwise_matmul is routed per call to cuBLAS block-scaled or a Triton kernel by a
@@ -16,7 +17,15 @@ from ._dispatch import BackendUnavailable, backend_table, unavailable_reason, us
 from ._route import routing_override, set_route
 from .formats import FP8_DTYPES, SCALE_FORMATS, fp8_max
 from .nn import Fp8BlockwiseLinear, Fp8Config, QuantizationSummary, quantize_model_
-from .ops import blockwise_matmul, dequantize, mxfp8_matmul, mxfp8_quantize, quantize
+from .ops import (
+    blockwise_matmul,
+    dequantize,
+    grouped_matmul,
+    grouped_matmul_transposed,
+    mxfp8_matmul,
+    mxfp8_quantize,
+    quantize,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +41,8 @@ __all__ = [
     "checkpoint",
     "dequantize",
     "fp8_max",
+    "grouped_matmul",
+    "grouped_matmul_transposed",
     "mxfp8_matmul",
     "mxfp8_quantize",
     "nn",
