@@ -2,12 +2,15 @@
 
 Importing this package registers the ops. Python wrappers with full docstrings:
 :func:`quantize`, :func:`dequantize`, :func:`blockwise_matmul`, :func:`mxfp8_quantize`,
-:func:`mxfp8_matmul`. Backend choice follows the
+:func:`mxfp8_matmul`. Models: :class:`Fp8BlockwiseLinear`, :func:`quantize_model_`
+(:mod:`.nn`), Backend choice follows the
 tensors' device (cpu -> CPU path, cuda -> Triton, xla -> Pallas); :func:`use_backend` forces one.
 """
 
+from . import nn
 from ._dispatch import BackendUnavailable, backend_table, unavailable_reason, use_backend
 from .formats import FP8_DTYPES, SCALE_FORMATS, fp8_max
+from .nn import Fp8BlockwiseLinear, Fp8Config, QuantizationSummary, quantize_model_
 from .ops import blockwise_matmul, dequantize, mxfp8_matmul, mxfp8_quantize, quantize
 
 __version__ = "0.1.0"
@@ -16,13 +19,18 @@ __all__ = [
     "FP8_DTYPES",
     "SCALE_FORMATS",
     "BackendUnavailable",
+    "Fp8BlockwiseLinear",
+    "Fp8Config",
+    "QuantizationSummary",
     "backend_table",
     "blockwise_matmul",
     "dequantize",
     "fp8_max",
     "mxfp8_matmul",
     "mxfp8_quantize",
+    "nn",
     "quantize",
+    "quantize_model_",
     "unavailable_reason",
     "use_backend",
 ]
