@@ -1,0 +1,171 @@
+"""integrations.vllm: vLLM's argument conventions on our ops, checked against the reference and an
+independent re-statement of vLLM's per-token-group rule; the docs' linear-method example runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+
+import pytest
+import torch
+
+from torch_fp8_blockwise import blockwise_matmul, reference
+from torch_fp8_blockwise.formats import round_scale_ue8m0
+from torch_fp8_blockwise.integrations.vllm import per_token_group_quant_fp8, w8a8_block_fp8_matmul
+from torch_fp8_blockwise.testing import assert_kernel_close, sqnr, sqnr_floor
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _vllm_rule(x: torch.Tensor, g: int, dtype: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's per-token-group rule restated for finite x: x_s = max(amax, 1e-10) / fp8_max
+    (power of two rounded up with ue8m0), x_q = clamp(x / x_s)."""
+    fmax = torch.finfo(dtype).max
+    groups = x.float().reshape(*x.shape[:-1], -1, g)
+    s = groups.abs().amax(-1).clamp(min=1e-10) / fmax
+    if ue8m0:
+        s = round_scale_ue8m0(s)
+    q = (groups / s[..., None]).clamp(-fmax, fmax).to(dtype).reshape(x.shape)
+    return q, s
+
+
+@pytest.mark.parametrize(
+    "shape, g, dtype, ue8m0, x_dtype",
+    [
+        ((5, 256), 128, E4M3, False, torch.bfloat16),
+        ((2, 3, 512), 256, E4M3, True, torch.float32),
+        ((7, 1024), 512, E5M2, False, torch.float16),
+        ((1, 128), 128, None, None, torch.bfloat16),
+    ],
+)
+def test_per_token_group_quant_matches_vllm_rule(shape, g, dtype, ue8m0, x_dtype) -> None:
+    x = (torch.randn(shape) * 3).to(x_dtype)
+    x_q, x_s = per_token_group_quant_fp8(x, g, dtype=dtype, use_ue8m0=ue8m0)
+    want_q, want_s = _vllm_rule(x, g, dtype or E4M3, bool(ue8m0))
+    assert x_q.shape == x.shape and x_q.dtype == (dtype or E4M3)
+    assert x_s.shape == (*shape[:-1], shape[-1] // g) and x_s.dtype == torch.float32 and x_s.is_contiguous()
+    assert torch.equal(x_s, want_s)
+    assert torch.equal(x_q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(6, 384), (2, 5, 256)])
+def test_column_major_scales_same_values_column_major_strides(shape) -> None:
+    x = torch.randn(shape)
+    _, row = per_token_group_quant_fp8(x, 128)
+    _, col = per_token_group_quant_fp8(x, 128, column_major_scales=True)
+    assert torch.equal(col, row)
+    m, groups = shape[-2], shape[-1] // 128
+    assert col.stride()[-2:] == (1, m) and col.transpose(-1, -2).is_contiguous()
+    assert groups > 1  # otherwise the two layouts coincide and the test proves nothing
+
+
+def test_out_q_receives_the_result() -> None:
+    x = torch.randn(3, 256)
+    out = torch.empty(3, 256, dtype=E4M3)
+    x_q, _ = per_token_group_quant_fp8(x, 128, out_q=out)
+    assert x_q is out
+    assert torch.equal(out.view(torch.uint8), per_token_group_quant_fp8(x, 128)[0].view(torch.uint8))
+
+
+def test_ragged_k_is_zero_padded_like_the_matmul() -> None:
+    x = torch.randn(4, 576)
+    x_q, x_s = per_token_group_quant_fp8(x, 128)
+    ref_q, ref_s = reference.quantize(x, (1, 128), E4M3, "fp32")
+    assert (
+        x_s.shape == (4, 5)
+        and torch.equal(x_s, ref_s)
+        and torch.equal(x_q.view(torch.uint8), ref_q.view(torch.uint8))
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        ({"group_size": 64}, ValueError, "group_size: expected one of (128, 256, 512)"),
+        ({"eps": 1e-6}, ValueError, "eps: our quantizer's floor is fixed at 1e-10"),
+        ({"tma_aligned_scales": True}, ValueError, "tma_aligned_scales"),
+        ({"dtype": torch.bfloat16}, TypeError, "dtype: expected float8_e4m3fn or float8_e5m2"),
+        ({"out_q": torch.empty(3, 128, dtype=E4M3)}, ValueError, "out_q: expected a (3, 256)"),
+    ],
+)
+def test_per_token_group_quant_rejects_what_it_cannot_honor(kwargs, exc, words) -> None:
+    args = {"group_size": 128, **kwargs}
+    with pytest.raises(exc) as info:
+        per_token_group_quant_fp8(torch.randn(3, 256), **args)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "m_shape, n, k, block, out_dtype",
+    [
+        ((13,), 300, 576, [128, 128], torch.float16),
+        ((2, 3), 256, 512, [256, 128], torch.bfloat16),
+        ((1,), 130, 1024, [128, 512], torch.float32),
+    ],
+)
+def test_w8a8_block_fp8_matmul_matches_reference(m_shape, n, k, block, out_dtype) -> None:
+    w = torch.randn(n, k)
+    B, Bs = reference.quantize(w, tuple(block), E4M3, "fp32")
+    x = torch.randn(*m_shape, k)
+    A, As = per_token_group_quant_fp8(x, block[1], column_major_scales=True)
+    y = w8a8_block_fp8_matmul(A, B, As, Bs, block, out_dtype)
+    ref = reference.blockwise_matmul(
+        A.reshape(-1, k), B, Bs, tuple(block), As.reshape(-1, As.shape[-1]), None, out_dtype, "dynamic"
+    ).reshape(*m_shape, n)
+    assert_kernel_close(y, ref, f"w8a8 {m_shape} {n}x{k} {block}")
+    assert sqnr(y, x @ w.T) >= sqnr_floor(E4M3)
+    # vLLM's two calls = our one-call dynamic path.
+    assert_kernel_close(y, blockwise_matmul(x, B, Bs, block, out_dtype=out_dtype), "vs dynamic op")
+
+
+def test_w8a8_default_output_dtype_is_float16_like_vllm() -> None:
+    B, Bs = reference.quantize(torch.randn(128, 128), (128, 128), E4M3, "fp32")
+    A, As = per_token_group_quant_fp8(torch.randn(2, 128), 128)
+    assert w8a8_block_fp8_matmul(A, B, As, Bs, [128, 128]).dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "change, exc, words",
+    [
+        ({"A": torch.randn(2, 256)}, TypeError, "A: expected an fp8 tensor"),
+        ({"block_size": [128]}, ValueError, "block_size: expected [block_n, block_k]"),
+        ({"block_size": [64, 128]}, ValueError, "block_shape"),
+        ({"Bs": torch.ones(1, 1)}, ValueError, "w_scale: expected shape (2, 2)"),
+        ({"As": torch.ones(2, 3)}, ValueError, "x_scale: expected shape (2, 2)"),
+    ],
+)
+def test_w8a8_rejects_bad_arguments(change, exc, words) -> None:
+    B, Bs = reference.quantize(torch.randn(256, 256), (128, 128), E4M3, "fp32")
+    A, As = per_token_group_quant_fp8(torch.randn(2, 256), 128)
+    args = {"A": A, "B": B, "As": As, "Bs": Bs, "block_size": [128, 128], **change}
+    with pytest.raises(exc) as info:
+        w8a8_block_fp8_matmul(**args)
+    assert words in str(info.value)
+
+
+def test_docs_example_is_the_file_and_runs() -> None:
+    example = (ROOT / "examples" / "vllm_linear_method.py").read_text()
+    doc = (ROOT / "docs" / "vllm.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert example in blocks, "docs/vllm.md must show examples/vllm_linear_method.py unchanged"
+
+    spec = importlib.util.spec_from_file_location(
+        "vllm_linear_method", ROOT / "examples" / "vllm_linear_method.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    y = module.main()
+    assert y.shape == (4, 576) and y.dtype == torch.bfloat16
+
+    # The method against the contract on a layer with a bias.
+    method, layer = module.BlockFp8LinearMethod(), torch.nn.Module()
+    method.create_weights(layer, 256, [300], torch.float32)
+    w_q, w_s = reference.quantize(torch.randn(300, 256), (128, 128), E4M3, "fp32")
+    layer.weight.data.copy_(w_q)
+    layer.weight_scale_inv.data.copy_(w_s)
+    method.process_weights_after_loading(layer)
+    x, bias = torch.randn(5, 256), torch.randn(300)
+    ref = reference.blockwise_matmul(x, w_q, w_s, (128, 128), None, bias, torch.float32, "dynamic")
+    assert_kernel_close(method.apply(layer, x, bias), ref, "example linear method")
