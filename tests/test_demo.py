@@ -7,6 +7,7 @@ distributions), not as raw perplexity: perplexity depends on the text, closeness
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -46,12 +47,27 @@ def smollm2():
     return _demo.load_model()
 
 
+@pytest.fixture(scope="module")
+def demo_run(smollm2, tmp_path_factory):
+    """One demo run (every row, 256 tokens, 3 generated tokens, --save) shared by the tests below:
+    each FP8 conversion of the model costs tens of seconds on 2 cores."""
+    save = tmp_path_factory.mktemp("fp8_checkpoint")
+    result = _demo.run(
+        tokens=EVAL_TOKENS,
+        max_new_tokens=3,
+        save=str(save),
+        progress=False,
+        log=lambda _: None,
+        model=smollm2,
+    )
+    return result, save
+
+
 # ------------------------------------------------------------------------------ the model demo
 @needs_model
 @pytest.mark.slow
-def test_fp8_variants_stay_close_to_fp32(smollm2):
-    logs: list[str] = []
-    result = _demo.run(tokens=EVAL_TOKENS, max_new_tokens=3, progress=False, log=logs.append, model=smollm2)
+def test_fp8_variants_stay_close_to_fp32(smollm2, demo_run):
+    result, _ = demo_run
     rows = {r.name: r for r in result.rows}
     assert list(rows) == ["fp32", "bf16", "FP8 W8A16", "FP8 W8A8"]
     assert rows["fp32"].kl == pytest.approx(0.0, abs=1e-6) and rows["fp32"].top1 == 1.0
@@ -62,7 +78,7 @@ def test_fp8_variants_stay_close_to_fp32(smollm2):
         assert row.kl > 0  # the variant really ran something else than the fp32 model
         assert row.generation, f"{name}: empty greedy generation"
     # Every decoder Linear converted (30 layers x 7), lm_head skipped because it is the embedding.
-    assert "converted 210 Linear layers" in result.conversion
+    assert result.conversion.startswith("converted 210 Linear layers at 128x128 blocks")
     assert "lm_head" in result.conversion and "tied" in result.conversion
     # Bytes: fp8 weight (1 B/elem) + one float32 scale per 128x128 block, ragged edges included.
     _, model = smollm2
@@ -78,25 +94,44 @@ def test_fp8_variants_stay_close_to_fp32(smollm2):
 
 @needs_model
 @pytest.mark.slow
-def test_activation_and_block_flags_pick_the_rows(smollm2):
-    result = _demo.run(
-        activation="none",
-        block=256,
-        tokens=16,
-        max_new_tokens=0,
-        progress=False,
-        log=lambda _: None,
-        model=smollm2,
-    )
-    assert [r.name for r in result.rows] == ["fp32", "bf16", "FP8 W8A16"]
-    assert "256x256 blocks" in result.conversion
+def test_save_then_load_gives_the_converted_model(smollm2, demo_run):
+    """--save wrote the DeepSeek format; --load reads it back into the fp32 model's architecture
+    and computes exactly what the converted model computed (same fp8 bytes, same scales)."""
+    _, saved = demo_run
+    config = json.loads((saved / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "fp8" and config["weight_block_size"] == [128, 128]
+    _, model = smollm2
+    converted, _ = _demo.make_variant(model, "FP8 W8A16", progress=False)
+    reread, note = _demo.make_variant(model, "FP8 W8A16", load_dir=str(saved))
+    assert note.startswith("loaded 210 FP8 Linear layers (128x128 blocks)")
+    assert {layer.config.activation for layer in _demo.fp8_linears(reread)} == {"none"}
+    ids = torch.arange(100, 116)[None]
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, reread(ids).logits)
+
+
+@needs_model
+@pytest.mark.slow
+def test_block_flag_sets_the_conversion_blocks(smollm2):
     _, model = smollm2
     variant, note = _demo.make_variant(model, "FP8 W8A8", block=512, progress=False)
     assert note.startswith("converted 210 Linear layers at 512x512 blocks")
     layers = _demo.fp8_linears(variant)
-    assert len(layers) == 210
     assert {layer.config.block_shape for layer in layers} == {(512, 512)}
     assert {layer.config.activation for layer in layers} == {"dynamic"}
+    # One scale per 512x512 block, ragged edges included: N, K in {192, 576, 1536}.
+    grids = {tuple(layer.weight_scale_inv.shape) for layer in layers}
+    assert grids == {
+        (cdiv(n, 512), cdiv(k, 512)) for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536))
+    }
+
+
+def test_activation_flag_picks_the_rows():
+    assert _demo.variant_names("both") == ["fp32", "bf16", "FP8 W8A16", "FP8 W8A8"]
+    assert _demo.variant_names("none") == ["fp32", "bf16", "FP8 W8A16"]
+    assert _demo.variant_names("dynamic") == ["fp32", "bf16", "FP8 W8A8"]
+    with pytest.raises(ValueError, match="activation: expected"):
+        _demo.variant_names("static")
 
 
 # ------------------------------------------------------------------------- setup errors, flags
@@ -131,7 +166,7 @@ def test_demo_flags_parse():
         "both",
         128,
         None,
-        24,
+        None,
     )
     assert (args.save, args.load, args.layer) == (None, None, False)
     args = parse(
@@ -202,3 +237,8 @@ def test_layer_demo_still_runs(capsys):
     assert cli.main(["demo", "--layer", "--m", "2", "--n", "256", "--k", "256", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "W8A8 dynamic" in out and "W8A16" in out
+
+
+def test_load_of_a_missing_directory_fails_before_loading_the_model(tmp_path):
+    with pytest.raises(_demo.DemoSetupError, match="no such file or directory"):
+        _demo.run(load=str(tmp_path / "nope"), model=None)

@@ -16,14 +16,12 @@ forward pass over the text per variant, positions 0..T-2 predicting tokens 1..T-
 * top-1 agreement: fraction of positions whose argmax equals the fp32 model's argmax;
 * weight bytes: the Linear layers' weights (fp8 weight + float32 ``weight_scale_inv``; the tied
   lm_head is the embedding and is not counted);
-* tokens/s: T / wall time of that forward pass (prefill throughput; on xla it includes the graph
-  compilation of the first call, see ``docs/demo.md``).
+* tokens/s: T / wall time of that forward pass (prefill throughput), after a warm-up call.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import math
 import os
@@ -43,6 +41,11 @@ INSTALL_DEPS = (
     "pip install 'torch_fp8_blockwise[models]'  (transformers, gguf, accelerate, safetensors, tqdm)"
 )
 PROMPT = "Write one sentence about the sea."
+DEFAULT_NEW_TOKENS = 24
+XLA_GENERATION = (
+    "every generated token is a new sequence length, so XLA compiles new graphs at each step "
+    "(~1.5 min per step for the FP8 model on XLA:CPU); pass --max-new-tokens N to generate anyway"
+)
 VARIANTS: dict[str, str | None] = {"fp32": None, "bf16": None, "FP8 W8A16": "none", "FP8 W8A8": "dynamic"}
 
 
@@ -159,13 +162,35 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def forward_logprobs(model: nn.Module, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
     """(log-probabilities [T-1, V] float32 on CPU of the next token at positions 0..T-2, seconds of
-    the forward pass). ``.cpu()`` inside the timed region: it forces XLA's lazy graph to run."""
+    the timed forward pass).
+
+    One warm-up call first, so the time is the steady state: on xla the same ids (the timed call then
+    reuses the compiled graphs; the first call of an FP8 model on XLA:CPU is ~95% compilation), on
+    cpu / cuda the first 8 tokens (one-time costs: allocator, oneDNN / Triton kernels). ``.cpu()``
+    inside the timed region: it forces XLA's lazy graph to run.
+    """
     ids = ids.to(device)
+    model(ids if device.type == "xla" else ids[:, :8]).logits.cpu()
     _sync(device)
     start = time.perf_counter()
     logits = model(ids).logits[0, :-1].float().cpu()
     seconds = time.perf_counter() - start
     return F.log_softmax(logits, dim=-1), seconds
+
+
+def sync_per_layer(model: nn.Module) -> None:
+    """On xla: cut the lazy graph after every block of each nn.ModuleList (the decoder layers).
+
+    The 30 decoder layers have the same shapes, so XLA compiles one layer's graph and reuses it,
+    instead of compiling the whole model as one graph (16 tokens on XLA:CPU: fp32 first call 15 s
+    instead of 27 s; FP8 W8A8 with the Pallas kernels interpreted 94 s instead of > 5 min).
+    """
+    import torch_xla
+
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                block.register_forward_hook(lambda *_: torch_xla.sync())
 
 
 def metrics(logprobs: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
@@ -202,6 +227,13 @@ def generate(model: nn.Module, tokenizer: object, device: torch.device, max_new_
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :].cpu(), skip_special_tokens=True).strip()
 
 
+def variant_names(activation: str = "both") -> list[str]:
+    """The table's rows for ``--activation``: fp32, bf16, then W8A16 ("none"), W8A8 ("dynamic") or both."""
+    if activation not in ("dynamic", "none", "both"):
+        raise ValueError(f"activation: expected 'dynamic', 'none' or 'both', got {activation!r}")
+    return ["fp32", "bf16"] + [n for n, a in VARIANTS.items() if a and activation in (a, "both")]
+
+
 def make_variant(
     base: nn.Module, name: str, *, block: int = 128, load_dir: str | None = None, progress: bool = True
 ) -> tuple[nn.Module, str]:
@@ -224,13 +256,14 @@ def make_variant(
     if load_dir is not None:
         from . import checkpoint
 
-        checkpoint.load(model, load_dir)
-        layers = fp8_linears(model)
-        if not layers:
-            raise ValueError(f"load_dir: {load_dir!r} loaded no FP8 layer into the model")
-        for layer in layers:  # the activation scheme is a run-time choice, not part of the weights
-            layer.config = dataclasses.replace(layer.config, activation=activation)
-        return model, f"loaded {len(layers)} FP8 Linear layers from {load_dir}"
+        summary = checkpoint.load(model, load_dir, activation=activation)
+        if not summary.converted:
+            raise ValueError(f"load_dir: {load_dir!r} holds no FP8 layer of this model")
+        blocks = {r.block_shape for r in summary.converted.values()}
+        return (
+            model,
+            f"loaded {len(summary.converted)} FP8 Linear layers ({', '.join(f'{a}x{b}' for a, b in sorted(blocks))} blocks) from {load_dir}",
+        )
     config = fp8nn.Fp8Config(block_shape=(block, block), activation=activation)
     summary = fp8nn.quantize_model_(model, config, progress=progress)
     skipped = "; ".join(f"{k} ({v})" for k, v in summary.skipped.items()) or "none"
@@ -246,7 +279,7 @@ def run(
     activation: str = "both",
     block: int = 128,
     tokens: int | None = None,
-    max_new_tokens: int = 24,
+    max_new_tokens: int | None = None,
     save: str | None = None,
     load: str | None = None,
     progress: bool = True,
@@ -256,13 +289,18 @@ def run(
     """Evaluate fp32, bf16 and the FP8 variants: one :class:`Row` per variant, fp32 first.
 
     ``model``: an already loaded ``(tokenizer, fp32 model)`` (tests reuse one); else :func:`load_model`.
+    ``max_new_tokens``: greedy generation length; None = 24, or 0 on xla (:data:`XLA_GENERATION`).
     """
-    if activation not in ("dynamic", "none", "both"):
-        raise ValueError(f"activation: expected 'dynamic', 'none' or 'both', got {activation!r}")
+    names = variant_names(activation)
+    if load is not None and not os.path.exists(load):
+        raise DemoSetupError(f"--load {load!r}: no such file or directory (write one with --save)")
     dev = torch.device(_device(device))
+    if max_new_tokens is None:
+        max_new_tokens = 0 if dev.type == "xla" else DEFAULT_NEW_TOKENS
+        if dev.type == "xla":
+            log(f"generation skipped on xla: {XLA_GENERATION}")
     tokenizer, base = model if model is not None else load_model()
     ids = demo_ids(tokenizer, tokens)
-    names = ["fp32", "bf16"] + [n for n, a in VARIANTS.items() if a and activation in (a, "both")]
     rows: list[Row] = []
     ref: torch.Tensor | None = None
     conversion = ""
@@ -274,10 +312,12 @@ def run(
         if save is not None and VARIANTS[name] is not None:
             from . import checkpoint
 
-            checkpoint.save(variant, save)
-            log(f"{name}: wrote the DeepSeek-format checkpoint to {save}")
+            files = checkpoint.save(variant, save)
+            log(f"{name}: wrote a DeepSeek-format FP8 checkpoint to {save}: {', '.join(files)}")
             save = None  # the weights are the same for both activation schemes: write them once
         variant = variant.to(dev)
+        if dev.type == "xla":
+            sync_per_layer(variant)
         logprobs, seconds = forward_logprobs(variant, ids, dev)
         ref = logprobs if ref is None else ref
         ppl, kl, top1 = metrics(logprobs, ids, ref)
@@ -334,8 +374,10 @@ def report(result: DemoRun, *, device: str, block: int, load: str | None = None)
         format_table(rows),
         "perplexity on the bundled text (Pride and Prejudice, ch. 1); KL(p_fp32 || p) mean per token (nats);",
         "weight MB = the Linear layers (fp8 incl. scales; the tied lm_head is the embedding, not counted);",
-        "tokens/s = one forward over the whole text (prefill), first call included.",
+        "tokens/s = one forward over the whole text (prefill throughput), after a warm-up call.",
     ]
+    if device == "xla" and not any(r.generation for r in rows):
+        lines += ["", f"(no generation on xla: {XLA_GENERATION})"]
     if any(r.generation for r in rows):
         lines += ["", f"greedy generation, prompt {PROMPT!r} (chat template):"]
         lines += [f"  {r.name:<10} {r.generation!r}" for r in rows]

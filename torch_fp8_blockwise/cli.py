@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument(
         "--max-new-tokens",
         type=_non_negative,
-        default=24,
-        help="greedy generation length per variant (0 skips generation)",
+        default=None,
+        help="greedy generation length per variant (default 24, but 0 on xla, where every step "
+        "recompiles; 0 skips generation)",
     )
     io = p_demo.add_mutually_exclusive_group()
     io.add_argument(
