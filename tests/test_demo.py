@@ -16,14 +16,15 @@ from torch_fp8_blockwise import _demo, cli
 from torch_fp8_blockwise.formats import cdiv
 
 # Measured on the first 256 tokens of the bundled text, CPU backend, 128x128 blocks, torch 2.13
-# (the full ~800-token text gives KL 0.015 / 0.022, top-1 0.92 / 0.91, see docs/demo.md):
-#   bf16       KL 0.0010  top-1 0.97
-#   FP8 W8A16  KL 0.0148  top-1 0.93
-#   FP8 W8A8   KL 0.0197  top-1 0.92
-# Bounds with ~2x margin on KL and 5 points on agreement. A wrong scale layout, a transposed block
-# or broken edge padding gives KL > 1 and agreement < 0.5 (a broken model, not a noisier one).
+# (`pytest -s` prints the table; the full 807-token text gives KL 0.015 / 0.022, top-1 0.92 / 0.91,
+# see docs/demo.md):
+#   bf16       KL 0.0011  top-1 0.965
+#   FP8 W8A16  KL 0.0176  top-1 0.902
+#   FP8 W8A8   KL 0.0231  top-1 0.906
+# Bounds: about 2x on KL, 5 points (13 of 255 positions) on agreement. A wrong scale layout, a
+# transposed block or broken edge padding breaks the model (KL > 1, agreement < 0.5), far beyond them.
 KL_MAX = {"bf16": 0.005, "FP8 W8A16": 0.04, "FP8 W8A8": 0.05}
-TOP1_MIN = {"bf16": 0.92, "FP8 W8A16": 0.87, "FP8 W8A8": 0.86}
+TOP1_MIN = {"bf16": 0.92, "FP8 W8A16": 0.85, "FP8 W8A8": 0.85}
 EVAL_TOKENS = 256
 
 
@@ -88,6 +89,7 @@ def test_fp8_variants_stay_close_to_fp32(smollm2, demo_run):
     fp8_bytes = sum(n * k + 4 * cdiv(n, 128) * cdiv(k, 128) for n, k in shapes)
     assert rows["FP8 W8A8"].weight_bytes == rows["FP8 W8A16"].weight_bytes == fp8_bytes
     table = _demo.report(result, device="cpu", block=128)
+    print(table)  # pytest -s shows the measured numbers the bounds above come from
     for name in rows:
         assert name in table
 

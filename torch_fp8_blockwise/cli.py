@@ -119,7 +119,7 @@ def model_demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        rows = _demo.run(
+        result = _demo.run(
             device=args.device,
             activation=args.activation,
             block=args.block,
@@ -132,7 +132,7 @@ def model_demo(args: argparse.Namespace) -> int:
     except _demo.DemoSetupError as e:
         print(f"fp8-blockwise demo: {e}", file=sys.stderr)
         return 2
-    print(_demo.report(rows, device=args.device, block=args.block, load=args.load))
+    print(_demo.report(result, device=args.device, block=args.block, load=args.load))
     print(f"\n(wall time {time.perf_counter() - start:.0f} s)")
     return 0
 
