@@ -315,14 +315,19 @@ def run(
             files = checkpoint.save(variant, save)
             log(f"{name}: wrote a DeepSeek-format FP8 checkpoint to {save}: {', '.join(files)}")
             save = None  # the weights are the same for both activation schemes: write them once
+        weight_bytes = linear_weight_bytes(variant)
         variant = variant.to(dev)
+        if hasattr(variant, "tie_weights"):
+            # Moving to xla makes new Parameter objects per module: re-tie lm_head to the embedding
+            # (else it is a second 113 MB copy on the device).
+            variant.tie_weights()
         if dev.type == "xla":
             sync_per_layer(variant)
         logprobs, seconds = forward_logprobs(variant, ids, dev)
         ref = logprobs if ref is None else ref
         ppl, kl, top1 = metrics(logprobs, ids, ref)
         text = generate(variant, tokenizer, dev, max_new_tokens)
-        rows.append(Row(name, ppl, kl, top1, linear_weight_bytes(variant), ids.shape[1] / seconds, text))
+        rows.append(Row(name, ppl, kl, top1, weight_bytes, ids.shape[1] / seconds, text))
         log(f"{name}: ppl {ppl:.2f}, {ids.shape[1] / seconds:.1f} tokens/s")
         del variant
     return DemoRun(rows, conversion)
