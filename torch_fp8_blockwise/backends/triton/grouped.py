@@ -237,7 +237,8 @@ def gmm_tiles(kernel: str, arch: int, rows: int, x_bytes: int = 2) -> GemmConfig
     block_m >= 64: a 16-row tile compiled to mma.sync with fp8 widened to f16 on sm_90 / sm_100
     (wgmma and tcgen05 need 64 rows), so decode takes 64-row tiles (64 x 128 fp32 needs 8 warps:
     4 spilled in the blockwise kernel). sm_120's 255 registers spilled 16 B at 128 x 128 x 128 /
-    8 warps here (one more loop level than the blockwise kernel): 128 x 64 there, and W8A16's bf16
+    8 warps here (one more loop level than the blockwise kernel), and so did sm_90 under triton 3.5
+    (112 B for W8A8, 8 B for W8A16; 3.9 did not): 128 x 64 everywhere. On sm_120 W8A16's bf16
     operands at 128 x 64 x 128 / 2 stages still spilled 32 B (254 registers, triton 3.5): 64 x 64
     for W8A16 on sm_120. fp32 x (W8A16)
     takes the blockwise heuristic's non-spilling 64 x 64 x 32 (configs.heuristic). Then as many
@@ -248,7 +249,7 @@ def gmm_tiles(kernel: str, arch: int, rows: int, x_bytes: int = 2) -> GemmConfig
     else:
         cfg = GemmConfig(
             block_m=64 if rows <= 64 or (arch == 120 and kernel == "w8a16") else 128,
-            block_n=64 if arch == 120 else 128, block_k=128, group_m=1,
+            block_n=64, block_k=128, group_m=1,
             num_warps=8,
         )  # fmt: skip
     for stages in (4, 3, 2):
