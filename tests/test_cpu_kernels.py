@@ -178,6 +178,23 @@ def test_quantize_bit_exact(path, shape, block, in_dtype):
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (dtype, fmt)
 
 
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (256, 512)], ids=str)
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_quantize_every_16_bit_input_bit_exact(path, block, in_dtype):
+    """Every bf16 / fp16 bit pattern (nan, inf, subnormals, both zeros) once, in blocks that mix
+    magnitudes differently per block shape, so each value meets many scales; the 32-wide AVX2
+    loop, its 8-wide tail and the scalar tail all run (rows of 205 = 128 + 77 = 128 + 2 * 32 + 8 + 5)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits[torch.randperm(2**16, generator=torch.Generator().manual_seed(0))].view(in_dtype)
+    x = torch.cat([x, x[:64]]).reshape(-1, 205)  # 320 rows of 205
+    for dtype, fmt in itertools.product((E4M3, E5M2), ("fp32", "ue8m0")):
+        q_ref, s_ref = reference.quantize(x, block, dtype, fmt)
+        with tfb.use_backend("cpu"):
+            q, s = tfb.quantize(x, block, dtype, fmt)
+        assert torch.equal(s, s_ref), (dtype, fmt)
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (dtype, fmt)
+
+
 def test_quantize_batched_and_non_contiguous(path):
     x = torch.randn(3, 200, 130, dtype=torch.bfloat16).transpose(1, 2)
     q_ref, s_ref = reference.quantize(x, (128, 128), E4M3, "fp32")
