@@ -68,36 +68,15 @@ static void init_tables(void) {
     }
 }
 
-/* c10's Float8_e4m3fn(float): round to nearest even, >= 480 -> nan (callers clamp first). */
-static inline uint8_t f32_to_e4m3(float f) {
-    uint32_t b = f2u(f), sign = b & 0x80000000u, r;
-    b ^= sign;
-    if (b >= (1087u << 20)) {
-        r = 0x7F;
-    } else if (b < (121u << 23)) {
-        r = f2u(u2f(b) + u2f(141u << 23)) - (141u << 23);
-    } else {
-        uint32_t odd = (b >> 20) & 1;
-        b += ((uint32_t)(7 - 127) << 23) + 0x7FFFF + odd;
-        r = b >> 20;
-    }
-    return (uint8_t)(r | (sign >> 24));
-}
-
-/* c10's Float8_e5m2(float). */
-static inline uint8_t f32_to_e5m2(float f) {
-    uint32_t b = f2u(f), sign = b & 0x80000000u, r;
-    b ^= sign;
-    if (b >= (143u << 23)) {
-        r = b > (255u << 23) ? 0x7F : 0x7C;
-    } else if (b < (113u << 23)) {
-        r = f2u(u2f(b) + u2f(134u << 23)) - (134u << 23);
-    } else {
-        uint32_t odd = (b >> 21) & 1;
-        b += ((uint32_t)(15 - 127) << 23) + 0xFFFFF + odd;
-        r = b >> 21;
-    }
-    return (uint8_t)(r | (sign >> 24));
+/* fp32, already clamped to +-fp8_max (or nan), -> fp8 code with c10's rounding (nearest even):
+ * the scalar twin of narrow8_epi32, whose comment explains the arithmetic. */
+static inline uint8_t f32_to_fp8(float f, int kind) {
+    const uint32_t mbits = kind == KIND_E4M3 ? 3 : 2, emin = kind == KIND_E4M3 ? 121 : 113;
+    const uint32_t b = f2u(f), sign = b & 0x80000000u, a = b ^ sign;
+    if (a > 0x7F800000u) return (uint8_t)(0x7F | (sign >> 24));
+    const uint32_t e = (a & 0x7F800000u) > (emin << 23) ? a & 0x7F800000u : emin << 23;
+    const uint32_t c = e + ((23 - mbits) << 23), t = f2u(u2f(a) + u2f(c));
+    return (uint8_t)(((e >> (23 - mbits)) + (t - c) - (emin << mbits)) | (sign >> 24));
 }
 
 static inline uint16_t f32_to_bf16(float f) {
@@ -152,7 +131,7 @@ static inline float block_scale(float amax, int kind, int ue8m0) {
 static inline uint8_t quant1(float v, float s, float big, int kind) {
     float q = v / s;
     q = q < -big ? -big : (q > big ? big : q); /* nan stays nan */
-    return kind == KIND_E4M3 ? f32_to_e4m3(q) : f32_to_e5m2(q);
+    return f32_to_fp8(q, kind);
 }
 
 /* ------------------------------------------------------------------ AVX2 building blocks */
@@ -196,7 +175,7 @@ AVX2_FN static ALWAYS_INLINE __m256 load8_hp(const void *x, int dt, int64_t i) {
  * (E - E_min) << mbits plus k, where a carry into the next binade is k = 2 << mbits. Integer
  * ops only after the one addition (no fp32 subnormal results, which x86 runs ~3x slower).
  * Clamping bounds the result by fp8_max, so only nan needs a blend (to 0x7F). Checked against
- * the scalar f32_to_e4m3 / f32_to_e5m2 on all 2**32 fp32 inputs (clamped first, as here). */
+ * c10's scalar conversions on all 2**32 fp32 inputs (clamped first, as here). */
 AVX2_FN static ALWAYS_INLINE __m256i narrow8_epi32(__m256 v, int kind) {
     const int mbits = kind == KIND_E4M3 ? 3 : 2, emin = kind == KIND_E4M3 ? 121 : 113;
     __m256i b = _mm256_castps_si256(v);
