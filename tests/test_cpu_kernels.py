@@ -130,18 +130,24 @@ def test_matmul_non_contiguous_x_and_batch_dims(path, m):
     assert_kernel_close(y.reshape(-1, 300), ref, path)
 
 
-def test_matmul_nan_and_inf_in_the_weight_propagate(path):
-    """fp8 nan / inf codes must reach the output as the reference has them, not as finite values."""
-    wq, ws = reference.quantize(torch.randn(8, 256), (128, 128), E4M3, "fp32")
-    wq.view(torch.uint8)[3, 5] = 0x7F  # e4m3 nan
-    w5, ws5 = reference.quantize(torch.randn(8, 256), (128, 128), E5M2, "fp32")
+@pytest.mark.parametrize("m", [1, 2])
+def test_matmul_nan_and_inf_in_the_weight_propagate(path, m):
+    """fp8 nan / inf codes must reach the output as the reference has them, not as finite values:
+    e4m3 nan of both signs in the GEMV's 32-wide loop, its 16-wide tail and its scalar tail (K =
+    277: blocks of 128, 128, 21), one where x is 0 (nan * 0 = nan); m = 2 runs the tile path."""
+    wq, ws = reference.quantize(torch.randn(8, 277), (128, 128), E4M3, "fp32")
+    codes = wq.view(torch.uint8)
+    codes[3, 5], codes[4, 260], codes[6, 275] = 0x7F, 0xFF, 0x7F  # e4m3 nan
+    w5, ws5 = reference.quantize(torch.randn(8, 277), (128, 128), E5M2, "fp32")
     w5.view(torch.uint8)[2, 7] = 0x7C  # e5m2 +inf
-    x = torch.rand(2, 256) + 0.5
+    x = torch.rand(m, 277) + 0.5
+    x[:, 5] = 0.0
     for w, s in ((wq, ws), (w5, ws5)):
         ref = reference.blockwise_matmul(x, w, s, (128, 128), None, None, torch.float32, "none")
         with tfb.use_backend("cpu"):
             y = tfb.blockwise_matmul(x, w, s, activation="none")
         assert_kernel_close(y, ref, path)
+    assert y.isinf().any() and ref.isinf().any()  # the inf check above saw an inf
 
 
 # ----------------------------------------------------------------------- quantize / dequantize
