@@ -11,6 +11,7 @@ scripts/bench_host.py).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -20,6 +21,7 @@ import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import _dispatch, _validate, ops, reference
 
 E4M3 = torch.float8_e4m3fn
+_PACKAGE_DIR = os.path.dirname(tfb.__file__) + os.sep
 
 
 def _weights(n=256, k=256):
@@ -36,35 +38,73 @@ def test_ops_are_library_kernels_not_custom_op_wrappers():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), (qualname, key)
 
 
-def _python_calls(fn) -> list[str]:
-    """Python functions entered while running fn() (file:function), in order."""
-    seen: list[str] = []
+def _calls(fn) -> tuple[list[str], list[str]]:
+    """(Python functions entered, built-in (C) functions called by our package's code) while
+    running fn(), in order; each as file:function or file:builtin."""
+    py: list[str] = []
+    builtin: list[str] = []
 
     def prof(frame, event, arg):
+        where = frame.f_code.co_filename.rsplit("/", 1)[-1]
         if event == "call":
-            seen.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
+            py.append(f"{where}:{frame.f_code.co_name}")
+        elif event == "c_call" and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            builtin.append(f"{where}:{getattr(arg, '__name__', repr(arg))}")
 
     sys.setprofile(prof)
     try:
         fn()
     finally:
         sys.setprofile(None)
-    return seen[1:]  # the first entry is fn itself
+    return py[1:], builtin  # the first entry is fn itself
 
 
-def test_an_empty_call_runs_five_python_functions():
+def _python_calls(fn) -> list[str]:
+    return _calls(fn)[0]
+
+
+def test_an_empty_call_runs_four_python_functions():
     w, ws = _weights()
     x = torch.empty(0, 256, dtype=torch.bfloat16)
     op = torch.ops.fp8.blockwise_matmul.default
     op(x, w, ws, [128, 128], None, None, None, "dynamic")  # fill the caches
-    calls = _python_calls(lambda: op(x, w, ws, [128, 128], None, None, None, "dynamic"))
+    calls, builtins = _calls(lambda: op(x, w, ws, [128, 128], None, None, None, "dynamic"))
     assert calls == [
         "_ops.py:__call__",  # OpOverload.__call__ -> the C++ dispatcher
         "ops.py:kernel",  # our Autograd-key kernel: no grad needed, plain keyset -> impl directly
-        "ops.py:_blockwise_matmul_impl",
+        "ops.py:_blockwise_matmul_impl",  # M == 0: returns the empty result itself
         "_validate.py:matmul_args_cached",  # one tuple, one dict lookup
-        "ops.py:_run_matmul",
     ], calls
+    # Every built-in our code calls on this path (attribute reads do not count): the grad check,
+    # the keyset lookup, the cache lookup and the one allocation of the result.
+    assert builtins == [
+        "ops.py:is_grad_enabled",
+        "ops.py:_any_requires_grad",
+        "ops.py:raw_repr",
+        "ops.py:get",
+        "_validate.py:is_contiguous",
+        "_validate.py:get",
+        "ops.py:empty",
+    ], builtins
+
+
+def test_an_empty_fp8_call_with_bias_and_batch_dims_runs_the_same_functions():
+    w, ws = _weights()
+    xq, xs = reference.quantize(torch.randn(2, 3, 256), (1, 128), E4M3, "fp32")
+    xq, xs = xq[:, :0], xs[:, :0]  # [2, 0, K]: M = 0 with two lead dims
+    bias = torch.randn(256)
+    op = torch.ops.fp8.blockwise_matmul.default
+    args = (xq, w, ws, [128, 128], xs, bias, torch.float32, "dynamic")
+    y = op(*args)
+    assert y.shape == (2, 0, 256) and y.dtype == torch.float32
+    calls, builtins = _calls(lambda: op(*args))
+    assert calls == [
+        "_ops.py:__call__",
+        "ops.py:kernel",
+        "ops.py:_blockwise_matmul_impl",
+        "_validate.py:matmul_args_cached",
+    ], calls
+    assert len(builtins) == 7, builtins
 
 
 def test_a_real_call_adds_only_the_dispatch_lookups_and_the_backend():
