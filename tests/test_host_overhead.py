@@ -161,3 +161,20 @@ def test_backend_gets_the_callers_tensors_without_copies(monkeypatch):
     for name, t in (("x", xq), ("w", w), ("w_scale", ws), ("x_scale", xs), ("bias", bias)):
         assert seen[name] is t, name
     assert seen["out_dtype"] == torch.bfloat16
+
+
+def test_bench_host_breakdown_times_each_part_of_an_empty_call():
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "bench_host.py"), "--calls", "20", "--rounds", "1",
+         "--breakdown"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = proc.stdout.split("parts of the M=0 call")[1]
+    for name in ("dispatcher floor", "matmul_args_cached (fp8 x)", "torch.empty", "full checks, a miss"):
+        line = next(line for line in parts.splitlines() if name in line)
+        assert float(line.split()[-2]) > 0, line

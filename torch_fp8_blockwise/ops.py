@@ -259,6 +259,8 @@ _register("dequantize", _dequantize_impl, _dequantize_fake)
 _register("blockwise_matmul", _blockwise_matmul_impl, _blockwise_matmul_fake)
 _register("mxfp8_quantize", _mxfp8_quantize_impl, _mxfp8_quantize_fake)
 _register("mxfp8_matmul", _mxfp8_matmul_impl, _mxfp8_matmul_fake)
+#: The overload itself: calling it skips OpOverloadPacket.__call__ and the torch.ops attribute chain.
+_blockwise_matmul_op = torch.ops.fp8.blockwise_matmul.default
 
 
 # ----------------------------------------------------------------------------- Python wrappers
@@ -356,10 +358,10 @@ def blockwise_matmul(
         and type(block_shape) in (list, tuple) and len(block_shape) == 2
         and type(block_shape[0]) is int and type(block_shape[1]) is int
     ):  # fmt: skip
-        block = list(block_shape)
+        block = block_shape  # the schema's int[] takes a list or a tuple as it is
     else:
         block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
-    return torch.ops.fp8.blockwise_matmul(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
+    return _blockwise_matmul_op(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
 
 
 def mxfp8_quantize(
