@@ -255,8 +255,8 @@ def matmul_args_cached(
     """:func:`matmul_args` for real (not symbolic) tensors, memoized on everything it checks:
     dtypes, shapes, devices, the weight's contiguity, block, out_dtype, activation.
     A miss (or any invalid call) runs the full checks, so errors are word for word the same.
-    A hit costs one flat tuple and one dict lookup (~1.3 us on our CPU machine; the full checks
-    ~15 us). Every element is read from the tensors on every call: a tensor's metadata can change
+    A hit costs one tuple and one dict lookup (~1.5 us on our CPU machine; the full checks
+    ~11 us: ``scripts/bench_host.py --breakdown``). Every element is read from the tensors on every call: a tensor's metadata can change
     in place (``resize_``, ``set_``, ``.data =``), so the key never trusts an object's identity."""
     key = (
         x.dtype, x.shape, x.device, w.dtype, w.shape, w.is_contiguous(), w.device,
