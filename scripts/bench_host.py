@@ -53,6 +53,56 @@ def _cases(device: str, n: int, k: int, m_real: int):
     return cases
 
 
+def _breakdown_cases(n: int, k: int):
+    """The parts of an M=0 call (CPU tensors), each timed on its own: where the time goes.
+
+    "dispatcher floor" is an op with the same schema registered the same way (Library define/impl,
+    an Autograd kernel taking the keyset) whose kernel returns a prebuilt tensor: the cost of any
+    Python-kernel op with this signature before our code runs."""
+    import torch
+
+    from torch_fp8_blockwise import _validate, ops, reference
+
+    wq, ws = reference.quantize(torch.randn(n, k), (128, 128), torch.float8_e4m3fn, "fp32")
+    x0 = torch.empty(0, k, dtype=torch.bfloat16)
+    xq, xs = reference.quantize_activation(torch.randn(1, k), 128)
+    xq0, xs0 = xq[:0], xs[:0]
+    block = [128, 128]
+    lib = torch.library.Library("fp8_bench_host", "FRAGMENT")
+    lib.define("floor" + ops.SCHEMAS["blockwise_matmul"])
+    out = torch.empty(0, n, dtype=torch.bfloat16)
+    lib.impl("floor", lambda *a: out, "CompositeExplicitAutograd")
+    lib.impl("floor", lambda keyset, *a: out, "Autograd", with_keyset=True)
+    floor = torch.ops.fp8_bench_host.floor.default
+    keysets = []
+    lib.define("keyset" + ops.SCHEMAS["blockwise_matmul"])
+    lib.impl("keyset", lambda keyset, *a: keysets.append(keyset) or out, "Autograd", with_keyset=True)
+    torch.ops.fp8_bench_host.keyset.default(x0, wq, ws)
+    kernel = ops._autograd_kernel("blockwise_matmul", ops._blockwise_matmul_impl)
+    p = _validate.matmul_args_cached(x0, wq, ws, block, None, None, None, "dynamic")
+    cases = {
+        "dispatcher floor (same schema, no-op kernel)": lambda: floor(
+            x0, wq, ws, block, None, None, None, "dynamic"
+        ),
+        "our Autograd kernel, called directly": lambda: kernel(keysets[0], x0, wq, ws),
+        "  _blockwise_matmul_impl, called directly": lambda: ops._blockwise_matmul_impl(x0, wq, ws),
+        "    _validate.matmul_args_cached (bf16 x)": lambda: _validate.matmul_args_cached(
+            x0, wq, ws, block, None, None, None, "dynamic"
+        ),
+        "    _validate.matmul_args_cached (fp8 x)": lambda: _validate.matmul_args_cached(
+            xq0, wq, ws, block, xs0, None, None, "dynamic"
+        ),
+        "    the result: torch.empty(*shape, ...)": lambda: torch.empty(
+            *p.out_shape, dtype=p.out_dtype, device=p.device
+        ),
+        "  torch._C._any_requires_grad (3 tensors)": lambda: torch._C._any_requires_grad(x0, wq, ws),
+        "_validate.matmul_args (full checks, a miss)": lambda: _validate.matmul_args(
+            x0, wq, ws, block, None, None, None, "dynamic"
+        ),
+    }
+    return cases, lib
+
+
 def measure(cases: dict, calls: int, rounds: int, sync) -> dict[str, tuple[float, float]]:
     """Per case: minimum over rounds of the mean per-call (wall, calling-thread CPU) time in
     microseconds, cases interleaved. The thread CPU time is what the call costs the host even when
@@ -81,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", type=int, default=4, help="M of the real small call")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--breakdown", action="store_true", help="also time the parts of an M=0 call (CPU)")
     args = p.parse_args(argv)
 
     import torch
@@ -103,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (wall, cpu) in best.items():
         ref = base0 if "M=0" in name else base
         print(f"{name:<48} {wall:>9.2f} {wall / ref[0]:>6.2f} {cpu:>14.2f} {cpu / ref[1]:>6.2f}")
+    if args.breakdown:
+        parts, _lib = _breakdown_cases(args.n, args.k)
+        parts["torch.mm bf16 M=0"] = cases["torch.mm bf16 M=0"]
+        best = measure(parts, args.calls, args.rounds, sync)
+        print("\nparts of the M=0 call (each timed alone; thread CPU us, x the same run's torch.mm M=0)")
+        for name, (_, cpu) in best.items():
+            print(f"{name:<48} {cpu:>9.2f} {cpu / best['torch.mm bf16 M=0'][1]:>6.2f}")
     return 0
 
 

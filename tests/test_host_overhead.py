@@ -3,7 +3,8 @@ scripts/bench_host.py).
 
 * The ops are registered through torch.library.Library define/impl, not torch.library.custom_op
   (whose per-call wrapper costs ~3x a Library kernel: NOTES section 6).
-* An M=0 call runs a fixed, short list of Python functions (counted with sys.setprofile).
+* An M=0 call runs a fixed, short list of Python functions and of built-ins called by our code
+  (both recorded with sys.setprofile): 4 functions and 7 built-ins, bf16 or fp8 x alike.
 * Validation is memoized: a repeated call does not re-run the checks, yet a bad call still gets the
   same error word for word.
 * The backend receives the caller's tensors themselves: no copy, cast or zero-fill on the way.
@@ -11,6 +12,7 @@ scripts/bench_host.py).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -20,6 +22,7 @@ import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import _dispatch, _validate, ops, reference
 
 E4M3 = torch.float8_e4m3fn
+_PACKAGE_DIR = os.path.dirname(tfb.__file__) + os.sep
 
 
 def _weights(n=256, k=256):
@@ -36,35 +39,73 @@ def test_ops_are_library_kernels_not_custom_op_wrappers():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key), (qualname, key)
 
 
-def _python_calls(fn) -> list[str]:
-    """Python functions entered while running fn() (file:function), in order."""
-    seen: list[str] = []
+def _calls(fn) -> tuple[list[str], list[str]]:
+    """(Python functions entered, built-in (C) functions called by our package's code) while
+    running fn(), in order; each as file:function or file:builtin."""
+    py: list[str] = []
+    builtin: list[str] = []
 
     def prof(frame, event, arg):
+        where = frame.f_code.co_filename.rsplit("/", 1)[-1]
         if event == "call":
-            seen.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
+            py.append(f"{where}:{frame.f_code.co_name}")
+        elif event == "c_call" and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            builtin.append(f"{where}:{getattr(arg, '__name__', repr(arg))}")
 
     sys.setprofile(prof)
     try:
         fn()
     finally:
         sys.setprofile(None)
-    return seen[1:]  # the first entry is fn itself
+    return py[1:], builtin  # the first entry is fn itself
 
 
-def test_an_empty_call_runs_five_python_functions():
+def _python_calls(fn) -> list[str]:
+    return _calls(fn)[0]
+
+
+def test_an_empty_call_runs_four_python_functions():
     w, ws = _weights()
     x = torch.empty(0, 256, dtype=torch.bfloat16)
     op = torch.ops.fp8.blockwise_matmul.default
     op(x, w, ws, [128, 128], None, None, None, "dynamic")  # fill the caches
-    calls = _python_calls(lambda: op(x, w, ws, [128, 128], None, None, None, "dynamic"))
+    calls, builtins = _calls(lambda: op(x, w, ws, [128, 128], None, None, None, "dynamic"))
     assert calls == [
         "_ops.py:__call__",  # OpOverload.__call__ -> the C++ dispatcher
         "ops.py:kernel",  # our Autograd-key kernel: no grad needed, plain keyset -> impl directly
-        "ops.py:_blockwise_matmul_impl",
+        "ops.py:_blockwise_matmul_impl",  # M == 0: returns the empty result itself
         "_validate.py:matmul_args_cached",  # one tuple, one dict lookup
-        "ops.py:_run_matmul",
     ], calls
+    # Every built-in our code calls on this path (attribute reads do not count): the grad check,
+    # the keyset lookup, the cache lookup and the one allocation of the result.
+    assert builtins == [
+        "ops.py:is_grad_enabled",
+        "ops.py:_any_requires_grad",
+        "ops.py:raw_repr",
+        "ops.py:get",
+        "_validate.py:is_contiguous",
+        "_validate.py:get",
+        "ops.py:empty",
+    ], builtins
+
+
+def test_an_empty_fp8_call_with_bias_and_batch_dims_runs_the_same_functions():
+    w, ws = _weights()
+    xq, xs = reference.quantize(torch.randn(2, 3, 256), (1, 128), E4M3, "fp32")
+    xq, xs = xq[:, :0], xs[:, :0]  # [2, 0, K]: M = 0 with two lead dims
+    bias = torch.randn(256)
+    op = torch.ops.fp8.blockwise_matmul.default
+    args = (xq, w, ws, [128, 128], xs, bias, torch.float32, "dynamic")
+    y = op(*args)
+    assert y.shape == (2, 0, 256) and y.dtype == torch.float32
+    calls, builtins = _calls(lambda: op(*args))
+    assert calls == [
+        "_ops.py:__call__",
+        "ops.py:kernel",
+        "ops.py:_blockwise_matmul_impl",
+        "_validate.py:matmul_args_cached",
+    ], calls
+    assert len(builtins) == 7, builtins
 
 
 def test_a_real_call_adds_only_the_dispatch_lookups_and_the_backend():
@@ -121,3 +162,20 @@ def test_backend_gets_the_callers_tensors_without_copies(monkeypatch):
     for name, t in (("x", xq), ("w", w), ("w_scale", ws), ("x_scale", xs), ("bias", bias)):
         assert seen[name] is t, name
     assert seen["out_dtype"] == torch.bfloat16
+
+
+def test_bench_host_breakdown_times_each_part_of_an_empty_call():
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "bench_host.py"), "--calls", "20", "--rounds", "1",
+         "--breakdown"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = proc.stdout.split("parts of the M=0 call")[1]
+    for name in ("dispatcher floor", "matmul_args_cached (fp8 x)", "torch.empty", "full checks, a miss"):
+        line = next(line for line in parts.splitlines() if name in line)
+        assert float(line.split()[-2]) > 0, line

@@ -8,7 +8,7 @@ Runs before dispatch, so all backends reject the same inputs with the same words
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -126,7 +126,10 @@ def dequantize_args(
 
 @dataclass(frozen=True)
 class MatmulProblem:
-    """Validated sizes of one blockwise_matmul call: x [*lead, K] @ w[N, K]^T -> [*lead, N]."""
+    """Validated sizes of one blockwise_matmul call: x [*lead, K] @ w[N, K]^T -> [*lead, N].
+
+    The derived fields are computed once here, on a validation-cache miss, so that the per-call
+    path (``ops._run_matmul``) reads them instead of rebuilding tuples on every call."""
 
     lead: tuple[int, ...]
     m: int
@@ -135,6 +138,22 @@ class MatmulProblem:
     bn: int
     bk: int
     out_dtype: torch.dtype
+    #: x's device (every tensor argument is on it).
+    device: torch.device
+    #: (*lead, N), the result's shape.
+    out_shape: tuple[int, ...] = field(init=False)
+    #: M == 0 or N == 0: the result is an empty tensor, nothing to compute.
+    empty: bool = field(init=False)
+    #: x is not [M, K] already (lead is not one dim): the op flattens x to 2-D and reshapes y back.
+    batched: bool = field(init=False)
+    #: (bn, bk), as the backends take it.
+    block: tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_shape", (*self.lead, self.n))
+        object.__setattr__(self, "empty", self.m == 0 or self.n == 0)
+        object.__setattr__(self, "batched", len(self.lead) != 1)
+        object.__setattr__(self, "block", (self.bn, self.bk))
 
 
 def _weight(w: torch.Tensor) -> tuple[int, int]:
@@ -214,7 +233,7 @@ def matmul_args(
         x, k, x_scale, torch.float32, cdiv(k, bk), f"cdiv(K={k}, {bk})", bias, n, out_dtype
     )
     same_device(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
-    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=bn, bk=bk, out_dtype=out_dtype)
+    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=bn, bk=bk, out_dtype=out_dtype, device=x.device)
 
 
 #: matmul_args results for argument metadata seen before (the hot path of an eager call). Bounded:
@@ -234,12 +253,13 @@ def matmul_args_cached(
     activation: str,
 ) -> MatmulProblem:
     """:func:`matmul_args` for real (not symbolic) tensors, memoized on everything it checks:
-    dtypes, shapes, devices, the weight's strides (contiguity), block, out_dtype, activation.
+    dtypes, shapes, devices, the weight's contiguity, block, out_dtype, activation.
     A miss (or any invalid call) runs the full checks, so errors are word for word the same.
-    ~5x cheaper than the full checks on a hit (it builds one tuple instead of a dozen checks and a
-    dataclass)."""
+    A hit costs one tuple and one dict lookup (~1.5 us on our CPU machine; the full checks
+    ~11 us: ``scripts/bench_host.py --breakdown``). Every element is read from the tensors on every call: a tensor's metadata can change
+    in place (``resize_``, ``set_``, ``.data =``), so the key never trusts an object's identity."""
     key = (
-        x.dtype, x.shape, x.device, w.dtype, w.shape, w.stride(), w.device,
+        x.dtype, x.shape, x.device, w.dtype, w.shape, w.is_contiguous(), w.device,
         w_scale.dtype, w_scale.shape, w_scale.device,
         None if x_scale is None else (x_scale.dtype, x_scale.shape, x_scale.device),
         None if bias is None else (bias.dtype, bias.shape, bias.device),
@@ -286,7 +306,7 @@ def mxfp8_matmul_args(
         x, k, x_scale, torch.uint8, k // MX_BLOCK, f"K={k} // {MX_BLOCK}", bias, n, out_dtype
     )
     same_device(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
-    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=1, bk=MX_BLOCK, out_dtype=out_dtype)
+    return MatmulProblem(lead=lead, m=m, n=n, k=k, bn=1, bk=MX_BLOCK, out_dtype=out_dtype, device=x.device)
 
 
 # ------------------------------------------------------------------- grouped (MoE) matmul ops

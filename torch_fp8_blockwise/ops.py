@@ -81,13 +81,17 @@ def _autograd_kernel(name: str, impl):
     whose backward raises. (The dispatcher drops trailing arguments equal to their schema
     defaults; ``impl`` has the same defaults.)"""
     op = getattr(torch.ops.fp8, name).default
+    # Locals, not module attributes: every call of every op runs these lines.
+    is_grad_enabled, any_requires_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad
+    plain_keysets = _plain_keysets
 
     def kernel(keyset, *args):
-        if torch._C.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if is_grad_enabled() and any_requires_grad(*args):
             return _InferenceOnly.apply(name, op, *args)
-        plain = _plain_keysets.get(keyset.raw_repr())
+        raw = keyset.raw_repr()
+        plain = plain_keysets.get(raw)
         if plain is None:
-            plain = _plain_keysets[keyset.raw_repr()] = _is_plain(keyset & _BELOW_AUTOGRAD)
+            plain = plain_keysets[raw] = _is_plain(keyset & _BELOW_AUTOGRAD)
         if plain:
             return impl(*args)
         return op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
@@ -163,42 +167,44 @@ def _blockwise_matmul_impl(
     activation: str = "dynamic",
 ) -> torch.Tensor:
     p = _validate.matmul_args_cached(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
-    return _run_matmul(
-        "blockwise_matmul", p, x, x_scale, bias, w, w_scale, (p.bn, p.bk), activation=activation
-    )
+    if p.empty:  # sizes as varargs: a shape tuple costs torch's argument parser ~1 us more
+        return torch.empty(*p.out_shape, dtype=p.out_dtype, device=p.device)
+    return _run_matmul("blockwise_matmul", p, x, w, w_scale, x_scale, bias, activation)
 
 
 def _run_matmul(
     op: str,
     p: _validate.MatmulProblem,
     x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
     x_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
-    *weight_args: object,
     activation: str | None = None,
 ) -> torch.Tensor:
-    """Shared tail of the matmul ops: empty sizes, flattening batch dims, dispatch, reshape back.
+    """Shared tail of the matmul ops for non-empty results (``p.empty`` is False): K == 0,
+    flattening batch dims, dispatch, reshape back. ``activation`` None: mxfp8_matmul (no block).
 
     On CUDA (the device's own backend, not one forced with use_backend), blockwise_matmul goes
     through the routing rule (``_route``): cuBLAS, the Triton kernel or dequantize + GEMM."""
-    m, n, k = p.m, p.n, p.k
-    if m == 0 or n == 0:
-        return torch.empty((*p.lead, n), dtype=p.out_dtype, device=x.device)
-    if k == 0:  # an empty sum: y = bias (or 0)
-        y = torch.zeros((*p.lead, n), dtype=torch.float32, device=x.device)
+    device = p.device
+    if p.k == 0:  # an empty sum: y = bias (or 0)
+        y = torch.zeros(p.out_shape, dtype=torch.float32, device=device)
         return (y if bias is None else y + bias.float()).to(p.out_dtype)
-    device = x.device
     name, fn = _dispatch.implementation(op, device)
-    w, w_scale, *block = weight_args
-    if name == "triton" and op == "blockwise_matmul" and _dispatch.forced_backend() is None:
-        name, fn = _route.route(device, m, n, k, block[0], x.dtype, w.dtype, activation, p.out_dtype)
-    batched = len(p.lead) != 1
-    x2 = x.reshape(m, k) if batched else x  # copies only a non-contiguous activation, never the weight
+    if name == "triton" and activation is not None and _dispatch.forced_backend() is None:
+        name, fn = _route.route(device, p.m, p.n, p.k, p.block, x.dtype, w.dtype, activation, p.out_dtype)
+    if p.batched:  # copies only a non-contiguous activation, never the weight
+        x = x.reshape(p.m, p.k)
+        if x_scale is not None:
+            x_scale = x_scale.reshape(p.m, -1)
     if x_scale is not None:
-        x_scale = (x_scale.reshape(m, -1) if batched else x_scale).contiguous()
-    extra = () if activation is None else (activation,)
-    y = fn(x2, w, w_scale.contiguous(), *block, x_scale, bias, p.out_dtype, *extra)
-    return y.reshape(*p.lead, n) if batched else y
+        x_scale = x_scale.contiguous()
+    if activation is None:
+        y = fn(x, w, w_scale.contiguous(), x_scale, bias, p.out_dtype)
+    else:
+        y = fn(x, w, w_scale.contiguous(), p.block, x_scale, bias, p.out_dtype, activation)
+    return y.reshape(p.out_shape) if p.batched else y
 
 
 def _blockwise_matmul_fake(
@@ -238,7 +244,9 @@ def _mxfp8_matmul_impl(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     p = _validate.mxfp8_matmul_args(x, w, w_scale, x_scale, bias, out_dtype)
-    return _run_matmul("mxfp8_matmul", p, x, x_scale, bias, w, w_scale)
+    if p.empty:
+        return torch.empty(*p.out_shape, dtype=p.out_dtype, device=p.device)
+    return _run_matmul("mxfp8_matmul", p, x, w, w_scale, x_scale, bias)
 
 
 def _mxfp8_matmul_fake(x, w, w_scale, x_scale=None, bias=None, out_dtype=None):
@@ -251,6 +259,8 @@ _register("dequantize", _dequantize_impl, _dequantize_fake)
 _register("blockwise_matmul", _blockwise_matmul_impl, _blockwise_matmul_fake)
 _register("mxfp8_quantize", _mxfp8_quantize_impl, _mxfp8_quantize_fake)
 _register("mxfp8_matmul", _mxfp8_matmul_impl, _mxfp8_matmul_fake)
+#: The overload itself: calling it skips OpOverloadPacket.__call__ and the torch.ops attribute chain.
+_blockwise_matmul_op = torch.ops.fp8.blockwise_matmul.default
 
 
 # ----------------------------------------------------------------------------- Python wrappers
@@ -348,10 +358,10 @@ def blockwise_matmul(
         and type(block_shape) in (list, tuple) and len(block_shape) == 2
         and type(block_shape[0]) is int and type(block_shape[1]) is int
     ):  # fmt: skip
-        block = list(block_shape)
+        block = block_shape  # the schema's int[] takes a list or a tuple as it is
     else:
         block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
-    return torch.ops.fp8.blockwise_matmul(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
+    return _blockwise_matmul_op(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
 
 
 def mxfp8_quantize(

@@ -15,6 +15,11 @@ Numerics: the panel holds ``wq * ws`` rounded to x's dtype, an error the referen
 mean|y - ref| / mean|ref| = 1.7e-3, inside bf16 output's budget (one bf16 step, 2**-7) but above the
 1e-3 budget of fp16 and fp32 output; fp16 panels 2.1e-4, inside every budget. :func:`supported`
 encodes that, and :func:`dequant_matmul` raises for anything else.
+
+Bias follows the contract (NOTES section 5): added in fp32 to the fp32 accumulator, one rounding
+to ``out_dtype`` (:func:`_panel_gemm`). It is never rounded to x's dtype first: an fp32 bias on bf16 x
+would otherwise lose up to half a bf16 step before the final rounding, and a bf16 bias on fp16 x
+above 65504 would become inf.
 """
 
 from __future__ import annotations
@@ -47,6 +52,31 @@ def supported(x_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
     return (x_dtype, out_dtype) in SUPPORTED
 
 
+#: torch's mixed-precision GEMM (``torch.mm(a, b, out_dtype=torch.float32)`` for bf16 / fp16 a, b):
+#: the fp32 accumulator itself as the result; CUDA only (torch >= 2.9 has the overload; on CPU it
+#: raises "Could not run 'aten::mm.dtype' ... 'CPU' backend"). Not addmm's out_dtype: it requires
+#: the bias in the operands' dtype, the rounding this avoids.
+_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _panel_gemm(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ wp [n, K].T (+ bias [n]) with the bias added to the fp32 accumulator before the
+    one rounding of the result; returns x's dtype, or float32 where bias needs it (the caller
+    casts to out_dtype, a single rounding either way)."""
+    if bias is None:
+        return torch.mm(x, wp.t())
+    if bias.dtype == x.dtype or x.dtype == torch.float32:
+        # bias is exact in x's dtype; the GEMM adds it to its fp32 accumulator (cuBLAS beta * C,
+        # torch's CPU addmm alike) and rounds once.
+        return torch.addmm(bias.to(x.dtype), x, wp.t())
+    # A bias of another dtype than 16-bit x (fp32 bias on bf16 x, bf16 bias on fp16 x) is not
+    # exact in x's dtype: the product stays fp32 and the fp32 bias joins it there. Costs one fp32
+    # [M, n] pass more, only for such mixed-dtype biases.
+    if x.is_cuda and _HAS_MM_OUT_DTYPE:
+        return torch.mm(x, wp.t(), out_dtype=torch.float32).add_(bias.float())
+    return torch.addmm(bias.float(), x.float(), wp.float().t())  # CPU (interpreter): same values
+
+
 def panel_rows(n: int, k: int, bn: int, element_size: int) -> int:
     """Rows of one weight panel: the whole weight if it fits :data:`PANEL_BYTES`, else the largest
     multiple of the scale block ``bn`` that does (at least one block)."""
@@ -70,7 +100,7 @@ def dequant_matmul(
         w: [N, K] float8_e4m3fn / float8_e5m2, row-major (out_features, in_features).
         w_scale: [cdiv(N, bn), cdiv(K, bk)] float32 multipliers, row-major; w ~= w_q * w_scale.
         block_shape: (bn, bk), each a power of two >= 128.
-        bias: [N] or None (any float dtype; added by the GEMM in x's dtype).
+        bias: [N] bfloat16 / float16 / float32 or None; added in fp32 before the cast to out_dtype.
         out_dtype: see :func:`supported`: bf16 x only with bf16 output (the bf16 panel's rounding,
             1.7e-3 measured, exceeds fp16/fp32 output's 1e-3 budget), fp16 x with fp16 output. The router uses this
             function only for such pairs (and at large M, where cuBLAS's GEMM pays for the pass).
@@ -92,14 +122,13 @@ def dequant_matmul(
     # The interpreter rounds fp32 -> bf16 stores wrongly (NOTES section 2): stage fp32 there.
     stage = torch.float32 if interpreting() and x.dtype == torch.bfloat16 else x.dtype
     panel = torch.empty((min(rows, n), k), dtype=stage, device=x.device)
-    bias = bias.to(x.dtype) if bias is not None else None
     y = None if rows >= n else torch.empty((m, n), dtype=out_dtype, device=x.device)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         buf = panel[: r1 - r0]
         dequantize_into(w[None, r0:r1], w_scale[None, r0 // bn :], block_shape, buf[None])
         wp = buf if stage == x.dtype else buf.to(x.dtype)
-        part = torch.mm(x, wp.t()) if bias is None else torch.addmm(bias[r0:r1], x, wp.t())
+        part = _panel_gemm(x, wp, None if bias is None else bias[r0:r1])
         if y is None:
             return part if part.dtype == out_dtype else part.to(out_dtype)
         y[:, r0:r1] = part
