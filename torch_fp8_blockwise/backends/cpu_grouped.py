@@ -3,12 +3,13 @@
 gmm with the compiled kernels (``cpu_kernels/fp8_cpu.c``): the activation of every grouped row is
 prepared once, in one C call (W8A8 dynamic: quantized to e4m3 per 1 x bk and dequantized again,
 bit for bit the reference's quantization; fp8 x: times its x_scale; W8A16: converted), into a
-float32 [rows, K] array. Each non-empty group then runs ``cpu.blockwise_matmul`` on its contiguous
-row slice of that array with ``w[g]`` (W8A16 form: the activation is already final), so a group
-gets exactly the dense path's kernel for its row count: at MoE decode sizes (1-16 rows per expert,
-<= ``cpu.SMALL_M``) the fused C GEMM that streams the fp8 weight once and never stores a
-dequantized copy, at prefill sizes dequantized 512-row weight panels and torch's GEMM. The
-activation rule is per row, so preparing all rows at once equals preparing each group's rows.
+float32 [rows, K] array. Each non-empty group then gets the dense path's kernel for its row count
+on its contiguous row slice of that array and ``w[g]`` (W8A16 form: the activation is already
+final): at MoE decode sizes (1-16 rows per expert, <= ``cpu.SMALL_M``) the fused C GEMM, which
+streams the fp8 weight once and never stores a dequantized copy, called directly on pointers into
+x, w, w_scale and y (no per-group tensors); at prefill sizes ``cpu.blockwise_matmul`` (dequantized
+512-row weight panels and torch's GEMM). The activation rule is per row, so preparing all rows at
+once equals preparing each group's rows.
 Reading group_sizes here is free (CPU), so the row ranges are plain Python slices; the loop runs
 over groups (G iterations), never over rows or blocks.
 
@@ -88,9 +89,9 @@ def grouped_matmul(
     """x [M, K] contiguous (rows sorted by group), w [G, N, K] fp8 contiguous, w_scale
     [G, cdiv(N, bn), cdiv(K, bk)] float32, group_sizes [G] int32 (CPU), x_scale [M, cdiv(K, bk)]
     float32 or None -> y [M, N] out_dtype; rows at or past sum(group_sizes) are 0."""
-    m = x.shape[0]
+    m, n, k = x.shape[0], w.shape[1], w.shape[2]
     ranges = _row_ranges(group_sizes, m)
-    y = torch.zeros(m, w.shape[1], dtype=out_dtype)
+    y = torch.zeros(m, n, dtype=out_dtype)
     if not ranges:
         return y
     lo, hi = ranges[0][1], ranges[-1][2]  # rows outside [lo, hi) belong to no group
@@ -103,12 +104,32 @@ def grouped_matmul(
             y[s:e] = (xd[s - lo : e - lo] @ wd.T).to(out_dtype)
         return y
     xf = _compiled_activation_f32(lib, x[lo:hi], xs, block_shape[1], activation)
+    w_scale = w_scale.contiguous()
+    # Fused groups call the C GEMM on raw pointers into xf, w, w_scale and y: a decode step has
+    # G of them, and cpu.blockwise_matmul's tensor bookkeeping costs ~50 us a call (13 ms at
+    # G = 256) against ~10 us for the bare C call.
+    x_row, y_row = k * xf.element_size(), n * y.element_size()
+    w_step, ws_step = w[0].numel() * w.element_size(), w_scale[0].numel() * w_scale.element_size()
+    kind, ydt, f32 = cpu._KIND[w.dtype], cpu._DT[out_dtype], cpu._DT[torch.float32]
+    (bn, bk), threads = block_shape, torch.get_num_threads()
     for g, s, e in ranges:
-        # activation="none": xf is final (already quantized and dequantized where W8A8 asks it).
-        y[s:e] = cpu.blockwise_matmul(
-            xf[s - lo : e - lo], w[g], w_scale[g], block_shape, None, None, out_dtype, "none"
-        )
+        if not _fused(e - s, n, k):
+            # activation="none": xf is final (already quantized and dequantized where W8A8 asks it).
+            y[s:e] = cpu.blockwise_matmul(
+                xf[s - lo : e - lo], w[g], w_scale[g], block_shape, None, None, out_dtype, "none"
+            )
+            continue
+        lib.fp8_gemm(
+            xf.data_ptr() + (s - lo) * x_row, f32, 0, 0, e - s, w.data_ptr() + g * w_step, kind,
+            w_scale.data_ptr() + g * ws_step, n, k, bn, bk, None, 0, y.data_ptr() + s * y_row, ydt, threads,
+        )  # fmt: skip
     return y
+
+
+def _fused(rows: int, n: int, k: int) -> bool:
+    """Whether cpu.blockwise_matmul serves an [rows, k] x [n, k]^T product with the fused C GEMM
+    (its rule, restated here so that decode-sized groups skip its per-call overhead)."""
+    return rows <= cpu.SMALL_M or (rows <= cpu.SMALL_WEIGHT_MAX_M and n * k < cpu.SMALL_WEIGHT)
 
 
 def _columns_transposed_f32(t: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -128,8 +149,13 @@ def grouped_matmul_transposed(
 ) -> torch.Tensor:
     """x [M, K], dy [M, N] bf16/fp16/fp32 contiguous, group_sizes [G] int32 (CPU)
     -> out [G, K, N] out_dtype, out[g] = x_g^T dy_g on the block-quantized operands."""
-    out = torch.zeros(group_sizes.shape[0], x.shape[1], dy.shape[1], dtype=out_dtype)
     ranges = _row_ranges(group_sizes, x.shape[0])
+    # Only empty groups are zero-filled: the GEMMs overwrite the rest (a [64, 2048, 1408] fp32
+    # result is 740 MB, one pass of it is a large part of a decode-sized tgmm).
+    out = torch.empty(group_sizes.shape[0], x.shape[1], dy.shape[1], dtype=out_dtype)
+    filled = torch.zeros(group_sizes.shape[0], dtype=torch.bool)
+    filled[[g for g, _, _ in ranges]] = True
+    out[~filled] = 0
     if not ranges:
         return out
     xt, dt = _columns_transposed_f32(x, block_m), _columns_transposed_f32(dy, block_m)  # [K, M], [N, M]
