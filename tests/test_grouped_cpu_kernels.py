@@ -263,6 +263,19 @@ def test_disabled_kernels_run_the_torch_path_in_a_fresh_process():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("first", ["cpu_grouped", "cpu"])
+def test_either_cpu_module_imports_first(first):
+    code = f"from torch_fp8_blockwise.backends import {first}; from torch_fp8_blockwise.backends import cpu_grouped"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_bench_script_options(capsys):
     import importlib.util
 
