@@ -153,6 +153,12 @@ def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
     group, whatever the number of K blocks: no weight is ever dequantized at decode sizes."""
     spy = _Spy(_compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
+
+    def no_torch_dequantize(*args):
+        raise AssertionError("a whole weight was dequantized in torch on the compiled path")
+
+    monkeypatch.setattr(cpu, "_dequantize_weight", no_torch_dequantize)
+    monkeypatch.setattr(cpu, "_dequantize_f32", no_torch_dequantize)
     for k in (128, 2000):
         spy.calls.clear()
         _call_gmm(DECODE, 136, k, mode, x_dtype)
