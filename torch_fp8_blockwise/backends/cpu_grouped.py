@@ -8,9 +8,8 @@ on its contiguous row slice of that array and ``w[g]`` (W8A16 form: the activati
 final): at MoE decode sizes (1-16 rows per expert, <= ``cpu.SMALL_M``) the fused C GEMM, which
 streams the fp8 weight once and never stores a dequantized copy, called directly on pointers into
 the prepared activation, w, w_scale and y (no per-group tensors); at prefill sizes
-``cpu.blockwise_matmul`` (dequantized 512-row weight panels and torch's GEMM). The activation rule is per row, so preparing all rows at
-once equals preparing each group's rows.
-Reading group_sizes here is free (CPU), so the row ranges are plain Python slices; the loop runs
+``cpu.blockwise_matmul`` (dequantized 512-row weight panels and torch's GEMM). The activation rule
+is per row, so preparing all rows at once equals preparing each group's rows. Reading group_sizes here is free (CPU), so the row ranges are plain Python slices; the loop runs
 over groups (G iterations), never over rows or blocks.
 
 Without the kernels (``FP8_CPU_KERNELS=0``, no compiler), gmm is the pure-torch form of the same
