@@ -1,16 +1,17 @@
 """CPU backend of the grouped (MoE) ops: the dense CPU matmul (``cpu.py``) once per group.
 
 gmm with the compiled kernels (``cpu_kernels/fp8_cpu.c``): the activation of every grouped row is
-prepared once, in one C call (W8A8 dynamic: quantized to e4m3 per 1 x bk and dequantized again,
-bit for bit the reference's quantization; fp8 x: times its x_scale; W8A16: converted), into a
-float32 [rows, K] array. Each non-empty group then gets the dense path's kernel for its row count
-on its contiguous row slice of that array and ``w[g]`` (W8A16 form: the activation is already
-final): at MoE decode sizes (1-16 rows per expert, <= ``cpu.SMALL_M``) the fused C GEMM, which
-streams the fp8 weight once and never stores a dequantized copy, called directly on pointers into
-the prepared activation, w, w_scale and y (no per-group tensors); at prefill sizes
-``cpu.blockwise_matmul`` (dequantized 512-row weight panels and torch's GEMM). The activation rule
-is per row, so preparing all rows at once equals preparing each group's rows. Reading group_sizes here is free (CPU), so the row ranges are plain Python slices; the loop runs
-over groups (G iterations), never over rows or blocks.
+prepared once, in one C call (W8A8 dynamic: quantized to e4m3 per 1 x bk and dequantized again, bit
+for bit the reference's quantization; fp8 x: times its x_scale; W8A16: converted), into a float32
+[rows, K] array. Each non-empty group then gets the dense path's kernel for its row count on its
+contiguous row slice of that array and ``w[g]`` (W8A16 form: the activation is already final): at
+MoE decode sizes (1-16 rows per expert, <= ``cpu.SMALL_M``) the fused C GEMM, which streams the fp8
+weight once and never stores a dequantized copy, called directly on pointers into the prepared
+activation, w, w_scale and y (no per-group tensors); at prefill sizes ``cpu.blockwise_matmul``
+(dequantized 512-row weight panels and torch's GEMM). The activation rule is per row, so preparing
+all rows at once equals preparing each group's rows. Reading group_sizes here is free (CPU), so the
+row ranges are plain Python slices; the loop runs over groups (G iterations), never over rows or
+blocks.
 
 Without the kernels (``FP8_CPU_KERNELS=0``, no compiler), gmm is the pure-torch form of the same
 rule: activation dequantized to float32 once, each group's weight dequantized to float32 and one
