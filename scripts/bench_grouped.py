@@ -5,11 +5,19 @@ roofline of each Pallas tiling.
     python scripts/bench_grouped.py                  # CPU tensors, small MoE shapes (runs anywhere)
     python scripts/bench_grouped.py --device cuda    # MoE shapes: 8-256 experts, hidden 2048-7168
     python scripts/bench_grouped.py --roofline-only  # the TPU model rows only (no timing)
+    python scripts/bench_grouped.py --decode --threads 1 --cpu-time   # MoE decode on CPU: 1-16 rows
+                                                     # per expert, the work per call on a busy machine
 
 Per shape: gmm (``fp8.grouped_matmul``, W8A8 with dynamic activations and with pre-quantized x) and
 tgmm (``fp8.grouped_matmul_transposed``) in ms, the bf16 baseline (``torch._grouped_mm`` where this
 torch has it for the device, else one matmul per group) in ms, and ours / baseline (< 1: faster).
 Rows are spread evenly over experts (sorted by expert), as a balanced router gives.
+
+``--decode``: MoE decode, 1, 4 and 16 rows per expert, with expert shapes of real models cut to
+what a CPU host holds (``DECODE_EXPERTS``; the weights of DeepSeek-V3's 256 experts alone are 3.8 GB
+of fp8 and 7.5 GB of bf16 per projection, so 16 of its experts stand in). ``--cpu-time`` times with
+the process's CPU time (all threads) instead of the wall clock: with ``--threads 1`` that is the
+work per call, which other jobs on a shared machine do not change.
 
 Roofline (no TPU timing here): for each shape and TPU generation, the Pallas gmm config the bridge
 picks and the tgmm default tiling, modelled with backends/pallas/tuning.py's roofline: % of MXU peak
@@ -23,7 +31,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import statistics
 import sys
+import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -31,7 +42,6 @@ import torch  # noqa: E402
 
 from torch_fp8_blockwise import reference  # noqa: E402
 from torch_fp8_blockwise.ops import grouped_matmul, grouped_matmul_transposed  # noqa: E402
-from torch_fp8_blockwise.testing import median_ms  # noqa: E402
 
 #: (experts G, tokens M routed in total (rows), hidden K, expert width N)
 MOE_SHAPES: tuple[tuple[int, int, int, int], ...] = (
@@ -42,6 +52,19 @@ MOE_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (256, 2048, 7168, 2048),  # DeepSeek-V3 decode-ish (8 rows per expert)
 )
 SMALL_SHAPES: tuple[tuple[int, int, int, int], ...] = ((8, 512, 512, 256), (16, 1024, 256, 384))
+#: (experts G, hidden K, expert width N) for --decode; 184M-235M weight elements each.
+DECODE_EXPERTS: tuple[tuple[int, int, int], ...] = (
+    (64, 2048, 1408),  # DeepSeek-V2-Lite / Qwen1.5-MoE-like
+    (128, 2048, 768),  # Qwen3-MoE-30B-A3B
+    (16, 7168, 2048),  # DeepSeek-V3's expert shape, 16 of its 256 experts
+)
+DECODE_ROWS_PER_EXPERT = (1, 4, 16)
+DECODE_SHAPES: tuple[tuple[int, int, int, int], ...] = tuple(
+    (g, g * r, k, n) for g, k, n in DECODE_EXPERTS for r in DECODE_ROWS_PER_EXPERT
+)
+
+#: Clock of the timings: the wall clock, or the process's CPU time (--cpu-time).
+CLOCK: Callable[[], float] = time.perf_counter
 
 
 def _sync(device: torch.device) -> None:
@@ -50,12 +73,16 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device, repeats: int) -> float:
-    def run():
-        out = fn()
+    """Median ms of ``repeats`` calls after one warm-up call, on CLOCK."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = CLOCK()
+        fn()
         _sync(device)
-        return out
-
-    return median_ms(run, repeats)
+        times.append((CLOCK() - start) * 1e3)
+    return statistics.median(times)
 
 
 def _has_grouped_mm(device: torch.device) -> bool:
@@ -73,7 +100,12 @@ def _has_grouped_mm(device: torch.device) -> bool:
 def bench(shapes, device: torch.device, repeats: int) -> None:
     grouped_mm = _has_grouped_mm(device)
     base_name = "torch._grouped_mm" if grouped_mm else "loop of matmuls"
-    print(f"device {device}, torch {torch.__version__}; bf16 baseline: {base_name}")
+    clock = "process CPU time" if CLOCK is time.process_time else "wall clock"
+    print(f"device {device}, torch {torch.__version__}; bf16 baseline: {base_name}; {clock}")
+    if device.type == "cpu":
+        from torch_fp8_blockwise.backends import cpu
+
+        print(f"threads {torch.get_num_threads()}; cpu kernels: {cpu.kernel_status()}")
     print(
         f"{'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s} | {'gmm dyn':>8s} {'gmm fp8x':>8s} {'bf16':>8s} "
         f"{'dyn/bf16':>8s} {'fp8x/bf16':>9s} | {'tgmm':>8s} {'bf16':>8s} {'tgmm/bf16':>9s}   (ms)"
@@ -181,13 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu", help="cpu (small shapes by default) or cuda")
     parser.add_argument("--moe", action="store_true", help="the MoE shapes even on cpu (slow)")
+    parser.add_argument("--decode", action="store_true", help="MoE decode shapes (1-16 rows per expert)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process's CPU time instead of the wall clock (CPU; use with --threads 1: "
+        "with more threads it counts spin-waits)",
+    )
     parser.add_argument("--roofline-only", action="store_true")
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("G", "M", "K", "N"),
                         help="time this shape instead of the defaults (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     shapes = MOE_SHAPES if (device.type != "cpu" or args.moe) else SMALL_SHAPES
+    if args.decode:
+        shapes = DECODE_SHAPES
     if args.shape:
         shapes = tuple(tuple(s) for s in args.shape)
     if not args.roofline_only:

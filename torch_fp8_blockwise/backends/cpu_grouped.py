@@ -1,16 +1,32 @@
-"""CPU backend of the grouped (MoE) ops: one fp32 GEMM per group on its contiguous row range.
+"""CPU backend of the grouped (MoE) ops: the dense CPU matmul (``cpu.py``) once per group.
 
-Same idea as ``cpu.blockwise_matmul`` (module docstring there): dequantizing both operands to fp32
-and multiplying once equals the per-block scaled sum up to fp32 rounding order, because every scale
-is constant inside the block it multiplies. Activation quantization is vectorized over all rows at
-once; the loop runs over groups (G iterations, one GEMM each), never over rows. Reading
-group_sizes here is free (CPU), so the row ranges are plain Python slices.
+gmm with the compiled kernels (``cpu_kernels/fp8_cpu.c``): the activation of every grouped row is
+prepared once, in one C call (W8A8 dynamic: quantized to e4m3 per 1 x bk and dequantized again, bit
+for bit the reference's quantization; fp8 x: times its x_scale; W8A16: converted), into a float32
+[rows, K] array. Each non-empty group then gets the dense path's kernel for its row count on its
+contiguous row slice of that array and ``w[g]`` (W8A16 form: the activation is already final): at
+MoE decode sizes (1-16 rows per expert, <= ``cpu.SMALL_M``) the fused C GEMM, which streams the fp8
+weight once and never stores a dequantized copy, called directly on pointers into the prepared
+activation, w, w_scale and y (no per-group tensors); at prefill sizes ``cpu.blockwise_matmul``
+(dequantized 512-row weight panels and torch's GEMM). The activation rule is per row, so preparing
+all rows at once equals preparing each group's rows. Reading group_sizes here is free (CPU), so the
+row ranges are plain Python slices; the loop runs over groups (G iterations), never over rows or
+blocks.
 
-tgmm: x and dy are quantized per (block_m rows x 1 column) over the whole array, i.e. at absolute
-row offsets, then dequantized element-wise in fp32 (``q * scale`` rounds once), so a block that
-straddles a group boundary contributes the same scale to both groups' sums; then
-``out[g] = xd[rows_g].T @ dyd[rows_g]``.
+Without the kernels (``FP8_CPU_KERNELS=0``, no compiler), gmm is the pure-torch form of the same
+rule: activation dequantized to float32 once, each group's weight dequantized to float32 and one
+fp32 GEMM per group.
 
+tgmm: x and dy are quantized per (block_m rows x 1 column) at absolute row offsets. That is a row
+block of the transposed operand, so both are transposed once ([K, M] and [N, M], rows contiguous)
+and go through ``cpu.quantize`` / ``cpu.dequantize`` with (1, block_m) blocks (C kernels, or their
+torch fallback): 4-5x cheaper than column blocks on the row-major array (strided reads), with the
+same blocks, hence the same scales and codes bit for bit. A block that straddles a group boundary
+gives its one scale to both groups' rows. Then ``out[g] = xd^T[:, rows_g] @ (dyd^T[:, rows_g])^T``
+in fp32 (torch's GEMM takes the strided slices as they are).
+
+Why per-group dequantize-then-multiply meets the kernel-error bound: see ``cpu.py``'s docstring
+(every scale is constant inside the block it multiplies; the difference is fp32 summation order).
 Canonical signatures and semantics: :mod:`torch_fp8_blockwise.reference`.
 """
 
@@ -19,7 +35,6 @@ from __future__ import annotations
 import torch
 
 from ..reference import group_bounds
-from .cpu import _dequantize_f32, _dequantize_weight, _quantize_f32
 
 
 def _row_ranges(group_sizes: torch.Tensor, m: int) -> list[tuple[int, int, int]]:
@@ -29,14 +44,35 @@ def _row_ranges(group_sizes: torch.Tensor, m: int) -> list[tuple[int, int, int]]
     return [(g, s, e) for g, (s, e) in enumerate(pairs) if e > s]
 
 
-def _activation_f32(x: torch.Tensor, x_scale: torch.Tensor | None, bk: int, activation: str) -> torch.Tensor:
-    """x [M, K] as the float32 operand of the GEMM (the rule of cpu.blockwise_matmul)."""
+def _torch_activation_f32(
+    x: torch.Tensor, x_scale: torch.Tensor | None, bk: int, activation: str
+) -> torch.Tensor:
+    """x [M, K] as the float32 operand of the GEMM (the rule of cpu._torch_blockwise_matmul)."""
     if x_scale is not None:
-        return _dequantize_f32(x[None], x_scale[None], (1, bk))[0]
+        return cpu._dequantize_f32(x[None], x_scale[None], (1, bk))[0]
     if activation == "dynamic":
-        xq, xs = _quantize_f32(x[None], (1, bk), torch.float8_e4m3fn, "fp32")
-        return _dequantize_f32(xq.to(torch.float8_e4m3fn), xs, (1, bk))[0]
+        xq, xs = cpu._quantize_f32(x[None], (1, bk), torch.float8_e4m3fn, "fp32")
+        return cpu._dequantize_f32(xq.to(torch.float8_e4m3fn), xs, (1, bk))[0]
     return x.float()
+
+
+def _compiled_activation_f32(
+    lib, x: torch.Tensor, x_scale: torch.Tensor | None, bk: int, activation: str
+) -> torch.Tensor:
+    """x [M, K] contiguous (fp8 with x_scale [M, cdiv(K, bk)], or bf16/fp16/fp32) -> float32 [M, K]
+    in one ``fp8_prepare_x`` call; fp32 x under W8A16 is already the operand and is returned as is."""
+    dynamic = x_scale is None and activation == "dynamic"
+    if x.dtype == torch.float32 and not dynamic and x_scale is None:
+        return x
+    m, k = x.shape
+    xdt = cpu._DT[x.dtype] if x_scale is None else 3 + cpu._KIND[x.dtype]
+    xs = None if x_scale is None else x_scale.float().contiguous()
+    xf = torch.empty(m, k, dtype=torch.float32)
+    lib.fp8_prepare_x(
+        x.data_ptr(), xdt, 0 if xs is None else xs.data_ptr(), dynamic, m, k, bk, xf.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return xf
 
 
 def grouped_matmul(
@@ -49,23 +85,58 @@ def grouped_matmul(
     out_dtype: torch.dtype,
     activation: str,
 ) -> torch.Tensor:
-    m = x.shape[0]
+    """x [M, K] contiguous (rows sorted by group), w [G, N, K] fp8 contiguous, w_scale
+    [G, cdiv(N, bn), cdiv(K, bk)] float32, group_sizes [G] int32 (CPU), x_scale [M, cdiv(K, bk)]
+    float32 or None -> y [M, N] out_dtype; rows at or past sum(group_sizes) are 0."""
+    m, n, k = x.shape[0], w.shape[1], w.shape[2]
     ranges = _row_ranges(group_sizes, m)
-    y = torch.zeros(m, w.shape[1], dtype=out_dtype)
+    y = torch.zeros(m, n, dtype=out_dtype)
     if not ranges:
         return y
     lo, hi = ranges[0][1], ranges[-1][2]  # rows outside [lo, hi) belong to no group
-    xd = _activation_f32(x[lo:hi], None if x_scale is None else x_scale[lo:hi], block_shape[1], activation)
+    xs = None if x_scale is None else x_scale[lo:hi]
+    lib = cpu._lib()
+    if lib is None:
+        xd = _torch_activation_f32(x[lo:hi], xs, block_shape[1], activation)
+        for g, s, e in ranges:
+            wd = cpu._dequantize_weight(w[g], w_scale[g], block_shape)
+            y[s:e] = (xd[s - lo : e - lo] @ wd.T).to(out_dtype)
+        return y
+    xf = _compiled_activation_f32(lib, x[lo:hi], xs, block_shape[1], activation)
+    w_scale = w_scale.contiguous()
+    # Fused groups call the C GEMM on raw pointers into xf, w, w_scale and y: a decode step has
+    # G of them, and cpu.blockwise_matmul's tensor bookkeeping costs ~50 us a call (13 ms at
+    # G = 256) against ~10 us for the bare C call.
+    x_row, y_row = k * xf.element_size(), n * y.element_size()
+    w_step, ws_step = w[0].numel() * w.element_size(), w_scale[0].numel() * w_scale.element_size()
+    kind, ydt, f32 = cpu._KIND[w.dtype], cpu._DT[out_dtype], cpu._DT[torch.float32]
+    (bn, bk), threads = block_shape, torch.get_num_threads()
     for g, s, e in ranges:
-        wd = _dequantize_weight(w[g], w_scale[g], block_shape)
-        y[s:e] = (xd[s - lo : e - lo] @ wd.T).to(out_dtype)
+        if not _fused(e - s, n, k):
+            # activation="none": xf is final (already quantized and dequantized where W8A8 asks it).
+            y[s:e] = cpu.blockwise_matmul(
+                xf[s - lo : e - lo], w[g], w_scale[g], block_shape, None, None, out_dtype, "none"
+            )
+            continue
+        lib.fp8_gemm(
+            xf.data_ptr() + (s - lo) * x_row, f32, 0, 0, e - s, w.data_ptr() + g * w_step, kind,
+            w_scale.data_ptr() + g * ws_step, n, k, bn, bk, None, 0, y.data_ptr() + s * y_row, ydt, threads,
+        )  # fmt: skip
     return y
 
 
-def _columns_f32(t: torch.Tensor, block_m: int) -> torch.Tensor:
-    """[M, C] -> float32 [M, C] quantized per (block_m x 1) block to e4m3fn and dequantized."""
-    q, scale = _quantize_f32(t[None], (block_m, 1), torch.float8_e4m3fn, "fp32")
-    return _dequantize_f32(q.to(torch.float8_e4m3fn), scale, (block_m, 1))[0]
+def _fused(rows: int, n: int, k: int) -> bool:
+    """Whether cpu.blockwise_matmul serves an [rows, k] x [n, k]^T product with the fused C GEMM
+    (its rule, restated here so that decode-sized groups skip its per-call overhead)."""
+    return rows <= cpu.SMALL_M or (rows <= cpu.SMALL_WEIGHT_MAX_M and n * k < cpu.SMALL_WEIGHT)
+
+
+def _columns_transposed_f32(t: torch.Tensor, block_m: int) -> torch.Tensor:
+    """[M, C] -> float32 [C, M]: t^T quantized to e4m3 per 1 x block_m (= t's block_m x 1 column
+    blocks at absolute row offsets) and dequantized, each element rounded once in fp32."""
+    tt = t.T.contiguous()[None]
+    q, scale = cpu.quantize(tt, (1, block_m), torch.float8_e4m3fn, "fp32")
+    return cpu.dequantize(q, scale, (1, block_m), torch.float32)[0]
 
 
 def grouped_matmul_transposed(
@@ -75,11 +146,30 @@ def grouped_matmul_transposed(
     block_m: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    out = torch.zeros(group_sizes.shape[0], x.shape[1], dy.shape[1], dtype=out_dtype)
+    """x [M, K], dy [M, N] bf16/fp16/fp32 contiguous, group_sizes [G] int32 (CPU)
+    -> out [G, K, N] out_dtype, out[g] = x_g^T dy_g on the block-quantized operands."""
     ranges = _row_ranges(group_sizes, x.shape[0])
+    # Only empty groups are zero-filled: the GEMMs overwrite the rest (a [64, 2048, 1408] fp32
+    # result is 740 MB, one pass of it is a large part of a decode-sized tgmm).
+    out = torch.empty(group_sizes.shape[0], x.shape[1], dy.shape[1], dtype=out_dtype)
+    used = {g for g, _, _ in ranges}
+    for g in range(out.shape[0]):
+        if g not in used:
+            out[g].zero_()  # (a boolean-mask assignment took 159 ms at [64, 2048, 1408] with no empty group)
     if not ranges:
         return out
-    xd, dd = _columns_f32(x, block_m), _columns_f32(dy, block_m)
+    xt, dt = _columns_transposed_f32(x, block_m), _columns_transposed_f32(dy, block_m)  # [K, M], [N, M]
+    # Other output dtypes: each group's fp32 product lands in one reused [K, N] buffer, then is cast
+    # into out[g]; a fresh fp32 result per group cost page faults over every byte of it
+    # (sys time was ~half the CPU time of a 16-group, K 7168 x N 2048 tgmm).
+    acc = None if out_dtype == torch.float32 else torch.empty(x.shape[1], dy.shape[1], dtype=torch.float32)
     for g, s, e in ranges:
-        out[g] = (xd[s:e].T @ dd[s:e]).to(out_dtype)
+        torch.mm(xt[:, s:e], dt[:, s:e].T, out=out[g] if acc is None else acc)
+        if acc is not None:
+            out[g].copy_(acc)
     return out
+
+
+# Last: cpu.py imports this module at its end, so whichever of the two is imported first, the other
+# finds every function it names already defined (importing this module first used to fail).
+from . import cpu  # noqa: E402
