@@ -132,6 +132,54 @@ def test_tgmm_block_m_vs_tile_m(backend, block_m, tile_m):
     testing.assert_kernel_close(_tgmm(x, dy, sizes, block_m, tile_m, 128), ref, f"{block_m}/{tile_m}")
 
 
+#: (tile_m, tile_k, tile_n, block_m) that tuning.tgmm_select returns for the MoE shapes and the
+#: tests' shapes on some generation (lowering.tgmm_configs' "chosen" rows, all Mosaic-lowered by
+#: check_lowering.py); test_every_chosen_tgmm_tiling_is_tested keeps this list complete.
+CHOSEN_TGMM_TILINGS = [
+    (128, 1792, 2048, 128), (128, 1792, 2048, 256), (256, 1024, 2048, 128), (256, 1792, 2048, 128),
+    (256, 1792, 2048, 256), (256, 2048, 768, 128), (256, 2048, 768, 256), (256, 2048, 1408, 128),
+    (256, 2048, 1408, 256), (512, 128, 128, 128), (512, 128, 128, 256), (512, 1024, 1408, 128),
+    (512, 1024, 1408, 256), (512, 1024, 2048, 128), (512, 1024, 2048, 256), (512, 1792, 2048, 128),
+    (512, 1792, 2048, 256), (512, 2048, 768, 128), (512, 2048, 768, 256), (512, 2048, 1408, 128),
+    (512, 2048, 1408, 256), (512, 2048, 1792, 128), (512, 2048, 2048, 128), (512, 2048, 2048, 256),
+]  # fmt: skip
+#: Run by default (~3 s each in interpret mode): non-power-of-two tiles, 2 K tiles, both block_m.
+FAST_CHOSEN = {(512, 1024, 1408, 128), (256, 2048, 768, 256), (512, 128, 128, 256)}
+
+
+def test_every_chosen_tgmm_tiling_is_tested(backend):
+    lowering = importlib.import_module("torch_fp8_blockwise.backends.pallas.lowering")
+    tuning = importlib.import_module("torch_fp8_blockwise.backends.pallas.tuning")
+    chosen = {
+        (c.tm, c.tk, c.tn, c.block_m)
+        for gen in tuning.GENERATIONS
+        for c, origin in lowering.tgmm_configs(gen)
+        if origin == "chosen"
+    }
+    assert chosen <= set(CHOSEN_TGMM_TILINGS), sorted(chosen - set(CHOSEN_TGMM_TILINGS))
+
+
+@pytest.mark.parametrize(
+    "tile_m,tile_k,tile_n,block_m",
+    [t if t in FAST_CHOSEN else pytest.param(*t, marks=pytest.mark.slow) for t in CHOSEN_TGMM_TILINGS],
+)
+def test_tgmm_chosen_tilings(backend, tile_m, tile_k, tile_n, block_m):
+    # K spans 2 tiles for the smaller K tiles (the accumulator restarts per (K, N) tile), one padded
+    # tile for 2048; N is one padded tile: the big tiles at the cost of one output tile per group.
+    sizes = [300, 0, 257, 140]
+    m = sum(sizes) + 3
+    k = tile_k + 100 if tile_k < 2048 else tile_k - 60
+    x, dy = torch.randn(m, k), torch.randn(m, tile_n - 24)
+    out = _tgmm(x, dy, sizes, block_m, tile_m, tile_k, tile_n)
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, block_m, F32)
+    testing.assert_kernel_close(out, ref, f"{tile_m}x{tile_k}x{tile_n}/{block_m}")
+    keep = [0, 2, 3]
+    assert_quantization_loss_ok(
+        out[keep], unquantized_tgmm(x, dy, sizes)[keep], f"{tile_m}x{tile_k}x{tile_n}"
+    )
+
+
 @pytest.mark.parametrize(
     "mode,x_dtype,out_dtype",
     [("dynamic", torch.bfloat16, None), ("fp8", F32, torch.float16), ("none", torch.bfloat16, F32)],
