@@ -401,14 +401,15 @@ def tgmm_roofline(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> R
     """Model of one tgmm call (grid (K tiles, N tiles, visits), see grouped.py) with tiles tm, tk, tn.
 
     Per (K tile, N tile) column of the grid: ``V = tiles_m + G - 1`` steps (the static visit
-    bound) each pay the step overhead; each real visit runs ``2 tm tk tn`` flops at the dot's rate,
-    scaled by how much of the MXU the dot fills (min(tm, block_m)-deep on an ``mxu_k``-deep MXU, tk
-    streamed rows on ``mxu_rows``); the column's HBM bytes are each M tile of x and dy (and their
-    scales) once (consecutive visits of a tile keep its blocks) plus one [tk, tn] output tile per
-    group (written back when the group changes). Each step costs max(MXU, bytes / bandwidth) with
-    the column's bytes spread over its visits. fp8 adds the XLA passes around the kernel: the
-    column quantization of x and dy (read twice at TGMM_IN_BYTES, fp8 written once) and the
-    epilogue that zeroes empty groups and slices the padding (out read and written once).
+    bound) each pay the step overhead; each real visit runs one ``2 d tk tn``-flop dot per
+    d = min(tm, block_m)-row quantization block holding rows of its group (the bf16 baseline: one
+    tm-deep dot per visit) at the dot's rate, scaled by how much of the MXU it fills (d-deep on an
+    ``mxu_k``-deep MXU, tk streamed rows on ``mxu_rows``); the column's HBM bytes are each M tile of
+    x and dy (and their scales) once (consecutive visits of a tile keep its blocks) plus one
+    [tk, tn] output tile per group (written back when the group changes). The column costs
+    max(MXU time, bytes / bandwidth), i.e. the steps overlap DMA and MXU. fp8 adds the XLA passes around the kernel: the
+    column quantization of x and dy (read twice at TGMM_IN_BYTES, fp8 written once) and, when the
+    tiles do not divide K and N, the slice of the padding off the output (read and written once).
     Not modelled: the VPU work of the mask and scaling, the XLU transpose of the x rows.
     """
     fp8 = p.operand == "fp8"
@@ -420,9 +421,12 @@ def tgmm_roofline(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> R
     touched = -(-p.m // tm)
     dot = tgmm_dot_dtype(p, spec)
     depth = min(tm, p.block_m) if fp8 else tm
+    # fp8: one dot per quantization block that holds rows of the visit's group (the kernel skips
+    # the others); the bf16 baseline runs the whole tile per visit.
+    dots = _tgmm_visits(p.rows, p.g, depth) if fp8 else real
     fill = min(1.0, depth / spec.mxu_k) * min(1.0, tk / spec.mxu_rows)
     peak = spec.peak_flops(dot)
-    t_mxu = 2.0 * tm * tk * tn / (peak * fill)
+    t_mxu = 2.0 * depth * tk * tn / (peak * fill)  # one dot
     ob = jnp.dtype(p.out_dtype).itemsize
     opb = 1 if fp8 else 2
     in_col = touched * tm * (tk + tn) * opb
@@ -430,26 +434,28 @@ def tgmm_roofline(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> R
         in_col += touched * max(1, tm // p.block_m) * (tk + tn) * 4
     out_col = p.g * tk * tn * ob
     step_bytes = (in_col + out_col) / real
-    t_col = real * max(t_mxu, step_bytes / spec.hbm_bytes_per_s) + grid_visits * STEP_OVERHEAD_S
+    t_col = max(dots * t_mxu, real * step_bytes / spec.hbm_bytes_per_s) + grid_visits * STEP_OVERHEAD_S
     time_s = kt * nt * t_col
     hbm = kt * nt * (in_col + out_col)
     if fp8:
-        extra = mp * (kp + np_) * (2 * TGMM_IN_BYTES + 1) + 2 * p.g * p.k * p.n * ob
+        extra = mp * (kp + np_) * (2 * TGMM_IN_BYTES + 1)
+        if (kp, np_) != (p.k, p.n):
+            extra += 2 * p.g * p.k * p.n * ob  # slicing the tile padding off copies the output
         hbm += extra
         time_s += extra / spec.hbm_bytes_per_s
     useful = 2.0 * p.m * p.k * p.n
     min_bytes = p.m * (p.k + p.n) * TGMM_IN_BYTES + p.g * p.k * p.n * ob
     return Roofline(
         steps=kt * nt * grid_visits,
-        flops=2.0 * kt * nt * real * tm * tk * tn,
+        flops=2.0 * kt * nt * dots * depth * tk * tn,
         hbm_bytes=hbm,
         min_bytes=min_bytes,
         step_bytes=step_bytes,
-        intensity=2.0 * kt * nt * real * tm * tk * tn / hbm,
+        intensity=2.0 * kt * nt * dots * depth * tk * tn / hbm,
         time_s=time_s,
         mxu_util=useful / time_s / peak,
         hbm_util=min_bytes / time_s / spec.hbm_bytes_per_s,
-        bound="compute" if t_mxu >= step_bytes / spec.hbm_bytes_per_s else "memory",
+        bound="compute" if dots * t_mxu >= real * step_bytes / spec.hbm_bytes_per_s else "memory",
     )
 
 
