@@ -138,15 +138,15 @@ def roofline(shapes) -> None:
     except ImportError as e:
         print(f"\nroofline: skipped (the Pallas model needs jax: {e})")
         return
-    import dataclasses
 
     print(
         "\nTPU roofline (model, not timed): % of MXU peak of the grouped kernels; cap = what exact "
         "bk-deep dots allow on the MXU (128-deep blocks: 50% of a 256-deep MXU); fp8 / bf16 = modelled "
         "time of the block-wise op / a bf16 grouped matmul (issue bar on v7x: 1.23 at K=2048, 1.19 at K=512)"
     )
-    print(f"{'gen':4s} {'op':4s} {'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s}  {'tiling':24s} {'MXU%':>5s} {'cap%':>5s}"
-          f"  {'256-block MXU%':>14s} {'cap%':>5s}  {'fp8 us':>8s} {'bf16 us':>8s} {'fp8/bf16':>8s}")  # fmt: skip
+    print(f"{'gen':4s} {'op':4s} {'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s}  {'tiling':24s} {'MXU%':>5s}"
+          f" {'cap%':>5s}  {'256-block MXU%':>14s} {'cap%':>5s}  {'fp8 us':>8s} {'bf16 us':>8s}"
+          f" {'fp8/bf16':>8s}")  # fmt: skip
 
     def emit(gen, op, g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16):
         print(f"{gen:4s} {op:4s} {g:4d} {m:6d} {k:5d} {n:6d}  {tiling:24s} {100 * util:5.1f} {100 * cap:5.0f}"
@@ -172,15 +172,15 @@ def roofline(shapes) -> None:
             tiling = f"tm={cfg.tm} tn={cfg.tn} tk={cfg.tk}"
             emit(gen, "gmm", g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16)
             # tgmm: the tiling tuning.tgmm_select picks (block_m 128, bf16 out as with bf16 x / dy).
-            p = tuning.TgmmProblem(tuning.tgmm_rows_bucket(m, g), k, n, g, 128, "bfloat16")
+            rows = tuning.tgmm_rows_bucket(m, g)
             tg = []
             for block_m in (128, 256):
-                q = dataclasses.replace(p, block_m=block_m)
+                q = tuning.TgmmProblem(rows, k, n, g, block_m, "bfloat16")
                 c = tuning.tgmm_select(gen, q)
                 r = tuning.tgmm_roofline(q, c.tm, c.tk, c.tn, spec)
                 tg.append((c, r.mxu_util, min(1.0, min(c.tm, block_m) / spec.mxu_k), r.time_s))
             (c, util, cap, t_fp8), (_, util2, cap2, _) = tg
-            base = dataclasses.replace(p, operand="bfloat16")
+            base = tuning.TgmmProblem(rows, k, n, g, out_dtype="bfloat16", operand="bfloat16")
             t_bf16 = tuning.tgmm_roofline(base, *tuning.tgmm_best(base, spec), spec).time_s
             tiling = f"tm={c.tm} tk={c.tk} tn={c.tn}"
             emit(gen, "tgmm", g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16)

@@ -407,9 +407,10 @@ def tgmm_roofline(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> R
     ``mxu_k``-deep MXU, tk streamed rows on ``mxu_rows``); the column's HBM bytes are each M tile of
     x and dy (and their scales) once (consecutive visits of a tile keep its blocks) plus one
     [tk, tn] output tile per group (written back when the group changes). The column costs
-    max(MXU time, bytes / bandwidth), i.e. the steps overlap DMA and MXU. fp8 adds the XLA passes around the kernel: the
-    column quantization of x and dy (read twice at TGMM_IN_BYTES, fp8 written once) and, when the
-    tiles do not divide K and N, the slice of the padding off the output (read and written once).
+    max(MXU time, bytes / bandwidth) (each step max(MXU, DMA) with the column's bytes spread over
+    its steps). fp8 adds the XLA passes around the kernel: the column quantization of x and dy
+    (read twice at TGMM_IN_BYTES, fp8 written once) and, when the tiles do not divide K and N, the
+    slice of the padding off the output (read and written once).
     Not modelled: the VPU work of the mask and scaling, the XLU transpose of the x rows.
     """
     fp8 = p.operand == "fp8"
