@@ -205,6 +205,12 @@ def test_sum_above_m_truncates_on_the_device_path(backend):
     gs = torch.tensor([5, 30], dtype=torch.int32)
     ref = reference.grouped_matmul_transposed(x, dy, gs, 128, F32)
     testing.assert_kernel_close(_tgmm(x, dy, [5, 30], 128, 128, 128), ref, "tgmm")
+    # Truncation that empties whole groups: their one (zero-storing) visit sits past row M.
+    gs = torch.tensor([20, 7, 0], dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, 128, F32)
+    out = _tgmm(x, dy, [20, 7, 0], 128, 256, 128)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    testing.assert_kernel_close(out, ref, "tgmm truncated to empty")
 
 
 def test_one_trace_serves_every_group_sizes(backend):
