@@ -122,6 +122,19 @@ def test_tgmm_every_tiling(backend, tile_m, tile_k):
     assert_quantization_loss_ok(out[keep], unquantized_tgmm(x, dy, sizes)[keep], f"{tile_m}x{tile_k}")
 
 
+@pytest.mark.parametrize("block_m,tile_m", [(128, 256), (128, 512), (256, 512)])
+def test_tgmm_skipped_blocks_at_block_edges(backend, block_m, tile_m):
+    # The kernel skips the dot of a quantization block holding no row of the visit's group: group
+    # edges one row either side of a block edge (last row = a block's first row, a group ending
+    # exactly at a block edge, a one-row group at a block start) must keep every needed block.
+    sizes = [129, 127, 256, 1, 255, 0, 2]
+    m = sum(sizes) + 1
+    x, dy = torch.randn(m, 24), torch.randn(m, 16)
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, block_m, F32)
+    testing.assert_kernel_close(_tgmm(x, dy, sizes, block_m, tile_m, 128), ref, f"{block_m}/{tile_m}")
+
+
 @pytest.mark.parametrize("block_m,tile_m", [(256, 128), (256, 512), (512, 128), (512, 512)])
 def test_tgmm_block_m_vs_tile_m(backend, block_m, tile_m):
     sizes = [300, 0, 457, 200]
