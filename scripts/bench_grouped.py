@@ -20,10 +20,11 @@ the process's CPU time (all threads) instead of the wall clock: with ``--threads
 work per call, which other jobs on a shared machine do not change.
 
 Roofline (no TPU timing here): for each shape and TPU generation, the Pallas gmm config the bridge
-picks and the tgmm default tiling, modelled with backends/pallas/tuning.py's roofline: % of MXU peak
-against the cap that exact 128-deep quantization blocks put on a 256-deep MXU (each K / M block's
-partial is one 128-deep dot, half a pass: 50% on v6e / v7x), and the same model with 256-deep blocks
-(the larger-block option) for comparison.
+picks and the tgmm tiling ``tuning.tgmm_select`` picks, modelled with backends/pallas/tuning.py's
+roofline: % of MXU peak against the cap that exact 128-deep quantization blocks put on a 256-deep MXU
+(each K / M block's partial is one 128-deep dot, half a pass: 50% on v6e / v7x), the same model with
+256-deep blocks (the larger-block option), and the modelled time of the fp8 op, of a bf16 grouped
+matmul in the same model, and their ratio.
 """
 
 from __future__ import annotations
@@ -157,18 +158,34 @@ def _bench_shape(
 
 
 def roofline(shapes) -> None:
-    """Pallas tilings of gmm / tgmm in the TPU model (tuning.roofline), per generation."""
+    """Pallas tilings of gmm / tgmm in the TPU model (backends/pallas/tuning.py), per generation.
+
+    Per row: the tiling the bridge picks, its % of MXU peak against the cap of exact 128-deep
+    quantization blocks and the same with 256-deep blocks (the larger-block option), then the
+    modelled time of the fp8 block-wise op and of a bf16 baseline in the same model (bf16 operands,
+    full-depth dots at the bf16 MXU rate, its own best tiling; no quantize or epilogue pass) and
+    their ratio (the issue's bar: v7x blockwise / bf16 1.23x at K=2048, 1.19x at K=512).
+    """
     try:
         tuning = importlib.import_module("torch_fp8_blockwise.backends.pallas.tuning")
     except ImportError as e:
         print(f"\nroofline: skipped (the Pallas model needs jax: {e})")
         return
+
     print(
         "\nTPU roofline (model, not timed): % of MXU peak of the grouped kernels; cap = what exact "
-        "bk-deep dots allow on the MXU (128-deep blocks: 50% of a 256-deep MXU)"
+        "bk-deep dots allow on the MXU (128-deep blocks: 50% of a 256-deep MXU); fp8 / bf16 = modelled "
+        "time of the block-wise op / a bf16 grouped matmul (issue bar on v7x: 1.23 at K=2048, 1.19 at K=512)"
     )
-    print(f"{'gen':4s} {'op':4s} {'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s}  {'tiling':28s} {'MXU%':>5s} {'cap%':>5s}"
-          f"  {'256-block MXU%':>14s} {'cap%':>5s}")  # fmt: skip
+    print(f"{'gen':4s} {'op':4s} {'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s}  {'tiling':24s} {'MXU%':>5s}"
+          f" {'cap%':>5s}  {'256-block MXU%':>14s} {'cap%':>5s}  {'fp8 us':>8s} {'bf16 us':>8s}"
+          f" {'fp8/bf16':>8s}")  # fmt: skip
+
+    def emit(gen, op, g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16):
+        print(f"{gen:4s} {op:4s} {g:4d} {m:6d} {k:5d} {n:6d}  {tiling:24s} {100 * util:5.1f} {100 * cap:5.0f}"
+              f"  {100 * util2:14.1f} {100 * cap2:5.0f}  {1e6 * t_fp8:8.1f} {1e6 * t_bf16:8.1f}"
+              f" {t_fp8 / t_bf16:8.2f}")  # fmt: skip
+
     for gen, spec in sorted(tuning.GENERATIONS.items()):
         for g, m, k, n in shapes:
             rows = tuning.m_bucket(max(1, -(-m // g)))
@@ -182,29 +199,24 @@ def roofline(shapes) -> None:
                 useful = 2.0 * m * n * k
                 util = useful / r.time_s / spec.peak_flops(cfg.dot_dtype)
                 cap = min(1.0, block / spec.mxu_k)
-                line.append((cfg, util, cap))
-            (cfg, util, cap), (_, util2, cap2) = line
+                line.append((cfg, util, cap, r.time_s))
+            (cfg, util, cap, t_fp8), (_, util2, cap2, _) = line
+            t_bf16, _ = tuning.gmm_bf16_roofline(m, n, k, g, spec)
             tiling = f"tm={cfg.tm} tn={cfg.tn} tk={cfg.tk}"
-            print(f"{gen:4s} gmm  {g:4d} {m:6d} {k:5d} {n:6d}  {tiling:28s} {100 * util:5.1f} {100 * cap:5.0f}"
-                  f"  {100 * util2:14.1f} {100 * cap2:5.0f}")  # fmt: skip
-            # tgmm: reduction over M in tm-row tiles, one min(tm, block_m)-deep dot per quantization block.
-            tm, tk, tn = 256, 512, 512
+            emit(gen, "gmm", g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16)
+            # tgmm: the tiling tuning.tgmm_select picks (block_m 128, bf16 out as with bf16 x / dy).
+            rows = tuning.tgmm_rows_bucket(m, g)
+            tg = []
             for block_m in (128, 256):
-                depth = min(tm, block_m)
-                visits = -(-m // tm) + g - 1
-                steps = -(-k // tk) * -(-n // tn) * visits
-                peak = spec.peak_flops("float8_e4m3fn" if spec.fp8_flops else "bfloat16")
-                t_mxu = 2.0 * tm * tk * tn / (peak * min(1.0, depth / spec.mxu_k))
-                t_hbm = tm * (tk + tn) / spec.hbm_bytes_per_s
-                time_s = steps * (max(t_mxu, t_hbm) + tuning.STEP_OVERHEAD_S)
-                line[0 if block_m == 128 else 1] = (
-                    None,
-                    2.0 * m * n * k / time_s / peak,
-                    min(1.0, depth / spec.mxu_k),
-                )
-            (_, util, cap), (_, util2, cap2) = line
-            print(f"{gen:4s} tgmm {g:4d} {m:6d} {k:5d} {n:6d}  {'tm=256 tk=512 tn=512':28s} {100 * util:5.1f} "
-                  f"{100 * cap:5.0f}  {100 * util2:14.1f} {100 * cap2:5.0f}")  # fmt: skip
+                q = tuning.TgmmProblem(rows, k, n, g, block_m, "bfloat16")
+                c = tuning.tgmm_select(gen, q)
+                r = tuning.tgmm_roofline(q, c.tm, c.tk, c.tn, spec)
+                tg.append((c, r.mxu_util, min(1.0, min(c.tm, block_m) / spec.mxu_k), r.time_s))
+            (c, util, cap, t_fp8), (_, util2, cap2, _) = tg
+            base = tuning.TgmmProblem(rows, k, n, g, out_dtype="bfloat16", operand="bfloat16")
+            t_bf16 = tuning.tgmm_roofline(base, *tuning.tgmm_best(base, spec), spec).time_s
+            tiling = f"tm={c.tm} tk={c.tk} tn={c.tn}"
+            emit(gen, "tgmm", g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,19 @@ def test_tgmm_every_tiling(backend, tile_m, tile_k):
     assert_quantization_loss_ok(out[keep], unquantized_tgmm(x, dy, sizes)[keep], f"{tile_m}x{tile_k}")
 
 
+@pytest.mark.parametrize("block_m,tile_m", [(128, 256), (128, 512), (256, 512)])
+def test_tgmm_skipped_blocks_at_block_edges(backend, block_m, tile_m):
+    # The kernel skips the dot of a quantization block holding no row of the visit's group: group
+    # edges one row either side of a block edge (last row = a block's first row, a group ending
+    # exactly at a block edge, a one-row group at a block start) must keep every needed block.
+    sizes = [129, 127, 256, 1, 255, 0, 2]
+    m = sum(sizes) + 1
+    x, dy = torch.randn(m, 24), torch.randn(m, 16)
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, block_m, F32)
+    testing.assert_kernel_close(_tgmm(x, dy, sizes, block_m, tile_m, 128), ref, f"{block_m}/{tile_m}")
+
+
 @pytest.mark.parametrize("block_m,tile_m", [(256, 128), (256, 512), (512, 128), (512, 512)])
 def test_tgmm_block_m_vs_tile_m(backend, block_m, tile_m):
     sizes = [300, 0, 457, 200]
@@ -130,6 +143,53 @@ def test_tgmm_block_m_vs_tile_m(backend, block_m, tile_m):
     gs = torch.tensor(sizes, dtype=torch.int32)
     ref = reference.grouped_matmul_transposed(x, dy, gs, block_m, F32)
     testing.assert_kernel_close(_tgmm(x, dy, sizes, block_m, tile_m, 128), ref, f"{block_m}/{tile_m}")
+
+
+#: (tile_m, tile_k, tile_n, block_m) that tuning.tgmm_select returns for the MoE shapes and the
+#: tests' shapes on some generation (lowering.tgmm_configs' "chosen" rows, all Mosaic-lowered by
+#: check_lowering.py); test_every_chosen_tgmm_tiling_is_tested keeps this list complete.
+CHOSEN_TGMM_TILINGS = [
+    (128, 1792, 2048, 128), (128, 1792, 2048, 256), (256, 1024, 2048, 128), (256, 1792, 2048, 128),
+    (256, 2048, 768, 128), (512, 128, 128, 128), (512, 128, 128, 256), (512, 1024, 1408, 128),
+    (512, 1024, 1408, 256), (512, 1024, 2048, 128), (512, 1024, 2048, 256), (512, 1792, 2048, 128),
+    (512, 1792, 2048, 256), (512, 2048, 768, 128), (512, 2048, 768, 256), (512, 2048, 1408, 128),
+    (512, 2048, 1408, 256), (512, 2048, 1792, 128), (512, 2048, 2048, 128), (512, 2048, 2048, 256),
+]  # fmt: skip
+#: Run by default (3-8 s each in interpret mode): non-power-of-two tiles, 2 K tiles, both block_m.
+FAST_CHOSEN = {(512, 1024, 1408, 128), (512, 2048, 768, 256), (512, 128, 128, 256)}
+
+
+def test_every_chosen_tgmm_tiling_is_tested(backend):
+    lowering = importlib.import_module("torch_fp8_blockwise.backends.pallas.lowering")
+    tuning = importlib.import_module("torch_fp8_blockwise.backends.pallas.tuning")
+    chosen = {
+        (c.tm, c.tk, c.tn, c.block_m)
+        for gen in tuning.GENERATIONS
+        for c, origin in lowering.tgmm_configs(gen)
+        if origin == "chosen"
+    }
+    assert chosen <= set(CHOSEN_TGMM_TILINGS), sorted(chosen - set(CHOSEN_TGMM_TILINGS))
+
+
+@pytest.mark.parametrize(
+    "tile_m,tile_k,tile_n,block_m",
+    [t if t in FAST_CHOSEN else pytest.param(*t, marks=pytest.mark.slow) for t in CHOSEN_TGMM_TILINGS],
+)
+def test_tgmm_chosen_tilings(backend, tile_m, tile_k, tile_n, block_m):
+    # K spans 2 tiles for the smaller K tiles (the accumulator restarts per (K, N) tile), one padded
+    # tile for 2048; N is one padded tile: the big tiles at the cost of one output tile per group.
+    sizes = [300, 0, 257, 140]
+    m = sum(sizes) + 3
+    k = tile_k + 100 if tile_k <= 1024 else tile_k - 60
+    x, dy = torch.randn(m, k), torch.randn(m, tile_n - 24)
+    out = _tgmm(x, dy, sizes, block_m, tile_m, tile_k, tile_n)
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, block_m, F32)
+    testing.assert_kernel_close(out, ref, f"{tile_m}x{tile_k}x{tile_n}/{block_m}")
+    keep = [0, 2, 3]
+    assert_quantization_loss_ok(
+        out[keep], unquantized_tgmm(x, dy, sizes)[keep], f"{tile_m}x{tile_k}x{tile_n}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -158,6 +218,12 @@ def test_sum_above_m_truncates_on_the_device_path(backend):
     gs = torch.tensor([5, 30], dtype=torch.int32)
     ref = reference.grouped_matmul_transposed(x, dy, gs, 128, F32)
     testing.assert_kernel_close(_tgmm(x, dy, [5, 30], 128, 128, 128), ref, "tgmm")
+    # Truncation that empties whole groups: their one (zero-storing) visit sits past row M.
+    gs = torch.tensor([20, 7, 0], dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, 128, F32)
+    out = _tgmm(x, dy, [20, 7, 0], 128, 256, 128)
+    assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+    testing.assert_kernel_close(out, ref, "tgmm truncated to empty")
 
 
 def test_one_trace_serves_every_group_sizes(backend):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 
@@ -97,3 +98,97 @@ def test_roofline_model_regimes() -> None:
     v7x = tuning.GENERATIONS["v7x"]
     r7 = tuning.roofline(prefill, tuning.model_best(prefill, v7x), v7x)
     assert r7.mxu_util <= 0.5
+
+
+# ------------------------------------------------------------------------------- tgmm tiling choice
+gp = importlib.import_module("torch_fp8_blockwise.backends.pallas.grouped")
+
+TGMM_GRID = [
+    (rows, k, n, g)
+    for rows in (1, 64, 4096)
+    for k, n in ((72, 40), (2048, 1408), (7168, 2048), (4096, 14336))
+    for g in (1, 256)
+]
+
+
+@pytest.mark.parametrize("generation", sorted(tuning.GENERATIONS))
+def test_tgmm_choice_is_legal_fits_vmem_and_is_the_model_best(generation) -> None:
+    spec = tuning.GENERATIONS[generation]
+    for rows, k, n, g in TGMM_GRID:
+        for block_m, out_dtype in ((128, "bfloat16"), (256, "float32"), (512, "bfloat16")):
+            p = tuning.TgmmProblem(rows, k, n, g, block_m, out_dtype)
+            cfg = tuning.tgmm_select(generation, p)
+            what = f"{generation} {p}: {cfg}"
+            assert isinstance(cfg, gp.TgmmConfig), what  # validated by its __post_init__
+            assert cfg.tm in gp.TGMM_TILE_M and (cfg.tm % block_m == 0 or block_m % cfg.tm == 0), what
+            padded_k, padded_n = -(-k // 128) * 128, -(-n // 128) * 128
+            assert cfg.tk % 128 == 0 and cfg.tk <= min(2048, padded_k), what
+            assert cfg.tn % 128 == 0 and cfg.tn <= min(2048, padded_n), what
+            assert (cfg.block_m, cfg.out_dtype, cfg.mxu) == (block_m, out_dtype, spec.mxu), what
+            need = tuning.tgmm_vmem_footprint(p, cfg.tm, cfg.tk, cfg.tn, spec)
+            assert need <= spec.vmem_bytes * tuning.VMEM_USABLE, what
+            assert need < cfg.vmem_limit_bytes <= spec.vmem_bytes, what
+            # No legal candidate is modelled faster (beyond the 0.1% tie band) than the choice.
+            chosen = tuning.tgmm_roofline(p, cfg.tm, cfg.tk, cfg.tn, spec).time_s
+            for c in tuning.tgmm_candidates(p, spec):
+                assert tuning.tgmm_roofline(p, *c, spec).time_s * 1.001 >= chosen, (what, c)
+
+
+@pytest.mark.parametrize("generation", sorted(tuning.GENERATIONS))
+def test_tgmm_bigger_problems_never_get_smaller_tiles(generation) -> None:
+    # More rows per group: each output tile amortizes more MXU work, so the model never shrinks the
+    # work of a step (tm * tk * tn) as rows grow.
+    for k, n, g in ((2048, 1408, 64), (7168, 2048, 256), (4096, 14336, 8), (512, 768, 16)):
+        for block_m in (128, 256):
+            sizes = []
+            for rows in (1, 4, 16, 64, 256, 1024, 4096):
+                c = tuning.tgmm_select(generation, tuning.TgmmProblem(rows, k, n, g, block_m))
+                sizes.append(c.tm * c.tk * c.tn)
+            assert sizes == sorted(sizes), (generation, k, n, g, block_m, sizes)
+
+
+def test_tgmm_vmem_budget_rejects_oversized_tiles() -> None:
+    p = tuning.TgmmProblem(4096, 4096, 4096, 8, 128, "float32")
+    with pytest.raises(ValueError, match="exceeds 75% of v7x's 64 MiB"):
+        tuning.tgmm_vmem_limit(p, 512, 2048, 1024, tuning.GENERATIONS["v7x"])
+    assert (512, 2048, 1024) not in tuning.tgmm_candidates(p, tuning.GENERATIONS["v7x"])
+    assert (512, 2048, 1024) in tuning.tgmm_candidates(p, tuning.GENERATIONS["v6e"])  # 128 MiB
+
+
+def test_tgmm_model_regimes_and_gain_over_the_fixed_tiling() -> None:
+    v7x = tuning.GENERATIONS["v7x"]
+    # Decode-like (8 rows per expert): the [G, K, N] output writes bound the step, not the MXU.
+    dec = tuning.TgmmProblem(8, 7168, 2048, 256)
+    r_dec = tuning.tgmm_roofline(dec, *tuning.tgmm_best(dec, v7x), v7x)
+    assert r_dec.bound == "memory" and r_dec.mxu_util < 0.01
+    # Prefill-like (1024 rows per expert): compute bound, at most the 50% cap of 128-deep blocks.
+    pre = tuning.TgmmProblem(1024, 4096, 14336, 8)
+    r_pre = tuning.tgmm_roofline(pre, *tuning.tgmm_best(pre, v7x), v7x)
+    assert r_pre.bound == "compute" and 0.1 < r_pre.mxu_util <= 0.5
+    # The old fixed tiling (256 x 512 x 512) is step-overhead bound: the choice is >= 2x faster.
+    fixed = tuning.tgmm_roofline(pre, 256, 512, 512, v7x)
+    assert fixed.time_s > 2 * r_pre.time_s
+    # The bf16 baseline (full-depth bf16 dots, no quantize / epilogue passes) is modelled too.
+    base = dataclasses.replace(pre, operand="bfloat16")
+    assert tuning.tgmm_roofline(base, *tuning.tgmm_best(base, v7x), v7x).time_s > 0
+
+
+def test_tgmm_rows_bucket() -> None:
+    assert [tuning.tgmm_rows_bucket(m, 8) for m in (1, 8, 9, 64, 65, 8192)] == [1, 1, 2, 8, 16, 1024]
+    with pytest.raises(ValueError, match="m, g: expected positive"):
+        tuning.tgmm_rows_bucket(0, 8)
+
+
+def test_lowering_proves_the_bench_moe_shapes() -> None:
+    # scripts/check_lowering.py --target tpu lowers the tgmm tiles chosen for TGMM_PROBLEMS: they
+    # must include every MoE shape the benchmark models.
+    import os
+    import sys
+
+    lowering = importlib.import_module("torch_fp8_blockwise.backends.pallas.lowering")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    try:
+        bench = importlib.import_module("bench_grouped")
+    finally:
+        sys.path.pop(0)
+    assert set(bench.MOE_SHAPES) <= set(lowering.TGMM_PROBLEMS)

@@ -304,14 +304,14 @@ def grouped_matmul(
     return y[:m] if mp != m else y
 
 
-def tgmm_config(block_m: int, out_dtype: torch.dtype) -> _gp.TgmmConfig:
-    """tm = 256 (512 for block_m 512: one quantization block per tile), tk = tn = 512: 256 x 512 fp8
-    operand tiles and a 512 x 512 f32 accumulator, ~6 MB of VMEM with double buffering."""
-    spec = tuning.GENERATIONS[generation()]
-    return _gp.TgmmConfig(
-        tm=max(256, block_m), tk=512, tn=512, block_m=block_m,
-        out_dtype=_bm.kernel_dtype(dtype_name(out_dtype)), mxu=spec.mxu,
-    )  # fmt: skip
+def tgmm_config(m: int, k: int, n: int, g: int, block_m: int, out_dtype: torch.dtype) -> _gp.TgmmConfig:
+    """Tiles for tgmm of x [m, k], dy [m, n] over g groups: the TPU model's best (tuning.tgmm_select)
+    for cdiv(m, g) rows per group (bucketed to a power of two; known on the host without reading
+    group_sizes), with the scoped VMEM limit sized from the tiles."""
+    problem = tuning.TgmmProblem(
+        tuning.tgmm_rows_bucket(m, g), k, n, g, block_m, _bm.kernel_dtype(dtype_name(out_dtype))
+    )
+    return tuning.tgmm_select(generation(), problem)
 
 
 def grouped_matmul_transposed(
@@ -325,11 +325,12 @@ def grouped_matmul_transposed(
 ) -> torch.Tensor:
     """out [G, K, N] ``out_dtype`` (reference.grouped_matmul_transposed): x [M, K], dy [M, N]
     bf16 / f16 / f32, group_sizes [G] int32 (never read on the host). M is padded to its bucket with
-    zero rows (they belong to no group and leave every block's scale unchanged)."""
-    cfg = config or tgmm_config(block_m, out_dtype)
+    zero rows (they belong to no group and leave every block's scale unchanged). ``config`` forces
+    the kernel's tiles (tests); by default :func:`tgmm_config` picks them."""
+    m, k = x.shape
+    cfg = config or tgmm_config(m, k, dy.shape[1], group_sizes.shape[0], block_m, out_dtype)
     if cfg.block_m != block_m:
         raise ValueError(f"config: block_m {cfg.block_m} differs from the call's block_m {block_m}")
-    m = x.shape[0]
     mp = tuning.m_bucket(m)
     if mp != m:
         x, dy = _pad_rows(x, mp - m), _pad_rows(dy, mp - m)

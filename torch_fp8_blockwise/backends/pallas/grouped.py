@@ -28,7 +28,9 @@ is M, so the sub-channel iteration runs over the M tile: ``tm // block_m`` quant
 is accumulated. (tokamax's tgmm took that count from the K tile: cosine 0.34-0.49 for
 tile_m > 128.) Rows outside the group are zeroed in both operands once per tile. Scale blocks sit
 at absolute row offsets, so a block straddling a group boundary serves both groups with one scale.
-Empty groups are never visited and are zeroed outside the kernel.
+An empty group gets one visit that skips the dots and stores its zero tile, so the kernel writes
+every output element once and no pass over the [G, K, N] result follows it (a where over it cost
+as much HBM traffic as the kernel's own writes).
 """
 
 from __future__ import annotations
@@ -53,13 +55,17 @@ TGMM_TILE_K: tuple[int, ...] = (128, 512, 1024)
 
 
 # ------------------------------------------------------------------------------------- schedule
-def visit_schedule(group_sizes: jax.Array, m: int, tm: int) -> tuple[jax.Array, ...]:
-    """(group_ids, tile_ids, first, last, starts, ends, count) for the visits of ``m`` rows in tiles of tm.
+def visit_schedule(
+    group_sizes: jax.Array, m: int, tm: int, visit_empty: bool = False
+) -> tuple[jax.Array, ...]:
+    """(group_ids, tile_ids, starts, ends, count) for the visits of ``m`` rows in tiles of tm.
 
-    group_ids / tile_ids: [V] int32 with V = cdiv(m, tm) + G - 1; first / last: [V] int32 flags,
-    1 on the first / last visit of an M tile (gmm) ... see module docstring; starts / ends: [G]
-    int32 row ranges clipped to [0, m]; count: [1] int32 number of real visits. Steps past count
-    repeat the last real visit (same blocks: no DMA) and are skipped by the kernel.
+    group_ids / tile_ids: [V] int32 with V = cdiv(m, tm) + G - 1, the group and M tile of each
+    visit; starts / ends: [G] int32 row ranges clipped to [0, m]; count: [1] int32 number of real
+    visits. Steps past count repeat the last real visit (same blocks: no DMA) and are skipped by the
+    kernel. ``visit_empty``: an empty group gets one visit too (at the tile holding its start), so
+    tgmm writes its zero output in the kernel; V still bounds the count (the non-empty groups span
+    at most cdiv(m, tm) + #non-empty - 1 visits).
     """
     g = group_sizes.shape[0]
     tiles_m = -(-m // tm)
@@ -71,7 +77,7 @@ def visit_schedule(group_sizes: jax.Array, m: int, tm: int) -> tuple[jax.Array, 
     nonempty = ends > starts
     first_tile = starts // tm
     last_tile = jnp.maximum(ends - 1, 0) // tm
-    tiles = jnp.where(nonempty, last_tile - first_tile + 1, 0)
+    tiles = jnp.where(nonempty, last_tile - first_tile + 1, 1 if visit_empty else 0)
     offsets = jnp.cumsum(tiles)  # inclusive visit offsets per group
     count = offsets[-1]
     v = jnp.arange(v_max, dtype=jnp.int32)
@@ -328,21 +334,32 @@ def _tgmm_kernel(gid_ref, tid_ref, starts_ref, ends_ref, count_ref, *refs, cfg: 
 
     dot_dtype = jnp.float8_e4m3fn if cfg.mxu == "fp8" else jnp.bfloat16
 
-    @pl.when(active)
+    lo, hi = starts_ref[g], ends_ref[g]
+
+    @pl.when(jnp.logical_and(active, lo < hi))  # an empty group's one visit only stores zeros
     def _accumulate() -> None:
         # The group-boundary mask, once per M tile, on both operands (0 * nan would be nan).
         rows_x = tid_ref[v] * cfg.tm + lax.broadcasted_iota(jnp.int32, (cfg.tm, cfg.tk), 0)
         rows_d = tid_ref[v] * cfg.tm + lax.broadcasted_iota(jnp.int32, (cfg.tm, cfg.tn), 0)
-        lo, hi = starts_ref[g], ends_ref[g]
         xm = jnp.where((rows_x >= lo) & (rows_x < hi), x_ref[...].astype(jnp.float32), 0.0)
         dm = jnp.where((rows_d >= lo) & (rows_d < hi), d_ref[...].astype(jnp.float32), 0.0)
         xm, dm = xm.astype(dot_dtype), dm.astype(dot_dtype)
-        for s in range(cfg.sub):  # quantization blocks of this M tile
+
+        def block(s: int) -> None:
             rows = slice(s * cfg.sub_rows, (s + 1) * cfg.sub_rows)
             partial = lax.dot_general(
                 xm[rows], dm[rows], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
             )  # [tk, tn]
             acc_ref[...] += partial * xs_ref[s] * ds_ref[s]
+
+        if cfg.sub == 1:  # the tile intersects the group: its one block does
+            block(0)
+            return
+        for s in range(cfg.sub):  # quantization blocks of this M tile
+            # A block holding no row of the group adds zero: skip its dot (a 256-row group in a
+            # 512-row tile needs 2 of its 4 block dots).
+            first_row = tid_ref[v] * cfg.tm + s * cfg.sub_rows
+            pl.when((first_row < hi) & (first_row + cfg.sub_rows > lo))(functools.partial(block, s))
 
     @pl.when(jnp.logical_and(active, last))
     def _store() -> None:
@@ -379,7 +396,7 @@ def tgmm(
     blocks = (jnp.arange(mp // cfg.tm * cfg.sub) * cfg.sub_rows) // cfg.block_m
     xs_t = xs[blocks].reshape(mp // cfg.tm, cfg.sub, kp)[..., None]
     ds_t = ds[blocks].reshape(mp // cfg.tm, cfg.sub, np_)[:, :, None, :]
-    gid, tid, starts, ends, count = visit_schedule(group_sizes, mp, cfg.tm)
+    gid, tid, starts, ends, count = visit_schedule(group_sizes, mp, cfg.tm, visit_empty=True)
     grid = (kp // cfg.tk, np_ // cfg.tn, gid.shape[0])
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, cfg=cfg),
@@ -404,6 +421,6 @@ def tgmm(
         debug=debug,
         name="fp8_tgmm",
     )(gid, tid, starts, ends, count, xq, xs_t, dq, ds_t)
-    nonempty = (ends > starts)[:, None, None]
-    out = jnp.where(nonempty, out[:, :k, :n], jnp.zeros((), out.dtype))
+    if (kp, np_) != (k, n):  # a copy of the whole output: tuning's model charges it, so tiles divide K, N
+        out = out[:, :k, :n]
     return out if out_dtype is None else out.astype(out_dtype)

@@ -310,6 +310,41 @@ GROUPED_PROBLEMS: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
+#: tgmm problems (G, M rows, K, N) whose chosen tiling (tuning.tgmm_select) must lower: the MoE
+#: shapes of scripts/bench_grouped.py (MOE_SHAPES; a test keeps the two lists equal) and the shapes
+#: tests/test_grouped_pallas.py runs through the default config.
+TGMM_PROBLEMS: tuple[tuple[int, int, int, int], ...] = (
+    (8, 8192, 4096, 14336),
+    (64, 16384, 2048, 1408),
+    (128, 32768, 2048, 768),
+    (256, 65536, 7168, 2048),
+    (256, 2048, 7168, 2048),
+    (4, 463, 72, 40),
+    (4, 360, 72, 40),
+)
+#: block_m / out dtype variants the choice is proven for (tgmm's default block_m 128, the larger
+#: 256 block, bf16 and f32 out).
+TGMM_VARIANTS: tuple[tuple[int, str], ...] = ((128, "bfloat16"), (128, "float32"), (256, "bfloat16"))
+
+
+def tgmm_configs(generation: str, quick: bool = False) -> list[tuple[gp.TgmmConfig, str]]:
+    """Distinct tgmm configs to lower for ``generation``: every tiling tuning.tgmm_select returns for
+    TGMM_PROBLEMS x TGMM_VARIANTS ("chosen"), and the fixed tilings the interpret tests sweep:
+    tile_m in TGMM_TILE_M x tile_k in TGMM_TILE_K with block_m 128 (the tokamax case) and block_m
+    256 / 512 at tile_m 256 / 512, tn = 512 ("tested")."""
+    spec = tuning.GENERATIONS[generation]
+    out: dict[gp.TgmmConfig, str] = {}
+    for g, m, k, n in TGMM_PROBLEMS[:1] if quick else TGMM_PROBLEMS:
+        for block_m, out_dtype in TGMM_VARIANTS[:1] if quick else TGMM_VARIANTS:
+            p = tuning.TgmmProblem(tuning.tgmm_rows_bucket(m, g), k, n, g, block_m, out_dtype)
+            out.setdefault(tuning.tgmm_select(generation, p), "chosen")
+    tilings = [(tm, tk, 128) for tm in gp.TGMM_TILE_M for tk in gp.TGMM_TILE_K]
+    tilings += [(256, 512, 256), (512, 512, 512)]
+    for tm, tk, block_m in tilings[:2] if quick else tilings:
+        out.setdefault(gp.TgmmConfig(tm=tm, tk=tk, tn=512, block_m=block_m, mxu=spec.mxu), "tested")
+    return list(out.items())
+
+
 def _lowered_row(row: Row, lower, generation: str, fp8_mxu: bool) -> Row:
     """Lower, run the layout passes, and check the dot dtype of a grouped kernel."""
     try:
@@ -333,8 +368,8 @@ def _lowered_row(row: Row, lower, generation: str, fp8_mxu: bool) -> Row:
 def check_grouped(quick: bool = False) -> list[Row]:
     """gmm: the config bridge.gmm_config picks (dense table / model at cdiv(M, G) rows) for each
     GROUPED_PROBLEMS entry and generation, on a 3-group problem of 2 M tiles; tgmm: every tiling
-    tile_m in (128, 256, 512) x tile_k in (128, 512, 1024) with block_m 128 (the tokamax case), and
-    block_m 256 / 512 at tile_m 256 / 512, tn = 512, per generation."""
+    :func:`tgmm_configs` (every tiling tuning.tgmm_select picks for TGMM_PROBLEMS, and the tested
+    fixed tilings), per generation."""
     rows = []
     gens = ("v7x",) if quick else tuple(tuning.GENERATIONS)
     for generation in gens:
@@ -357,15 +392,22 @@ def check_grouped(quick: bool = False) -> list[Row]:
                 row = Row("grouped", what, vmem=f"{bm.vmem_footprint(cfg) / tuning.MiB:6.2f} MiB")
                 rows.append(_lowered_row(row, lambda fn=fn, args=args: _export(fn, *args), generation,
                                          cfg.dot_dtype.startswith("float8")))  # fmt: skip
-        tilings = [(tm, tk, 128) for tm in gp.TGMM_TILE_M for tk in gp.TGMM_TILE_K]
-        tilings += [(256, 512, 256), (512, 512, 512)]
-        for tm, tk, block_m in tilings[:2] if quick else tilings:
-            cfg = gp.TgmmConfig(tm=tm, tk=tk, tn=512, block_m=block_m, mxu=tuning.GENERATIONS[generation].mxu)
-            mm = 2 * max(tm, block_m)
-            args = [_sds((mm, 2 * tk), "bfloat16"), _sds((mm, 512), "bfloat16"), _sds((3,), "int32")]
+        for cfg, origin in tgmm_configs(generation, quick):
+            mm = 2 * max(cfg.tm, cfg.block_m)
+            args = [_sds((mm, 2 * cfg.tk), "bfloat16"), _sds((mm, cfg.tn), "bfloat16"), _sds((3,), "int32")]
             fn = functools.partial(gp.tgmm, cfg=cfg, debug=True)
-            what = f"{generation:4s} tgmm tile_m={tm:<4d} tile_k={tk:<5d} tn=512 block_m={block_m} sub={cfg.sub} mxu={cfg.mxu}"
-            row = Row("grouped", what)
+            vmem = tuning.tgmm_vmem_footprint(
+                tuning.TgmmProblem(1, cfg.tk, cfg.tn, 1, cfg.block_m, cfg.out_dtype),
+                cfg.tm,
+                cfg.tk,
+                cfg.tn,
+                tuning.GENERATIONS[generation],
+            )
+            what = (
+                f"{generation:4s} tgmm tile_m={cfg.tm:<4d} tile_k={cfg.tk:<5d} tn={cfg.tn:<5d} "
+                f"block_m={cfg.block_m} sub={cfg.sub} out={cfg.out_dtype} mxu={cfg.mxu} ({origin})"
+            )
+            row = Row("grouped", what, vmem=f"{vmem / tuning.MiB:6.2f} MiB")
             rows.append(
                 _lowered_row(row, lambda fn=fn, args=args: _export(fn, *args), generation, cfg.mxu == "fp8")
             )

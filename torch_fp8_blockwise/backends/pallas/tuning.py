@@ -302,3 +302,242 @@ def select(generation: str, p: Problem) -> MatmulConfig:
         kp = kernel_problem(p, entry.get("prequantize", False))
         return kp.config(entry["tm"], entry["tn"], entry["tk"], spec)
     return _fallback(generation, p)
+
+
+# ------------------------------------------------------------------------ grouped: tgmm model
+#: tgmm K / N tile sizes the choice tries besides the 128-multiples that divide the padded dim
+#: (clipped to it): 512 .. 2048 are what amortizes the 0.35 us step at the fp8 rate.
+TGMM_TILE_KN: tuple[int, ...] = (512, 1024, 2048)
+#: Bytes per element of tgmm's inputs x / dy as the model reads them in the quantize prologue: bf16,
+#: the dtype of MoE weight gradients (an f32 caller pays 2 bytes more per element, once).
+TGMM_IN_BYTES = 2
+
+
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(0, v - 1).bit_length()
+
+
+def tgmm_rows_bucket(m: int, g: int) -> int:
+    """Rows per group the tgmm choice plans for: cdiv(m, g) up to a power of two (<= 2x the real
+    rows, so decode's 8 rows per expert is not planned as 32; one cache entry per octave)."""
+    if m <= 0 or g <= 0:
+        raise ValueError(f"m, g: expected positive row and group counts, got m={m}, g={g}")
+    return _pow2_at_least(-(-m // g))
+
+
+@dataclasses.dataclass(frozen=True)
+class TgmmProblem:
+    """One tgmm call as the model sees it: ``g`` groups of ``rows`` rows each (a balanced router;
+    the bridge passes ``tgmm_rows_bucket(M, G)``), out [G, K, N] ``out_dtype``.
+
+    operand "fp8": this project's kernel (x, dy quantized per block_m x 1 column block; one
+    min(tm, block_m)-deep fp8 dot per block, scaled before accumulation); "bfloat16": the unquantized
+    bf16 baseline (one tm-deep bf16 dot per step, no scales, no quantize / epilogue passes).
+    """
+
+    rows: int
+    k: int
+    n: int
+    g: int
+    block_m: int = 128
+    out_dtype: str = "bfloat16"
+    operand: str = "fp8"
+
+    @property
+    def m(self) -> int:
+        return self.rows * self.g
+
+
+def _vtile(rows: int, cols: int, dtype: str) -> int:
+    """Bytes of a [rows, cols] VMEM block at its native (8|16|32) x 128 tile padding."""
+    item = jnp.dtype(dtype).itemsize
+    return -(-rows // (32 // item)) * (32 // item) * -(-cols // 128) * 128 * item
+
+
+def tgmm_dot_dtype(p: TgmmProblem, spec: TpuSpec) -> str:
+    """fp8 on an fp8 MXU (v7x), else bf16 (v5e / v6e widen the fp8 tiles in VMEM)."""
+    return "float8_e4m3fn" if p.operand == "fp8" and spec.fp8_flops else "bfloat16"
+
+
+def tgmm_vmem_footprint(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> int:
+    """VMEM bytes of one tgmm kernel instance (grouped._tgmm_kernel): double-buffered x [tm, tk] and
+    dy [tm, tn] tiles, their scale blocks xs [sub, tk, 1] (128 lanes per row: 128x its payload) and
+    ds [sub, 1, tn], the out [tk, tn] block, the f32 accumulator, and the live values of a step (the
+    masked f32 and dot-dtype operand copies, the transposed x rows, the f32 partial and its scaled
+    copy)."""
+    op = "float8_e4m3fn" if p.operand == "fp8" else "bfloat16"
+    dot = jnp.dtype(tgmm_dot_dtype(p, spec)).itemsize
+    blocks = _vtile(tm, tk, op) + _vtile(tm, tn, op) + _vtile(tk, tn, p.out_dtype)
+    acc = _vtile(tk, tn, "float32")
+    if p.operand == "fp8":
+        sub = max(1, tm // p.block_m)
+        blocks += sub * (_vtile(tk, 1, "float32") + _vtile(1, tn, "float32"))
+        temps = tm * (tk + tn) * (4 + dot) + min(tm, p.block_m) * tk * dot + 2 * tk * tn * 4
+    else:
+        temps = tm * tk * dot + tk * tn * 4
+    return 2 * blocks + acc + temps
+
+
+def tgmm_vmem_limit(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> int:
+    """Scoped VMEM limit for the tgmm kernel (the rule of :func:`vmem_limit`); ValueError when the
+    footprint exceeds the usable part of ``spec``'s VMEM."""
+    need = tgmm_vmem_footprint(p, tm, tk, tn, spec)
+    budget = int(spec.vmem_bytes * VMEM_USABLE)
+    if need > budget:
+        raise ValueError(
+            f"tgmm tiles tm={tm}, tk={tk}, tn={tn}: VMEM footprint {need / MiB:.1f} MiB exceeds "
+            f"{VMEM_USABLE:.0%} of {spec.name}'s {spec.vmem_bytes // MiB} MiB"
+        )
+    return min(spec.vmem_bytes, -(-(need * 5 // 4 + 2 * MiB) // MiB) * MiB)
+
+
+@functools.cache
+def _tgmm_visits(rows: int, g: int, tm: int) -> int:
+    """Real visits (intersecting (group, M tile) pairs) of g consecutive groups of ``rows`` rows."""
+    return sum((s + rows - 1) // tm - s // tm + 1 for s in range(0, rows * g, rows))
+
+
+def tgmm_roofline(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> Roofline:
+    """Model of one tgmm call (grid (K tiles, N tiles, visits), see grouped.py) with tiles tm, tk, tn.
+
+    Per (K tile, N tile) column of the grid: ``V = tiles_m + G - 1`` steps (the static visit
+    bound) each pay the step overhead; each real visit runs one ``2 d tk tn``-flop dot per
+    d = min(tm, block_m)-row quantization block holding rows of its group (the bf16 baseline: one
+    tm-deep dot per visit) at the dot's rate, scaled by how much of the MXU it fills (d-deep on an
+    ``mxu_k``-deep MXU, tk streamed rows on ``mxu_rows``); the column's HBM bytes are each M tile of
+    x and dy (and their scales) once (consecutive visits of a tile keep its blocks) plus one
+    [tk, tn] output tile per group (written back when the group changes). The column costs
+    max(MXU time, bytes / bandwidth) (each step max(MXU, DMA) with the column's bytes spread over
+    its steps). fp8 adds the XLA passes around the kernel: the column quantization of x and dy
+    (read twice at TGMM_IN_BYTES, fp8 written once) and, when the tiles do not divide K and N, the
+    slice of the padding off the output (read and written once).
+    Not modelled: the VPU work of the mask and scaling, the XLU transpose of the x rows.
+    """
+    fp8 = p.operand == "fp8"
+    mp = -(-m_bucket(p.m) // max(tm, p.block_m)) * max(tm, p.block_m)
+    kp, np_ = -(-p.k // tk) * tk, -(-p.n // tn) * tn
+    tiles_m, kt, nt = mp // tm, kp // tk, np_ // tn
+    grid_visits = tiles_m + p.g - 1
+    real = _tgmm_visits(p.rows, p.g, tm)
+    touched = -(-p.m // tm)
+    dot = tgmm_dot_dtype(p, spec)
+    depth = min(tm, p.block_m) if fp8 else tm
+    # fp8: one dot per quantization block that holds rows of the visit's group (the kernel skips
+    # the others); the bf16 baseline runs the whole tile per visit.
+    dots = _tgmm_visits(p.rows, p.g, depth) if fp8 else real
+    fill = min(1.0, depth / spec.mxu_k) * min(1.0, tk / spec.mxu_rows)
+    peak = spec.peak_flops(dot)
+    t_mxu = 2.0 * depth * tk * tn / (peak * fill)  # one dot
+    ob = jnp.dtype(p.out_dtype).itemsize
+    opb = 1 if fp8 else 2
+    in_col = touched * tm * (tk + tn) * opb
+    if fp8:
+        in_col += touched * max(1, tm // p.block_m) * (tk + tn) * 4
+    out_col = p.g * tk * tn * ob
+    step_bytes = (in_col + out_col) / real
+    t_col = max(dots * t_mxu, real * step_bytes / spec.hbm_bytes_per_s) + grid_visits * STEP_OVERHEAD_S
+    time_s = kt * nt * t_col
+    hbm = kt * nt * (in_col + out_col)
+    if fp8:
+        extra = mp * (kp + np_) * (2 * TGMM_IN_BYTES + 1)
+        if (kp, np_) != (p.k, p.n):
+            extra += 2 * p.g * p.k * p.n * ob  # slicing the tile padding off copies the output
+        hbm += extra
+        time_s += extra / spec.hbm_bytes_per_s
+    useful = 2.0 * p.m * p.k * p.n
+    min_bytes = p.m * (p.k + p.n) * TGMM_IN_BYTES + p.g * p.k * p.n * ob
+    return Roofline(
+        steps=kt * nt * grid_visits,
+        flops=2.0 * kt * nt * dots * depth * tk * tn,
+        hbm_bytes=hbm,
+        min_bytes=min_bytes,
+        step_bytes=step_bytes,
+        intensity=2.0 * kt * nt * dots * depth * tk * tn / hbm,
+        time_s=time_s,
+        mxu_util=useful / time_s / peak,
+        hbm_util=min_bytes / time_s / spec.hbm_bytes_per_s,
+        bound="compute" if dots * t_mxu >= real * step_bytes / spec.hbm_bytes_per_s else "memory",
+    )
+
+
+def _tgmm_tiles(dim: int) -> list[int]:
+    """K / N tile candidates: 128-multiples dividing the 128-padded dim (no padding beyond the lane
+    tile) up to 2048, and TGMM_TILE_KN clipped to the padded dim."""
+    padded = -(-dim // 128) * 128
+    tiles = {t for t in range(128, min(padded, 2048) + 1, 128) if padded % t == 0}
+    tiles |= {min(t, padded) for t in TGMM_TILE_KN}
+    return sorted(tiles)
+
+
+def tgmm_candidates(p: TgmmProblem, spec: TpuSpec) -> list[tuple[int, int, int]]:
+    """Every legal (tm, tk, tn) for ``p`` that fits ``spec``'s VMEM: tm in grouped.TGMM_TILE_M that
+    divides or is divided by block_m (TgmmConfig's rule; the bf16 baseline has no block), tk / tn
+    from :func:`_tgmm_tiles`."""
+    from .grouped import TGMM_TILE_M  # grouped imports nothing of tuning: no cycle
+
+    tms = [t for t in TGMM_TILE_M if p.operand != "fp8" or t % p.block_m == 0 or p.block_m % t == 0]
+    out = []
+    for tm in tms:
+        for tk in _tgmm_tiles(p.k):
+            for tn in _tgmm_tiles(p.n):
+                if tgmm_vmem_footprint(p, tm, tk, tn, spec) <= spec.vmem_bytes * VMEM_USABLE:
+                    out.append((tm, tk, tn))
+    return out
+
+
+def tgmm_best(p: TgmmProblem, spec: TpuSpec) -> tuple[int, int, int]:
+    """The candidate with the smallest modelled time; ties (within 0.1%): the smaller VMEM
+    footprint, then the smaller tiles (deterministic)."""
+    cands = tgmm_candidates(p, spec)
+    if not cands:
+        raise ValueError(f"no legal tgmm tiles for {p} on {spec.name}")
+    times = {c: tgmm_roofline(p, *c, spec).time_s for c in cands}
+    fastest = min(times.values())
+    close = [c for c in cands if times[c] <= fastest * 1.001]
+    return min(close, key=lambda c: (tgmm_vmem_footprint(p, *c, spec), c))
+
+
+@functools.cache
+def tgmm_select(generation: str, p: TgmmProblem):
+    """grouped.TgmmConfig for the fp8 problem ``p`` on ``generation``: the model's best tiles, with
+    the scoped VMEM limit sized from their footprint (cached per problem: it runs per call)."""
+    from .grouped import TgmmConfig
+
+    if p.operand != "fp8":
+        raise ValueError(f"p.operand: the tgmm kernel runs 'fp8' operands, got {p.operand!r}")
+    spec = GENERATIONS[generation]
+    tm, tk, tn = tgmm_best(p, spec)
+    return TgmmConfig(
+        tm=tm, tk=tk, tn=tn, block_m=p.block_m, out_dtype=p.out_dtype, mxu=spec.mxu,
+        vmem_limit_bytes=tgmm_vmem_limit(p, tm, tk, tn, spec),
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------- grouped: bf16 gmm baseline
+def gmm_bf16_roofline(m: int, n: int, k: int, g: int, spec: TpuSpec) -> tuple[float, tuple[int, int, int]]:
+    """(modelled seconds, (tm, tn, tk)) of the best-tiled bf16 grouped matmul y [M, N] = x [M, K] @
+    w[g] [N, K].T (megablox gmm: grid (N tiles, visits, K tiles), visits = cdiv(M, tm) + G - 1, one
+    full tk-deep bf16 dot per step, no scales): the baseline of the fp8 gmm in the same model as
+    :func:`roofline`."""
+    best = None
+    budget = spec.vmem_bytes * VMEM_USABLE
+    for tm in (128, 256, 512, 1024):
+        visits = -(-m // tm) + g - 1
+        for tn in _tgmm_tiles(n):
+            for tk in _tgmm_tiles(k):
+                vmem = 2 * (
+                    _vtile(tm, tk, "bfloat16") + _vtile(tn, tk, "bfloat16") + _vtile(tm, tn, "bfloat16")
+                )
+                if vmem + 2 * _vtile(tm, tn, "float32") > budget:
+                    continue
+                np_, kp = -(-n // tn) * tn, -(-k // tk) * tk
+                steps = visits * (np_ // tn) * (kp // tk)
+                peak = spec.bf16_flops * min(1.0, tm / spec.mxu_rows) * min(1.0, tk / spec.mxu_k)
+                step_bytes = 2 * (tm * tk + tn * tk)
+                t_step = max(2.0 * tm * tn * tk / peak, step_bytes / spec.hbm_bytes_per_s)
+                t = steps * (t_step + STEP_OVERHEAD_S) + visits * tm * np_ * 2 / spec.hbm_bytes_per_s
+                if best is None or t < best[0]:
+                    best = (t, (tm, tn, tk))
+    if best is None:
+        raise ValueError(f"no bf16 gmm tiling fits {spec.name} for M={m} N={n} K={k} G={g}")
+    return best
