@@ -167,26 +167,30 @@ AVX2_FN static ALWAYS_INLINE __m256 load8_hp(const void *x, int dt, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* 8 fp32 (already clamped to +-fp8_max or nan) -> 8 fp8 codes in the low byte of each int32 lane,
- * c10's rounding (nearest even). With E = max(fp32 exponent field of |v|, the format's smallest
- * normal exponent) and C = 2**(E - 127 + 23 - mbits), the fp32 sum t = |v| + C lies in C's binade,
+/* narrow8_magnitude: 8 fp32 magnitudes (sign bit clear, <= fp8_max up to one fp32 rounding, not
+ * nan) -> 8 fp8 codes without sign in the low byte of each int32 lane; narrow8_epi32: 8 fp32
+ * (already clamped to +-fp8_max, or nan) -> 8 signed fp8 codes. c10's rounding (nearest even).
+ * With E = max(fp32 exponent field of |v|, the format's smallest normal exponent) and C = 2**(E - 127 + 23 - mbits), the fp32 sum t = |v| + C lies in C's binade,
  * whose spacing is the format's spacing at |v| (subnormals included), so the addition rounds |v|
  * to the format's grid (nearest even) and bits(t) - bits(C) = k counts grid steps: the code is
  * (E - E_min) << mbits plus k, where a carry into the next binade is k = 2 << mbits. Integer
  * ops only after the one addition (no fp32 subnormal results, which x86 runs ~3x slower).
  * Clamping bounds the result by fp8_max, so only nan needs a blend (to 0x7F). Checked against
  * c10's scalar conversions on all 2**32 fp32 inputs (clamped first, as here). */
-AVX2_FN static ALWAYS_INLINE __m256i narrow8_epi32(__m256 v, int kind) {
+AVX2_FN static ALWAYS_INLINE __m256i narrow8_magnitude(__m256i a, int kind) {
     const int mbits = kind == KIND_E4M3 ? 3 : 2, emin = kind == KIND_E4M3 ? 121 : 113;
-    __m256i b = _mm256_castps_si256(v);
-    __m256i sign = _mm256_and_si256(b, _mm256_set1_epi32((int)0x80000000u));
-    __m256i a = _mm256_xor_si256(b, sign);
     __m256i e = _mm256_max_epi32(_mm256_and_si256(a, _mm256_set1_epi32(0x7F800000)),
                                  _mm256_set1_epi32(emin << 23));
     __m256i c = _mm256_add_epi32(e, _mm256_set1_epi32((23 - mbits) << 23));
     __m256i t = _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c)));
     __m256i code = _mm256_add_epi32(_mm256_srli_epi32(e, 23 - mbits), _mm256_sub_epi32(t, c));
-    code = _mm256_sub_epi32(code, _mm256_set1_epi32(emin << mbits));
+    return _mm256_sub_epi32(code, _mm256_set1_epi32(emin << mbits));
+}
+
+AVX2_FN static ALWAYS_INLINE __m256i narrow8_epi32(__m256 v, int kind) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i sign = _mm256_and_si256(b, _mm256_set1_epi32((int)0x80000000u));
+    __m256i code = narrow8_magnitude(_mm256_xor_si256(b, sign), kind);
     code = _mm256_blendv_epi8(code, _mm256_set1_epi32(0x7F), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
     return _mm256_or_si256(code, _mm256_srli_epi32(sign, 24));
 }
@@ -247,17 +251,19 @@ AVX2_FN static inline float hsum8(__m256 v) {
 
 /* Largest finite |x| of one row segment, on the raw bits: with the sign cleared, IEEE values
  * order like unsigned integers, and everything at or above the exponent-all-ones pattern (inf,
- * nan) is dropped. 16-bit dtypes take 16 elements per instruction, and nothing is converted. */
-AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, int64_t n) {
+ * nan) is dropped. 16-bit dtypes take 16 elements per instruction, and nothing is converted.
+ * *nonfinite is set when the segment holds an inf or nan (one more max per vector). */
+AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, int64_t n, int *nonfinite) {
     int64_t j = 0;
-    uint32_t best = 0;
+    uint32_t best = 0, top = 0;
     if (dt == DT_F32) {
         const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000);
-        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256(), raw = _mm256_setzero_si256();
         const float *p = (const float *)x + i0;
         for (; j + 16 <= n; j += 16) {
             __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag);
             __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 8)), mag);
+            raw = _mm256_max_epi32(raw, _mm256_max_epi32(a, b));
             acc0 = _mm256_max_epi32(acc0, _mm256_and_si256(a, _mm256_cmpgt_epi32(inf, a)));
             acc1 = _mm256_max_epi32(acc1, _mm256_and_si256(b, _mm256_cmpgt_epi32(inf, b)));
         }
@@ -266,20 +272,27 @@ AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, 
         m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
         m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
         best = (uint32_t)_mm_cvtsi128_si32(m);
+        __m128i r = _mm_max_epi32(_mm256_castsi256_si128(raw), _mm256_extracti128_si256(raw, 1));
+        r = _mm_max_epi32(r, _mm_shuffle_epi32(r, 0x4E));
+        r = _mm_max_epi32(r, _mm_shuffle_epi32(r, 0xB1));
+        top = (uint32_t)_mm_cvtsi128_si32(r);
         for (; j < n; j++) {
             uint32_t a = f2u(p[j]) & 0x7FFFFFFFu;
+            top = a > top ? a : top;
             if (a < 0x7F800000u && a > best) best = a;
         }
+        if (top >= 0x7F800000u) *nonfinite = 1;
         return u2f(best);
     }
     /* bf16: inf = 0x7F80; fp16: inf = 0x7C00. Magnitudes fit in 15 bits: signed compares work. */
     const uint16_t inf16 = dt == DT_BF16 ? 0x7F80 : 0x7C00;
     const __m256i mag = _mm256_set1_epi16(0x7FFF), inf = _mm256_set1_epi16((short)inf16);
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256(), raw = _mm256_setzero_si256();
     const uint16_t *p = (const uint16_t *)x + i0;
     for (; j + 32 <= n; j += 32) {
         __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag);
         __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 16)), mag);
+        raw = _mm256_max_epi16(raw, _mm256_max_epi16(a, b));
         acc0 = _mm256_max_epi16(acc0, _mm256_and_si256(a, _mm256_cmpgt_epi16(inf, a)));
         acc1 = _mm256_max_epi16(acc1, _mm256_and_si256(b, _mm256_cmpgt_epi16(inf, b)));
     }
@@ -289,10 +302,17 @@ AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, 
     m = _mm_max_epi16(m, _mm_shuffle_epi32(m, 0xB1));
     m = _mm_max_epi16(m, _mm_shufflelo_epi16(m, 0xB1));
     best = (uint16_t)_mm_extract_epi16(m, 0);
+    __m128i r = _mm_max_epi16(_mm256_castsi256_si128(raw), _mm256_extracti128_si256(raw, 1));
+    r = _mm_max_epi16(r, _mm_shuffle_epi32(r, 0x4E));
+    r = _mm_max_epi16(r, _mm_shuffle_epi32(r, 0xB1));
+    r = _mm_max_epi16(r, _mm_shufflelo_epi16(r, 0xB1));
+    top = (uint16_t)_mm_extract_epi16(r, 0);
     for (; j < n; j++) {
         uint16_t a = p[j] & 0x7FFF;
+        top = a > top ? a : top;
         if (a < inf16 && a > best) best = a;
     }
+    if (top >= inf16) *nonfinite = 1;
     return dt == DT_BF16 ? u2f(best << 16) : f16_to_f32((uint16_t)best);
 }
 
@@ -304,11 +324,34 @@ AVX2_FN static ALWAYS_INLINE __m256 scaled8(const void *x, int dt, int64_t i, __
 
 /* x[i0 : i0 + n] / s -> q[0 : n] fp8 bytes; 32 elements per step stored as one 32-byte vector. */
 AVX2_FN static ALWAYS_INLINE void quant_row_avx2(const void *x, int dt, int64_t i0, int64_t n, float s,
-                                                 int kind, uint8_t *q) {
+                                                 int kind, uint8_t *q, int finite) {
     const float big = fp8_max_of(kind);
     const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(big), lo = _mm256_set1_ps(-big);
     int64_t j = 0;
-    if (dt == DT_BF16) {
+    if (dt == DT_BF16 && finite) {
+        /* A block without inf / nan (amax_avx2 says so): |x / s| <= fp8_max up to one rounding
+         * (s = fl(amax / fp8_max), or larger for ue8m0), so no clamp and no nan blend; the
+         * quotient has x's sign, so the sign bits come straight from the bf16 input, 16 at a
+         * time, after the first pack (which restores element order within 16). */
+        const __m256i zero = _mm256_setzero_si256(), sign16 = _mm256_set1_epi16(0x80);
+        const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+        const uint16_t *p = (const uint16_t *)x + i0;
+        for (; j + 32 <= n; j += 32) {
+            __m256i u[2] = {_mm256_loadu_si256((const __m256i *)(p + j)),
+                            _mm256_loadu_si256((const __m256i *)(p + j + 16))};
+            __m256i half[2];
+            for (int h = 0; h < 2; h++) {
+                __m256 f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, u[h]));
+                __m256 f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, u[h]));
+                __m256i c0 = narrow8_magnitude(_mm256_and_si256(_mm256_castps_si256(_mm256_div_ps(f0, vs)), absmask), kind);
+                __m256i c1 = narrow8_magnitude(_mm256_and_si256(_mm256_castps_si256(_mm256_div_ps(f1, vs)), absmask), kind);
+                half[h] = _mm256_or_si256(_mm256_packus_epi32(c0, c1),
+                                          _mm256_and_si256(_mm256_srli_epi16(u[h], 8), sign16));
+            }
+            __m256i bytes = _mm256_packus_epi16(half[0], half[1]);
+            _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(bytes, 0xD8));
+        }
+    } else if (dt == DT_BF16) {
         /* bf16 bits in the high half of a zeroed int32 are the fp32 value: one unpack per 8
          * elements instead of a widen + shift. The unpacks interleave 128-bit lanes (elements
          * 0-3, 8-11 | 4-7, 12-15), which the lane-wise packs undo, up to one 64-bit permutation. */
@@ -355,11 +398,12 @@ AVX2_FN static ALWAYS_INLINE void quant_slab_avx2(const void *x, int dt, int64_t
     float amax[QUANT_CHUNK_COLS];
     for (int64_t cb0 = 0; cb0 < CB; cb0 += nb) {
         const int64_t cb1 = cb0 + nb < CB ? cb0 + nb : CB;
+        int nonfinite = 0;
         for (int64_t cb = cb0; cb < cb1; cb++) amax[cb - cb0] = 0.0f;
         for (int64_t r = r0; r < r1; r++) {
             for (int64_t cb = cb0; cb < cb1; cb++) {
                 const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0;
-                float a = amax_avx2(x, dt, (b * R + r) * C + c0, n);
+                float a = amax_avx2(x, dt, (b * R + r) * C + c0, n, &nonfinite);
                 amax[cb - cb0] = a > amax[cb - cb0] ? a : amax[cb - cb0];
             }
         }
@@ -367,7 +411,8 @@ AVX2_FN static ALWAYS_INLINE void quant_slab_avx2(const void *x, int dt, int64_t
         for (int64_t r = r0; r < r1; r++) {
             for (int64_t cb = cb0; cb < cb1; cb++) {
                 const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0, i0 = (b * R + r) * C + c0;
-                quant_row_avx2(x, dt, i0, n, scale_row[cb], kind, q + i0);
+                if (nonfinite) quant_row_avx2(x, dt, i0, n, scale_row[cb], kind, q + i0, 0);
+                else quant_row_avx2(x, dt, i0, n, scale_row[cb], kind, q + i0, 1);
             }
         }
     }
@@ -375,8 +420,9 @@ AVX2_FN static ALWAYS_INLINE void quant_slab_avx2(const void *x, int dt, int64_t
 
 /* One 1 x n group of an activation row to e4m3 bytes q[0 : n]; returns its fp32 scale. */
 AVX2_FN static float dyn_quant_seg_avx2(const void *x, int dt, int64_t i0, int64_t n, uint8_t *q) {
-    const float s = block_scale(amax_avx2(x, dt, i0, n), KIND_E4M3, 0);
-    quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q);
+    int nonfinite = 0;
+    const float s = block_scale(amax_avx2(x, dt, i0, n, &nonfinite), KIND_E4M3, 0);
+    quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q, 0);
     return s;
 }
 
