@@ -50,6 +50,12 @@ SMALL_WEIGHT_MAX_M = 256
 PANEL = 512
 
 
+def uses_fused_gemm(m: int, n: int, k: int) -> bool:
+    """Whether an [m, k] x [n, k]^T product runs the fused C GEMM (else dequantized panels + torch's
+    GEMM): the one rule, used here and by the grouped ops per group."""
+    return m <= SMALL_M or (m <= SMALL_WEIGHT_MAX_M and n * k < SMALL_WEIGHT)
+
+
 def _cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 (torch's bf16 GEMM is then ~2x its fp32 GEMM; without them it is
     many times slower than fp32: 2453 vs 447 ms at M = 256, N = K = 4096 on AVX2-only Zen3)."""
@@ -220,7 +226,7 @@ def blockwise_matmul(
     dynamic = x_scale is None and activation == "dynamic"
     ws = w_scale.float().contiguous()
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
-    if m <= SMALL_M or (m <= SMALL_WEIGHT_MAX_M and n * k < SMALL_WEIGHT):
+    if uses_fused_gemm(m, n, k):
         y = torch.empty(m, n, dtype=out_dtype)
         lib.fp8_gemm(
             x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, w.data_ptr(), kind,

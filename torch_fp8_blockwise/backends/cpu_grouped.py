@@ -112,7 +112,7 @@ def grouped_matmul(
     kind, ydt, f32 = cpu._KIND[w.dtype], cpu._DT[out_dtype], cpu._DT[torch.float32]
     (bn, bk), threads = block_shape, torch.get_num_threads()
     for g, s, e in ranges:
-        if not _fused(e - s, n, k):
+        if not cpu.uses_fused_gemm(e - s, n, k):
             # activation="none": xf is final (already quantized and dequantized where W8A8 asks it).
             y[s:e] = cpu.blockwise_matmul(
                 xf[s - lo : e - lo], w[g], w_scale[g], block_shape, None, None, out_dtype, "none"
@@ -123,12 +123,6 @@ def grouped_matmul(
             w_scale.data_ptr() + g * ws_step, n, k, bn, bk, None, 0, y.data_ptr() + s * y_row, ydt, threads,
         )  # fmt: skip
     return y
-
-
-def _fused(rows: int, n: int, k: int) -> bool:
-    """Whether cpu.blockwise_matmul serves an [rows, k] x [n, k]^T product with the fused C GEMM
-    (its rule, restated here so that decode-sized groups skip its per-call overhead)."""
-    return rows <= cpu.SMALL_M or (rows <= cpu.SMALL_WEIGHT_MAX_M and n * k < cpu.SMALL_WEIGHT)
 
 
 def _columns_transposed_f32(t: torch.Tensor, block_m: int) -> torch.Tensor:
