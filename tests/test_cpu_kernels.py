@@ -133,8 +133,8 @@ def test_matmul_non_contiguous_x_and_batch_dims(path, m):
 @pytest.mark.parametrize("m", [1, 2])
 def test_matmul_nan_and_inf_in_the_weight_propagate(path, m):
     """fp8 nan / inf codes must reach the output as the reference has them, not as finite values:
-    e4m3 nan of both signs in the GEMV's 32-wide loop, its 16-wide tail and its scalar tail (K =
-    277: blocks of 128, 128, 21), one where x is 0 (nan * 0 = nan); m = 2 runs the tile path."""
+    e4m3 nan of both signs in the GEMV's (m = 1) and the tile path's (m = 2) 16-wide loops and
+    scalar tails (K = 277: blocks of 128, 128, 21), one where x is 0 (nan * 0 = nan)."""
     wq, ws = reference.quantize(torch.randn(8, 277), (128, 128), E4M3, "fp32")
     codes = wq.view(torch.uint8)
     codes[3, 5], codes[4, 260], codes[6, 275] = 0x7F, 0xFF, 0x7F  # e4m3 nan

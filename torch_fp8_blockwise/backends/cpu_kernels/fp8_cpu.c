@@ -714,32 +714,11 @@ AVX2_FN static inline __attribute__((always_inline)) void gemv_rows(const float 
     __m256 total[4];
     float tail[4];
     for (int r = 0; r < ROWS; r++) total[r] = _mm256_setzero_ps(), tail[r] = 0.0f;
-    __m256i nan_seen = _mm256_setzero_si256(); /* max over the 32-wide loop's codes & 0x7F */
     for (int64_t kb = 0; kb < KB; kb++) {
         const int64_t c0 = kb * bk, end = c0 + bk < K ? c0 + bk : K;
-        __m256 part[4], part2[4];
-        for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps(), part2[r] = _mm256_setzero_ps();
+        __m256 part[4];
+        for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps();
         int64_t k = c0;
-        if (kind == KIND_E4M3) {
-            /* 32 codes per row and step. Sign-extended to 16 bits and shifted left by 7, a code
-             * is its fp16 pattern (times 2**-8) except for a copy of the sign in bit 14, which
-             * the mask clears: 3 instructions per 16 instead of 5. The nan code (s.1111.111)
-             * would read as 1.875 here, so nan is detected apart (see saw_nan). */
-            const __m256i keep = _mm256_set1_epi16((short)0xBF80), mag = _mm256_set1_epi8(0x7F);
-            for (; k + 32 <= end; k += 32) {
-                for (int r = 0; r < ROWS; r++) {
-                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + (n0 + r) * K + k));
-                    nan_seen = _mm256_max_epu8(nan_seen, _mm256_and_si256(bytes, mag));
-                    __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(bytes)), 7), keep);
-                    __m256i h1 = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(bytes, 1)), 7), keep);
-                    part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h0)), _mm256_loadu_ps(x + k), part[r]);
-                    part2[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h0, 1)), _mm256_loadu_ps(x + k + 8), part2[r]);
-                    part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h1)), _mm256_loadu_ps(x + k + 16), part[r]);
-                    part2[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1)), _mm256_loadu_ps(x + k + 24), part2[r]);
-                }
-            }
-        }
-        for (int r = 0; r < ROWS; r++) part[r] = _mm256_add_ps(part[r], part2[r]);
         for (; k + 16 <= end; k += 16) {
             const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
             for (int r = 0; r < ROWS; r++) {
@@ -767,16 +746,6 @@ AVX2_FN static inline __attribute__((always_inline)) void gemv_rows(const float 
         }
     }
     for (int r = 0; r < ROWS; r++) out[r] = hsum8(total[r]) + tail[r];
-    /* A nan weight makes its row's output nan, whatever x is (nan * 0 = nan), as in the reference.
-     * Rare, so the rows are rescanned only when the loop saw the code. */
-    if (kind == KIND_E4M3 && _mm256_movemask_epi8(_mm256_cmpeq_epi8(nan_seen, _mm256_set1_epi8(0x7F)))) {
-        for (int r = 0; r < ROWS; r++)
-            for (int64_t k = 0; k < K; k++)
-                if ((w[(n0 + r) * K + k] & 0x7F) == 0x7F) {
-                    out[r] = NAN;
-                    break;
-                }
-    }
 }
 
 AVX2_FN static void gemv_tile_avx2(const float *x, const uint8_t *w, int kind, const float *ws, int64_t N,
