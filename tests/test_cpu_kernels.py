@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from cpu_kernel_helpers import CallSpy, compiled_or_fail
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -172,16 +173,21 @@ QUANT = [
 ]
 
 
-@pytest.mark.parametrize("shape,block", QUANT, ids=str)
-@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_quantize_bit_exact(path, shape, block, in_dtype):
-    x = _special(shape, in_dtype)
+def _assert_quantize_bit_exact(x, block):
+    """CPU quantize of x equals reference.quantize bit for bit, in both formats and scale formats."""
     for dtype, fmt in itertools.product((E4M3, E5M2), ("fp32", "ue8m0")):
         q_ref, s_ref = reference.quantize(x, block, dtype, fmt)
         with tfb.use_backend("cpu"):
             q, s = tfb.quantize(x, block, dtype, fmt)
         assert torch.equal(s, s_ref), (dtype, fmt)
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (dtype, fmt)
+
+
+@pytest.mark.parametrize("shape,block", QUANT, ids=str)
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quantize_bit_exact(path, shape, block, in_dtype):
+    x = _special(shape, in_dtype)
+    _assert_quantize_bit_exact(x, block)
 
 
 @pytest.mark.parametrize("block", [(1, 128), (128, 128), (256, 512)], ids=str)
@@ -193,12 +199,7 @@ def test_quantize_every_16_bit_input_bit_exact(path, block, in_dtype):
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     x = bits[torch.randperm(2**16, generator=torch.Generator().manual_seed(0))].view(in_dtype)
     x = torch.cat([x, x[:64]]).reshape(-1, 205)  # 320 rows of 205
-    for dtype, fmt in itertools.product((E4M3, E5M2), ("fp32", "ue8m0")):
-        q_ref, s_ref = reference.quantize(x, block, dtype, fmt)
-        with tfb.use_backend("cpu"):
-            q, s = tfb.quantize(x, block, dtype, fmt)
-        assert torch.equal(s, s_ref), (dtype, fmt)
-        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (dtype, fmt)
+    _assert_quantize_bit_exact(x, block)
 
 
 def test_quantize_batched_and_non_contiguous(path):
@@ -246,52 +247,27 @@ def test_mxfp8_matmul(path, m, fp8_x):
 
 
 # ------------------------------------------------------------------ threads, call counts, build
-class _Spy:
-    """Stands in for the ctypes library: records (function, nthreads) of every call."""
-
-    def __init__(self, lib) -> None:
-        self.lib, self.calls = lib, []
-
-    def __getattr__(self, name):
-        fn = getattr(self.lib, name)
-
-        def call(*args):
-            self.calls.append((name, args[-1]))
-            return fn(*args)
-
-        return call
-
-
-def _compiled_or_fail():
-    lib = cpu_kernels.library()
-    if lib is None and cpu_kernels.compiler() is not None and os.environ.get("FP8_CPU_KERNELS") != "0":
-        pytest.fail(f"a C compiler exists but the kernels did not build: {cpu.kernel_status()}")
-    if lib is None:
-        pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
-    return lib
-
-
 @pytest.mark.parametrize("k", [128, 4096])
 @pytest.mark.parametrize("mode", ["dynamic", "none"])
 def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
     """One fused GEMM call at small M; one dequantize call per 512-row panel at large M, plus one
     for the activation. 32 K blocks cost the same number of calls as 1."""
-    spy = _Spy(_compiled_or_fail())
+    spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1100, k), (128, 128), E4M3, "fp32")
     with tfb.use_backend("cpu"):
         tfb.blockwise_matmul(torch.randn(4, k), wq, ws, activation=mode)
-        small = [name for name, _ in spy.calls]
+        small = spy.names
         spy.calls.clear()
         tfb.blockwise_matmul(torch.randn(cpu.SMALL_WEIGHT_MAX_M + 1, k), wq, ws, activation=mode)
-        large = [name for name, _ in spy.calls]
+        large = spy.names
     assert small == ["fp8_gemm"]  # activation, product, bias and cast in one call
     act = ["fp8_prepare_x"] if mode == "dynamic" else []  # fp32 x is used as it is
     assert large == [*act, "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]  # cdiv(1100, 512)
 
 
 def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):
-    spy = _Spy(_compiled_or_fail())
+    spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1000, 576), (128, 128), E4M3, "fp32")
     x, big = torch.randn(5, 576, dtype=torch.bfloat16), torch.randn(600, 700)
@@ -369,7 +345,7 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_bf16_panels_stay_within_the_output_bound(monkeypatch, mode, out_dtype):
     """The bf16 large-M panels (used on CPUs with native bf16 GEMM) serve bf16 output only."""
-    _compiled_or_fail()
+    compiled_or_fail()
     monkeypatch.setattr(cpu, "BF16_PANELS", True)
     m, n, k = cpu.SMALL_WEIGHT_MAX_M + 19, 700, 640
     x, wq, ws, kwargs, exact = _inputs(m, n, k, mode, E4M3, "fp32", (128, 128), True)

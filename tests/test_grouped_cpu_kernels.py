@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from cpu_kernel_helpers import CallSpy, compiled_or_fail
 from grouped_cases import (
     assert_quantization_loss_ok,
     check_gmm,
@@ -33,15 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = "cpu"
 
 
-def _compiled_or_fail():
-    lib = cpu_kernels.library()
-    if lib is None and cpu_kernels.compiler() is not None and os.environ.get("FP8_CPU_KERNELS") != "0":
-        pytest.fail(f"a C compiler exists but the kernels did not build: {cpu.kernel_status()}")
-    if lib is None:
-        pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
-    return lib
-
-
 @pytest.fixture(params=["avx2", "scalar", "torch"])
 def path(request, monkeypatch):
     """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path)."""
@@ -49,29 +41,13 @@ def path(request, monkeypatch):
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
-    lib = _compiled_or_fail()
+    lib = compiled_or_fail()
     before = lib.fp8_get_isa()
     if lib.fp8_set_isa(1 if request.param == "avx2" else 0) != (1 if request.param == "avx2" else 0):
         lib.fp8_set_isa(before)
         pytest.skip("this CPU has no AVX2 + FMA + F16C")
     yield request.param
     lib.fp8_set_isa(before)
-
-
-class _Spy:
-    """Stands in for the ctypes library: records the name of every C call."""
-
-    def __init__(self, lib) -> None:
-        self.lib, self.calls = lib, []
-
-    def __getattr__(self, name):
-        fn = getattr(self.lib, name)
-
-        def call(*args):
-            self.calls.append(name)
-            return fn(*args)
-
-        return call
 
 
 # Decode: 1-16 rows per expert with empty experts between; "mixed": decode groups beside groups
@@ -116,7 +92,7 @@ def test_gmm_one_group_holds_every_row_and_no_group_holds_any(path):
 @pytest.mark.parametrize("bf16_panels", [False, True])
 def test_gmm_rows_equal_the_dense_cpu_matmul_bit_for_bit(monkeypatch, mode, bf16_panels):
     """Each group's rows are exactly cpu.blockwise_matmul of those rows (fused and panel groups)."""
-    _compiled_or_fail()
+    compiled_or_fail()
     monkeypatch.setattr(cpu, "BF16_PANELS", bf16_panels)
     case = gmm_inputs(MIXED, n=600, k=300, mode=mode, extra_rows=3, x_dtype=torch.bfloat16)
     a = case["args"]
@@ -151,7 +127,7 @@ def _call_gmm(sizes, n, k, mode, x_dtype=torch.bfloat16):
 def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
     """One activation call for all rows (none for fp32 W8A16 x), then one fused GEMM per non-empty
     group, whatever the number of K blocks: no weight is ever dequantized at decode sizes."""
-    spy = _Spy(_compiled_or_fail())
+    spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
 
     def no_torch_dequantize(*args):
@@ -163,17 +139,17 @@ def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
         spy.calls.clear()
         _call_gmm(DECODE, 136, k, mode, x_dtype)
         groups = sum(1 for s in DECODE if s)
-        assert spy.calls == ["fp8_prepare_x"] * act + ["fp8_gemm"] * groups, k
+        assert spy.names == ["fp8_prepare_x"] * act + ["fp8_gemm"] * groups, k
 
 
 def test_gmm_c_calls_with_a_large_group(monkeypatch):
     """A 300-row group takes the dense large-M path: cdiv(N, 512) dequantized weight panels (the
     prepared activation is reused, not prepared again); the decode groups stay fused."""
-    spy = _Spy(_compiled_or_fail())
+    spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "BF16_PANELS", False)  # bf16 panels would convert the fp32 activation
     _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
-    assert spy.calls == ["fp8_prepare_x", "fp8_gemm", *["fp8_dequantize"] * 3, "fp8_gemm"]
+    assert spy.names == ["fp8_prepare_x", "fp8_gemm", *["fp8_dequantize"] * 3, "fp8_gemm"]
 
 
 def test_gmm_torch_path_dequantizes_each_used_weight_once(monkeypatch):
@@ -192,7 +168,7 @@ def test_gmm_torch_path_dequantizes_each_used_weight_once(monkeypatch):
 
 
 def test_gmm_threads_do_not_change_the_result():
-    _compiled_or_fail()
+    compiled_or_fail()
     case = gmm_inputs(MIXED, n=1100, k=576, x_dtype=torch.bfloat16)
     before = torch.get_num_threads()
     out = []
@@ -239,7 +215,7 @@ def test_tgmm_quantizes_exactly_as_the_reference(path):
 
 def test_tgmm_c_calls_do_not_grow_with_groups(monkeypatch):
     """Quantize and dequantize once per operand, whatever G and the number of M blocks."""
-    spy = _Spy(_compiled_or_fail())
+    spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     for sizes in ([5, 0, 3], [40] * 12):
         spy.calls.clear()
@@ -248,7 +224,7 @@ def test_tgmm_c_calls_do_not_grow_with_groups(monkeypatch):
             tfb.grouped_matmul_transposed(
                 torch.randn(m, 130), torch.randn(m, 72), torch.tensor(sizes, dtype=torch.int32)
             )
-        assert spy.calls == ["fp8_quantize", "fp8_dequantize"] * 2, sizes
+        assert spy.names == ["fp8_quantize", "fp8_dequantize"] * 2, sizes
 
 
 # ------------------------------------------------------------------------- FP8_CPU_KERNELS=0

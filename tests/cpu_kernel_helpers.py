@@ -1,0 +1,42 @@
+"""Shared by the CPU kernel tests: the compiled library (or a failure where it should exist) and a
+spy that records every C call."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from torch_fp8_blockwise.backends import cpu, cpu_kernels
+
+
+def compiled_or_fail():
+    """The loaded C library. A machine with a C compiler must build it (a failure fails, it does not
+    skip); without a compiler, or with FP8_CPU_KERNELS=0, the test is skipped."""
+    lib = cpu_kernels.library()
+    if lib is None and cpu_kernels.compiler() is not None and os.environ.get("FP8_CPU_KERNELS") != "0":
+        pytest.fail(f"a C compiler exists but the kernels did not build: {cpu.kernel_status()}")
+    if lib is None:
+        pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
+    return lib
+
+
+class CallSpy:
+    """Stands in for the ctypes library: records (function name, nthreads = last argument) of every
+    call; ``names`` lists the names alone."""
+
+    def __init__(self, lib) -> None:
+        self.lib, self.calls = lib, []
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls.append((name, args[-1]))
+            return fn(*args)
+
+        return call
