@@ -4,11 +4,13 @@ gmm with the compiled kernels (``cpu_kernels/fp8_cpu.c``): the activation of eve
 prepared once, in one C call (W8A8 dynamic: quantized to e4m3 per 1 x bk and dequantized again, bit
 for bit the reference's quantization; fp8 x: times its x_scale; W8A16: converted), into a float32
 [rows, K] array. Each non-empty group then gets the dense path's kernel for its row count on its
-contiguous row slice of that array and ``w[g]`` (W8A16 form: the activation is already final): at
-MoE decode sizes (1-16 rows per expert, <= ``cpu.SMALL_M``) the fused C GEMM, which streams the fp8
-weight once and never stores a dequantized copy, called directly on pointers into the prepared
-activation, w, w_scale and y (no per-group tensors); at prefill sizes ``cpu.blockwise_matmul``
-(dequantized 512-row weight panels and torch's GEMM). The activation rule is per row, so preparing
+contiguous row slice of that array and ``w[g]`` (W8A16 form: the activation is already final): the
+groups of MoE decode size (1-16 rows per expert; ``cpu.uses_fused_gemm``) all go to ONE C call,
+``fp8_gemm_grouped``: the fused GEMM, which streams each fp8 weight once and never stores a
+dequantized copy, over (group, 4-row weight tile) tasks in one parallel region (a parallel region
+per group cost a barrier each, and on a busy machine a barrier waits for a descheduled thread: 6x
+swings at 64 groups); at prefill sizes ``cpu.blockwise_matmul`` (dequantized 512-row weight panels
+and torch's GEMM). The activation rule is per row, so preparing
 all rows at once equals preparing each group's rows. Reading group_sizes here is free (CPU), so the
 row ranges are plain Python slices; the loop runs over groups (G iterations), never over rows or
 blocks.
@@ -104,23 +106,23 @@ def grouped_matmul(
         return y
     xf = _compiled_activation_f32(lib, x[lo:hi], xs, block_shape[1], activation)
     w_scale = w_scale.contiguous()
-    # Fused groups call the C GEMM on raw pointers into xf, w, w_scale and y: a decode step has
-    # G of them, and cpu.blockwise_matmul's tensor bookkeeping costs ~50 us a call (13 ms at
-    # G = 256) against ~10 us for the bare C call.
-    x_row, y_row = k * xf.element_size(), n * y.element_size()
-    w_step, ws_step = w[0].numel() * w.element_size(), w_scale[0].numel() * w_scale.element_size()
-    kind, ydt, f32 = cpu._KIND[w.dtype], cpu._DT[out_dtype], cpu._DT[torch.float32]
-    (bn, bk), threads = block_shape, torch.get_num_threads()
+    # Decode-sized groups go to ONE C call (one parallel region: a barrier per call, not per group,
+    # and no per-group Python); larger groups take the dense large-M path on their rows.
+    fused = []
     for g, s, e in ranges:
-        if not cpu.uses_fused_gemm(e - s, n, k):
+        if cpu.uses_fused_gemm(e - s, n, k):
+            fused.append((g, s - lo, s, e - s))
+        else:
             # activation="none": xf is final (already quantized and dequantized where W8A8 asks it).
             y[s:e] = cpu.blockwise_matmul(
                 xf[s - lo : e - lo], w[g], w_scale[g], block_shape, None, None, out_dtype, "none"
             )
-            continue
-        lib.fp8_gemm(
-            xf.data_ptr() + (s - lo) * x_row, f32, 0, 0, e - s, w.data_ptr() + g * w_step, kind,
-            w_scale.data_ptr() + g * ws_step, n, k, bn, bk, None, 0, y.data_ptr() + s * y_row, ydt, threads,
+    if fused:
+        gid, x_row, y_row, rows = torch.tensor(fused, dtype=torch.int64).T.contiguous()
+        lib.fp8_gemm_grouped(
+            xf.data_ptr(), len(fused), gid.data_ptr(), x_row.data_ptr(), y_row.data_ptr(), rows.data_ptr(),
+            int(rows.max()), w.data_ptr(), cpu._KIND[w.dtype], w_scale.data_ptr(), n, k, *block_shape,
+            y.data_ptr(), cpu._DT[out_dtype], torch.get_num_threads(),
         )  # fmt: skip
     return y
 

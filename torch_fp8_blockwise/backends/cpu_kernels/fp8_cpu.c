@@ -807,6 +807,40 @@ void fp8_prepare_x(const void *x, int xdt, const float *xs, int dynamic, int64_t
     for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
 }
 
+/* acc[M, NR] = the product of xf rows [0, M) with weight rows [n0, n0 + NR) (fewer at the edge):
+ * the work of one tile of fp8_gemm / fp8_gemm_grouped. buf: NR x KC floats of scratch. */
+static void gemm_tile(const float *xf, int64_t M, int64_t K, const uint8_t *w, int kind, const float *ws,
+                      int64_t N, int64_t bn, int64_t bk, int64_t n0, float *acc, float *buf, int isa) {
+#if FP8_HAVE_X86
+    if (isa && M == 1) {
+        gemv_tile_avx2(xf, w, kind, ws, N, K, bn, bk, n0, acc);
+        return;
+    }
+#endif
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t klen = K - k0 < KC ? K - k0 : KC, kpad = (klen + 7) / 8 * 8;
+#if FP8_HAVE_X86
+        if (isa) {
+            widen_tile_avx2(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf);
+            tile_avx2(xf, M, K, k0, klen, buf, acc, k0 == 0);
+            continue;
+        }
+#endif
+        widen_tile(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf, 0);
+        tile_scalar(xf, M, K, k0, klen, buf, acc, k0 == 0);
+    }
+}
+
+/* y[m, n0 + r] = acc[m, r] (+ bias[n0 + r]) for the tile's rows, in y's dtype (y has N columns). */
+static void store_tile(const float *acc, int64_t M, int64_t N, int64_t n0, const void *bias, int bias_dt,
+                       void *y, int ydt) {
+    for (int r = 0; r < NR && n0 + r < N; r++) {
+        const float b = bias ? load_hp(bias, bias_dt, n0 + r) : 0.0f;
+        for (int64_t m = 0; m < M; m++)
+            store_hp(y, ydt, m * N + n0 + r, bias ? acc[m * NR + r] + b : acc[m * NR + r]);
+    }
+}
+
 /* y [M, N] (dtype ydt) = x [M, K] @ (w [N, K] fp8 * w_scale [cdiv(N, bn), cdiv(K, bk)])^T + bias [N]
  * (dtype bias_dt, or NULL), x as in prepare_row, accumulated in fp32. Each weight tile (4 rows x
  * 512 K) is widened once into L1 and used by all M rows: the fp8 weight is streamed once and the
@@ -836,33 +870,46 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
 #endif
 #pragma omp for schedule(dynamic, 8) nowait
         for (int64_t t = 0; t < tiles; t++) {
-            const int64_t n0 = t * NR;
-#if FP8_HAVE_X86
-            if (isa && M == 1) {
-                gemv_tile_avx2(xf, w, kind, ws, N, K, bn, bk, n0, acc);
-                goto write;
-            }
-#endif
-            for (int64_t k0 = 0; k0 < K; k0 += KC) {
-                const int64_t klen = K - k0 < KC ? K - k0 : KC, kpad = (klen + 7) / 8 * 8;
-#if FP8_HAVE_X86
-                if (isa) {
-                    widen_tile_avx2(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf);
-                    tile_avx2(xf, M, K, k0, klen, buf, acc, k0 == 0);
-                    continue;
-                }
-#endif
-                widen_tile(w, kind, ws, N, K, bn, bk, n0, k0, klen, kpad, buf, 0);
-                tile_scalar(xf, M, K, k0, klen, buf, acc, k0 == 0);
-            }
-        write:
-            for (int r = 0; r < NR && n0 + r < N; r++) {
-                const float b = bias ? load_hp(bias, bias_dt, n0 + r) : 0.0f;
-                for (int64_t m = 0; m < M; m++)
-                    store_hp(y, ydt, m * N + n0 + r, bias ? acc[m * NR + r] + b : acc[m * NR + r]);
-            }
+            gemm_tile(xf, M, K, w, kind, ws, N, bn, bk, t * NR, acc, buf, isa);
+            store_tile(acc, M, N, t * NR, bias, bias_dt, y, ydt);
         }
     }
     if (convert) free(xf);
+    free(accs);
+}
+
+/* The fused GEMM of G' groups in ONE parallel region (a barrier per call, not per group): for
+ * each listed group i, y rows [y_row[i], y_row[i] + rows[i]) (dtype ydt, N columns) = xf rows
+ * [x_row[i], x_row[i] + rows[i]) (float32, K columns, already prepared) @ (w[gid[i]] [N, K] fp8 *
+ * ws[gid[i]] [cdiv(N, bn), cdiv(K, bk)])^T. Tasks are (group, 4-row weight tile) pairs; each y
+ * element has one owner and is computed exactly as fp8_gemm computes it. */
+void fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64_t *x_row, const int64_t *y_row,
+                      const int64_t *rows, int64_t max_rows, const uint8_t *w, int kind, const float *ws, int64_t N,
+                      int64_t K, int64_t bn, int64_t bk, void *y, int ydt, int nthreads) {
+    ensure_init();
+    const int64_t tiles = cdiv64(N, NR), tasks = L * tiles;
+    const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * cdiv64(K, bk);
+    const int64_t ysize = ydt == DT_F32 ? 4 : 2;
+    const int isa = g_isa;
+    int64_t total = 0;
+    for (int64_t i = 0; i < L; i++) total += rows[i];
+    float *accs = (float *)malloc(sizeof(float) * max_rows * NR * (nthreads > 0 ? nthreads : 1));
+    if (accs == NULL) abort();
+#pragma omp parallel num_threads(nthreads) if (tasks > 1 && total * N * K >= 4 * PAR_MIN)
+    {
+        float buf[NR * KC] __attribute__((aligned(64)));
+#ifdef _OPENMP
+        float *acc = accs + max_rows * NR * omp_get_thread_num();
+#else
+        float *acc = accs;
+#endif
+#pragma omp for schedule(dynamic, 4) nowait
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t i = t / tiles, n0 = (t % tiles) * NR, g = gid[i];
+            gemm_tile(xf + x_row[i] * K, rows[i], K, w + g * w_step, kind, ws + g * ws_step, N, bn, bk, n0, acc,
+                      buf, isa);
+            store_tile(acc, rows[i], N, n0, NULL, 0, (char *)y + y_row[i] * N * ysize, ydt);
+        }
+    }
     free(accs);
 }
