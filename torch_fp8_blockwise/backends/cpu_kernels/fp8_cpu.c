@@ -249,6 +249,22 @@ AVX2_FN static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
+/* Largest of 8 int32 / 16 int16 lanes (all non-negative here). */
+AVX2_FN static ALWAYS_INLINE uint32_t hmax_epi32(__m256i v) {
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+    return (uint32_t)_mm_cvtsi128_si32(m);
+}
+
+AVX2_FN static ALWAYS_INLINE uint32_t hmax_epi16(__m256i v) {
+    __m128i m = _mm_max_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_max_epi16(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epi16(m, _mm_shuffle_epi32(m, 0xB1));
+    m = _mm_max_epi16(m, _mm_shufflelo_epi16(m, 0xB1));
+    return (uint16_t)_mm_extract_epi16(m, 0);
+}
+
 /* Largest finite |x| of one row segment, on the raw bits: with the sign cleared, IEEE values
  * order like unsigned integers, and everything at or above the exponent-all-ones pattern (inf,
  * nan) is dropped. 16-bit dtypes take 16 elements per instruction, and nothing is converted.
@@ -267,15 +283,8 @@ AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, 
             acc0 = _mm256_max_epi32(acc0, _mm256_and_si256(a, _mm256_cmpgt_epi32(inf, a)));
             acc1 = _mm256_max_epi32(acc1, _mm256_and_si256(b, _mm256_cmpgt_epi32(inf, b)));
         }
-        __m256i acc = _mm256_max_epi32(acc0, acc1);
-        __m128i m = _mm_max_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
-        m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
-        best = (uint32_t)_mm_cvtsi128_si32(m);
-        __m128i r = _mm_max_epi32(_mm256_castsi256_si128(raw), _mm256_extracti128_si256(raw, 1));
-        r = _mm_max_epi32(r, _mm_shuffle_epi32(r, 0x4E));
-        r = _mm_max_epi32(r, _mm_shuffle_epi32(r, 0xB1));
-        top = (uint32_t)_mm_cvtsi128_si32(r);
+        best = hmax_epi32(_mm256_max_epi32(acc0, acc1));
+        top = hmax_epi32(raw);
         for (; j < n; j++) {
             uint32_t a = f2u(p[j]) & 0x7FFFFFFFu;
             top = a > top ? a : top;
@@ -296,17 +305,8 @@ AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, 
         acc0 = _mm256_max_epi16(acc0, _mm256_and_si256(a, _mm256_cmpgt_epi16(inf, a)));
         acc1 = _mm256_max_epi16(acc1, _mm256_and_si256(b, _mm256_cmpgt_epi16(inf, b)));
     }
-    __m256i acc = _mm256_max_epi16(acc0, acc1);
-    __m128i m = _mm_max_epi16(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    m = _mm_max_epi16(m, _mm_shuffle_epi32(m, 0x4E));
-    m = _mm_max_epi16(m, _mm_shuffle_epi32(m, 0xB1));
-    m = _mm_max_epi16(m, _mm_shufflelo_epi16(m, 0xB1));
-    best = (uint16_t)_mm_extract_epi16(m, 0);
-    __m128i r = _mm_max_epi16(_mm256_castsi256_si128(raw), _mm256_extracti128_si256(raw, 1));
-    r = _mm_max_epi16(r, _mm_shuffle_epi32(r, 0x4E));
-    r = _mm_max_epi16(r, _mm_shuffle_epi32(r, 0xB1));
-    r = _mm_max_epi16(r, _mm_shufflelo_epi16(r, 0xB1));
-    top = (uint16_t)_mm_extract_epi16(r, 0);
+    best = hmax_epi16(_mm256_max_epi16(acc0, acc1));
+    top = hmax_epi16(raw);
     for (; j < n; j++) {
         uint16_t a = p[j] & 0x7FFF;
         top = a > top ? a : top;
