@@ -121,7 +121,7 @@ def grouped_matmul(
         gid, x_row, y_row, rows = torch.tensor(fused, dtype=torch.int64).T.contiguous()
         lib.fp8_gemm_grouped(
             xf.data_ptr(), len(fused), gid.data_ptr(), x_row.data_ptr(), y_row.data_ptr(), rows.data_ptr(),
-            int(rows.max()), w.data_ptr(), cpu._KIND[w.dtype], w_scale.data_ptr(), n, k, *block_shape,
+            w.data_ptr(), cpu._KIND[w.dtype], w_scale.data_ptr(), n, k, *block_shape,
             y.data_ptr(), cpu._DT[out_dtype], torch.get_num_threads(),
         )  # fmt: skip
     return y

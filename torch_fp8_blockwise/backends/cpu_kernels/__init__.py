@@ -93,8 +93,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # (x, xdt, xs, dynamic, M, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads)
     lib.fp8_gemm.argtypes = [p, i32, p, i32, i64, p, i32, p, i64, i64, i64, i64, p, i32, p, i32, i32]
     lib.fp8_gemm.restype = None
-    # (xf, L, gid, x_row, y_row, rows, max_rows, w, kind, ws, N, K, bn, bk, y, ydt, nthreads)
-    lib.fp8_gemm_grouped.argtypes = [p, i64, p, p, p, p, i64, p, i32, p, i64, i64, i64, i64, p, i32, i32]
+    # (xf, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, y, ydt, nthreads)
+    lib.fp8_gemm_grouped.argtypes = [p, i64, p, p, p, p, p, i32, p, i64, i64, i64, i64, p, i32, i32]
     lib.fp8_gemm_grouped.restype = None
 
 

@@ -884,15 +884,18 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
  * ws[gid[i]] [cdiv(N, bn), cdiv(K, bk)])^T. Tasks are (group, 4-row weight tile) pairs; each y
  * element has one owner and is computed exactly as fp8_gemm computes it. */
 void fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64_t *x_row, const int64_t *y_row,
-                      const int64_t *rows, int64_t max_rows, const uint8_t *w, int kind, const float *ws, int64_t N,
+                      const int64_t *rows, const uint8_t *w, int kind, const float *ws, int64_t N,
                       int64_t K, int64_t bn, int64_t bk, void *y, int ydt, int nthreads) {
     ensure_init();
     const int64_t tiles = cdiv64(N, NR), tasks = L * tiles;
     const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * cdiv64(K, bk);
     const int64_t ysize = ydt == DT_F32 ? 4 : 2;
     const int isa = g_isa;
-    int64_t total = 0;
-    for (int64_t i = 0; i < L; i++) total += rows[i];
+    int64_t total = 0, max_rows = 0;
+    for (int64_t i = 0; i < L; i++) {
+        total += rows[i];
+        max_rows = rows[i] > max_rows ? rows[i] : max_rows;
+    }
     float *accs = (float *)malloc(sizeof(float) * max_rows * NR * (nthreads > 0 ? nthreads : 1));
     if (accs == NULL) abort();
 #pragma omp parallel num_threads(nthreads) if (tasks > 1 && total * N * K >= 4 * PAR_MIN)
