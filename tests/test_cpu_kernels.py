@@ -202,6 +202,22 @@ def test_quantize_every_16_bit_input_bit_exact(path, block, in_dtype):
     _assert_quantize_bit_exact(x, block)
 
 
+@pytest.mark.parametrize("block", [(1, 128), (128, 128)], ids=str)
+@pytest.mark.parametrize("order", ["by_magnitude", "shuffled"])
+def test_quantize_every_finite_bf16_bit_exact(path, block, order):
+    """The finite-block fast path (no inf / nan in the block): every finite bf16 value, in blocks of
+    neighbouring magnitudes (each value meets a scale set by values like it, so the top of the fp8
+    range and its subnormals are both hit) and shuffled (scales set by unrelated values)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.bfloat16)
+    x = x[x.isfinite()]  # 65280 = 255 x 256
+    if order == "by_magnitude":
+        x = x[torch.argsort(x.float().abs(), stable=True)]
+    else:
+        x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(1))]
+    _assert_quantize_bit_exact(x.reshape(255, 256), block)
+
+
 def test_quantize_batched_and_non_contiguous(path):
     x = torch.randn(3, 200, 130, dtype=torch.bfloat16).transpose(1, 2)
     q_ref, s_ref = reference.quantize(x, (128, 128), E4M3, "fp32")

@@ -177,14 +177,22 @@ AVX2_FN static ALWAYS_INLINE __m256 load8_hp(const void *x, int dt, int64_t i) {
  * ops only after the one addition (no fp32 subnormal results, which x86 runs ~3x slower).
  * Clamping bounds the result by fp8_max, so only nan needs a blend (to 0x7F). Checked against
  * c10's scalar conversions on all 2**32 fp32 inputs (clamped first, as here). */
-AVX2_FN static ALWAYS_INLINE __m256i narrow8_magnitude(__m256i a, int kind) {
+static inline int narrow8_bias(int kind) { return kind == KIND_E4M3 ? (121 << 3) + (20 << 3) : (113 << 2) + (21 << 2); }
+
+/* narrow8_magnitude plus narrow8_bias(kind) in every lane (one subtraction less, for callers that
+ * subtract the bias after a pack, from 16 lanes at a time): with c = C's bits, (t - c) + (c >> (23
+ * - mbits)) = k + ((E + 23 - mbits) << mbits). */
+AVX2_FN static ALWAYS_INLINE __m256i narrow8_magnitude_biased(__m256i a, int kind) {
     const int mbits = kind == KIND_E4M3 ? 3 : 2, emin = kind == KIND_E4M3 ? 121 : 113;
     __m256i e = _mm256_max_epi32(_mm256_and_si256(a, _mm256_set1_epi32(0x7F800000)),
                                  _mm256_set1_epi32(emin << 23));
     __m256i c = _mm256_add_epi32(e, _mm256_set1_epi32((23 - mbits) << 23));
     __m256i t = _mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c)));
-    __m256i code = _mm256_add_epi32(_mm256_srli_epi32(e, 23 - mbits), _mm256_sub_epi32(t, c));
-    return _mm256_sub_epi32(code, _mm256_set1_epi32(emin << mbits));
+    return _mm256_add_epi32(_mm256_sub_epi32(t, c), _mm256_srli_epi32(c, 23 - mbits));
+}
+
+AVX2_FN static ALWAYS_INLINE __m256i narrow8_magnitude(__m256i a, int kind) {
+    return _mm256_sub_epi32(narrow8_magnitude_biased(a, kind), _mm256_set1_epi32(narrow8_bias(kind)));
 }
 
 AVX2_FN static ALWAYS_INLINE __m256i narrow8_epi32(__m256 v, int kind) {
@@ -268,51 +276,58 @@ AVX2_FN static ALWAYS_INLINE uint32_t hmax_epi16(__m256i v) {
 /* Largest finite |x| of one row segment, on the raw bits: with the sign cleared, IEEE values
  * order like unsigned integers, and everything at or above the exponent-all-ones pattern (inf,
  * nan) is dropped. 16-bit dtypes take 16 elements per instruction, and nothing is converted.
- * *nonfinite is set when the segment holds an inf or nan (one more max per vector). */
+ * One and + one max per vector; only a segment whose largest magnitude is an inf / nan is walked
+ * again (scalar, dropping those), and then *nonfinite is set. */
 AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, int64_t n, int *nonfinite) {
     int64_t j = 0;
     uint32_t best = 0, top = 0;
     if (dt == DT_F32) {
-        const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000);
-        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256(), raw = _mm256_setzero_si256();
+        const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF);
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
         const float *p = (const float *)x + i0;
         for (; j + 16 <= n; j += 16) {
-            __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag);
-            __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 8)), mag);
-            raw = _mm256_max_epi32(raw, _mm256_max_epi32(a, b));
-            acc0 = _mm256_max_epi32(acc0, _mm256_and_si256(a, _mm256_cmpgt_epi32(inf, a)));
-            acc1 = _mm256_max_epi32(acc1, _mm256_and_si256(b, _mm256_cmpgt_epi32(inf, b)));
+            acc0 = _mm256_max_epi32(acc0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag));
+            acc1 = _mm256_max_epi32(acc1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 8)), mag));
         }
-        best = hmax_epi32(_mm256_max_epi32(acc0, acc1));
-        top = hmax_epi32(raw);
+        top = hmax_epi32(_mm256_max_epi32(acc0, acc1));
         for (; j < n; j++) {
             uint32_t a = f2u(p[j]) & 0x7FFFFFFFu;
             top = a > top ? a : top;
-            if (a < 0x7F800000u && a > best) best = a;
         }
-        if (top >= 0x7F800000u) *nonfinite = 1;
+        best = top;
+        if (top >= 0x7F800000u) {
+            *nonfinite = 1;
+            best = 0;
+            for (j = 0; j < n; j++) {
+                uint32_t a = f2u(p[j]) & 0x7FFFFFFFu;
+                if (a < 0x7F800000u && a > best) best = a;
+            }
+        }
         return u2f(best);
     }
     /* bf16: inf = 0x7F80; fp16: inf = 0x7C00. Magnitudes fit in 15 bits: signed compares work. */
     const uint16_t inf16 = dt == DT_BF16 ? 0x7F80 : 0x7C00;
-    const __m256i mag = _mm256_set1_epi16(0x7FFF), inf = _mm256_set1_epi16((short)inf16);
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256(), raw = _mm256_setzero_si256();
+    const __m256i mag = _mm256_set1_epi16(0x7FFF);
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
     const uint16_t *p = (const uint16_t *)x + i0;
     for (; j + 32 <= n; j += 32) {
-        __m256i a = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag);
-        __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 16)), mag);
-        raw = _mm256_max_epi16(raw, _mm256_max_epi16(a, b));
-        acc0 = _mm256_max_epi16(acc0, _mm256_and_si256(a, _mm256_cmpgt_epi16(inf, a)));
-        acc1 = _mm256_max_epi16(acc1, _mm256_and_si256(b, _mm256_cmpgt_epi16(inf, b)));
+        acc0 = _mm256_max_epi16(acc0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag));
+        acc1 = _mm256_max_epi16(acc1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 16)), mag));
     }
-    best = hmax_epi16(_mm256_max_epi16(acc0, acc1));
-    top = hmax_epi16(raw);
+    top = hmax_epi16(_mm256_max_epi16(acc0, acc1));
     for (; j < n; j++) {
         uint16_t a = p[j] & 0x7FFF;
         top = a > top ? a : top;
-        if (a < inf16 && a > best) best = a;
     }
-    if (top >= inf16) *nonfinite = 1;
+    best = top;
+    if (top >= inf16) {
+        *nonfinite = 1;
+        best = 0;
+        for (j = 0; j < n; j++) {
+            uint16_t a = p[j] & 0x7FFF;
+            if (a < inf16 && a > best) best = a;
+        }
+    }
     return dt == DT_BF16 ? u2f(best << 16) : f16_to_f32((uint16_t)best);
 }
 
@@ -330,25 +345,28 @@ AVX2_FN static ALWAYS_INLINE void quant_row_avx2(const void *x, int dt, int64_t 
     int64_t j = 0;
     if (dt == DT_BF16 && finite) {
         /* A block without inf / nan (amax_avx2 says so): |x / s| <= fp8_max up to one rounding
-         * (s = fl(amax / fp8_max), or larger for ue8m0), so no clamp and no nan blend; the
-         * quotient has x's sign, so the sign bits come straight from the bf16 input, 16 at a
-         * time, after the first pack (which restores element order within 16). */
-        const __m256i zero = _mm256_setzero_si256(), sign16 = _mm256_set1_epi16(0x80);
-        const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+         * (s = fl(amax / fp8_max), or larger for ue8m0), so no clamp and no nan blend. The
+         * magnitudes are divided and rounded (narrow8_magnitude_biased), the bias leaves 16
+         * lanes at a time after the first pack (which restores element order within 16), and
+         * the quotient has x's sign: the sign bits come straight from the bf16 input's high
+         * bytes, packed like the codes, 32 at a time. */
+        const __m256i zero = _mm256_setzero_si256(), mag16 = _mm256_set1_epi16(0x7FFF);
+        const __m256i bias16 = _mm256_set1_epi16((short)narrow8_bias(kind)), sign8 = _mm256_set1_epi8((char)0x80);
         const uint16_t *p = (const uint16_t *)x + i0;
         for (; j + 32 <= n; j += 32) {
             __m256i u[2] = {_mm256_loadu_si256((const __m256i *)(p + j)),
                             _mm256_loadu_si256((const __m256i *)(p + j + 16))};
             __m256i half[2];
             for (int h = 0; h < 2; h++) {
-                __m256 f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, u[h]));
-                __m256 f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, u[h]));
-                __m256i c0 = narrow8_magnitude(_mm256_and_si256(_mm256_castps_si256(_mm256_div_ps(f0, vs)), absmask), kind);
-                __m256i c1 = narrow8_magnitude(_mm256_and_si256(_mm256_castps_si256(_mm256_div_ps(f1, vs)), absmask), kind);
-                half[h] = _mm256_or_si256(_mm256_packus_epi32(c0, c1),
-                                          _mm256_and_si256(_mm256_srli_epi16(u[h], 8), sign16));
+                __m256i a = _mm256_and_si256(u[h], mag16);
+                __m256 f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a));
+                __m256 f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a));
+                __m256i c0 = narrow8_magnitude_biased(_mm256_castps_si256(_mm256_div_ps(f0, vs)), kind);
+                __m256i c1 = narrow8_magnitude_biased(_mm256_castps_si256(_mm256_div_ps(f1, vs)), kind);
+                half[h] = _mm256_sub_epi16(_mm256_packus_epi32(c0, c1), bias16);
             }
-            __m256i bytes = _mm256_packus_epi16(half[0], half[1]);
+            __m256i sign = _mm256_packus_epi16(_mm256_srli_epi16(u[0], 8), _mm256_srli_epi16(u[1], 8));
+            __m256i bytes = _mm256_or_si256(_mm256_packus_epi16(half[0], half[1]), _mm256_and_si256(sign, sign8));
             _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(bytes, 0xD8));
         }
     } else if (dt == DT_BF16) {
@@ -382,10 +400,13 @@ AVX2_FN static ALWAYS_INLINE void quant_row_avx2(const void *x, int dt, int64_t 
     for (; j < n; j++) q[j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
 }
 
-/* Column blocks per chunk of a slab (see quant_slab_avx2): 1024 columns, e.g. 128 rows x 1024
- * bf16 = 256 KB, which stays in L2 between the two passes. */
-#define QUANT_CHUNK_COLS 1024
-
+/* Columns per chunk of a slab (see quant_slab_avx2). A 1 x bc grid (activations): 1024, so a
+ * row's chunk stays in L1 between the two passes. Taller blocks: 4096 (a whole row of most
+ * weights), e.g. 128 rows x 4096 bf16 = 1 MB, read from L3 in pass 2: pass 1 streams the slab as
+ * one contiguous run, which the hardware prefetcher follows (128 rows x 1024 columns, 256 KB
+ * and in L2 for pass 2, made pass 1 a strided walk that waited on DRAM: 1.3x slower in all). */
+#define QUANT_CHUNK_COLS_ROW 1024
+#define QUANT_CHUNK_COLS 4096
 /* Rows [r0, r1) of batch b of x [B, R, C]: every (br x bc) block of the slab, scales into
  * scale_row[0 : cdiv(C, bc)]. The slab is walked in chunks of whole column blocks; in each, pass 1
  * takes every block's finite amax and pass 2 divides and rounds, both row by row, so memory is
@@ -394,7 +415,8 @@ AVX2_FN static ALWAYS_INLINE void quant_row_avx2(const void *x, int dt, int64_t 
 AVX2_FN static ALWAYS_INLINE void quant_slab_avx2(const void *x, int dt, int64_t R, int64_t C, int64_t b,
                                                   int64_t r0, int64_t r1, int64_t bc, int kind, int ue8m0,
                                                   uint8_t *q, float *scale_row) {
-    const int64_t CB = cdiv64(C, bc), nb = bc < QUANT_CHUNK_COLS ? QUANT_CHUNK_COLS / bc : 1;
+    const int64_t CB = cdiv64(C, bc), cols = r1 - r0 > 1 ? QUANT_CHUNK_COLS : QUANT_CHUNK_COLS_ROW;
+    const int64_t nb = bc < cols ? cols / bc : 1;
     float amax[QUANT_CHUNK_COLS];
     for (int64_t cb0 = 0; cb0 < CB; cb0 += nb) {
         const int64_t cb1 = cb0 + nb < CB ? cb0 + nb : CB;
