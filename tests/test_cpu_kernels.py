@@ -305,6 +305,24 @@ def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == E4M3 else torch.equal(a, b)
 
 
+@pytest.mark.parametrize("block", [(1, 128), (128, 128)], ids=str)
+def test_quantize_thread_shares_cross_chunk_slab_and_batch_edges(path, block):
+    """Each thread walks its share of slabs chunk by chunk, with the next chunk's amax pass beside
+    the current one's rounding pass: shares that start and end mid-batch, a partial last slab, a
+    partial last chunk (4400 columns = 4096 + 304 for 2D blocks, 4 x 1024 + 304 for 1 x 128) and
+    inf / nan blocks next to finite ones all match the reference at every thread count."""
+    x = torch.randn(2, 260, 4400) * 3
+    x[0, 5, 4390], x[1, 259, 17], x[1, 130, 2000] = float("nan"), float("inf"), -float("inf")
+    x = x.to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 5):
+            torch.set_num_threads(threads)
+            _assert_quantize_bit_exact(x, block)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code],

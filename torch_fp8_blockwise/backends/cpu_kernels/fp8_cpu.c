@@ -400,43 +400,93 @@ AVX2_FN static ALWAYS_INLINE void quant_row_avx2(const void *x, int dt, int64_t 
     for (; j < n; j++) q[j] = quant1(load_hp(x, dt, i0 + j), s, big, kind);
 }
 
-/* Columns per chunk of a slab (see quant_slab_avx2). A 1 x bc grid (activations): 1024, so a
- * row's chunk stays in L1 between the two passes. Taller blocks: 4096 (a whole row of most
- * weights), e.g. 128 rows x 4096 bf16 = 1 MB, read from L3 in pass 2: pass 1 streams the slab as
- * one contiguous run, which the hardware prefetcher follows (128 rows x 1024 columns, 256 KB
- * and in L2 for pass 2, made pass 1 a strided walk that waited on DRAM: 1.3x slower in all). */
+/* Columns per chunk (see quant_tasks_avx2). A 1 x bc grid (activations): 1024, a row's chunk
+ * stays in L1 between its two passes. Taller blocks: 4096 (a whole row of most weights), e.g. 128
+ * rows x 4096 bf16 = 1 MB, read from L3 in pass 2, while pass 1 streams the slab as one
+ * contiguous run (128 x 1024 chunks made pass 1 a strided walk that waited on DRAM). */
 #define QUANT_CHUNK_COLS_ROW 1024
 #define QUANT_CHUNK_COLS 4096
-/* Rows [r0, r1) of batch b of x [B, R, C]: every (br x bc) block of the slab, scales into
- * scale_row[0 : cdiv(C, bc)]. The slab is walked in chunks of whole column blocks; in each, pass 1
- * takes every block's finite amax and pass 2 divides and rounds, both row by row, so memory is
- * read in long contiguous runs (column block by column block, a 128 x 128 block's rows lie 8 KB
- * apart and share a few L1 sets: 1.7x slower) and the chunk is still in cache for pass 2. */
-AVX2_FN static ALWAYS_INLINE void quant_slab_avx2(const void *x, int dt, int64_t R, int64_t C, int64_t b,
-                                                  int64_t r0, int64_t r1, int64_t bc, int kind, int ue8m0,
-                                                  uint8_t *q, float *scale_row) {
-    const int64_t CB = cdiv64(C, bc), cols = r1 - r0 > 1 ? QUANT_CHUNK_COLS : QUANT_CHUNK_COLS_ROW;
+
+/* One chunk of a slab: rows [r0, r1) of batch b (one task's slab), column blocks [cb0, cb1). */
+typedef struct {
+    int64_t t, b, r0, r1, cb0, cb1;
+} quant_chunk;
+
+/* The chunk after k in a thread's walk over tasks [k.t, t1): the slab's next columns, else the
+ * next slab's first ones. Returns 0 past the last task. */
+static inline int next_chunk(quant_chunk *k, int64_t t1, int64_t RB, int64_t R, int64_t br, int64_t CB,
+                             int64_t nb) {
+    if (k->cb1 < CB) {
+        k->cb0 = k->cb1;
+    } else {
+        if (++k->t >= t1) return 0;
+        k->b = k->t / RB;
+        k->r0 = (k->t % RB) * br;
+        k->r1 = k->r0 + br < R ? k->r0 + br : R;
+        k->cb0 = 0;
+    }
+    k->cb1 = k->cb0 + nb < CB ? k->cb0 + nb : CB;
+    return 1;
+}
+
+/* Block cb of chunk k, row r: its finite amax into amax[cb - cb0] (running max). */
+AVX2_FN static ALWAYS_INLINE void chunk_amax(const void *x, int dt, int64_t R, int64_t C, int64_t bc,
+                                             const quant_chunk *k, int64_t r, int64_t cb, float *amax,
+                                             int *nonfinite) {
+    const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0;
+    float a = amax_avx2(x, dt, (k->b * R + r) * C + c0, n, nonfinite);
+    amax[cb - k->cb0] = a > amax[cb - k->cb0] ? a : amax[cb - k->cb0];
+}
+
+/* Block cb of chunk k, row r: divided by the block's scale and rounded into q. */
+AVX2_FN static ALWAYS_INLINE void chunk_quant(const void *x, int dt, int64_t R, int64_t C, int64_t bc,
+                                              const quant_chunk *k, int64_t r, int64_t cb, float s, int kind,
+                                              int nonfinite, uint8_t *q) {
+    const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0, i0 = (k->b * R + r) * C + c0;
+    if (nonfinite) quant_row_avx2(x, dt, i0, n, s, kind, q + i0, 0);
+    else quant_row_avx2(x, dt, i0, n, s, kind, q + i0, 1);
+}
+
+/* Tasks [t0, t1) (slabs of br rows: every (br x bc) block of each, scales into scale[t * CB :]),
+ * walked in chunks of whole column blocks, each in two passes: pass 1 takes every block's
+ * finite amax, pass 2 divides and rounds, both row by row, so memory is read in long contiguous
+ * runs and the chunk is still in cache for pass 2. The passes are software-pipelined: block j of
+ * row i of chunk k + 1's pass 1 runs beside the same block of chunk k's pass 2, so pass 1's
+ * loads from DRAM overlap pass 2's arithmetic (on cache-resident data) instead of stalling alone. */
+AVX2_FN static ALWAYS_INLINE void quant_tasks_avx2(const void *x, int dt, int64_t R, int64_t C, int64_t br,
+                                                   int64_t bc, int kind, int ue8m0, uint8_t *q, float *scale,
+                                                   int64_t t0, int64_t t1) {
+    const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), cols = br > 1 ? QUANT_CHUNK_COLS : QUANT_CHUNK_COLS_ROW;
     const int64_t nb = bc < cols ? cols / bc : 1;
-    float amax[QUANT_CHUNK_COLS];
-    for (int64_t cb0 = 0; cb0 < CB; cb0 += nb) {
-        const int64_t cb1 = cb0 + nb < CB ? cb0 + nb : CB;
-        int nonfinite = 0;
-        for (int64_t cb = cb0; cb < cb1; cb++) amax[cb - cb0] = 0.0f;
-        for (int64_t r = r0; r < r1; r++) {
-            for (int64_t cb = cb0; cb < cb1; cb++) {
-                const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0;
-                float a = amax_avx2(x, dt, (b * R + r) * C + c0, n, &nonfinite);
-                amax[cb - cb0] = a > amax[cb - cb0] ? a : amax[cb - cb0];
+    float amax[2][QUANT_CHUNK_COLS];
+    int nonfinite[2] = {0, 0}, cur = 0;
+    quant_chunk k = {t0 - 1, 0, 0, 0, CB, CB}, nxt;
+    if (t0 >= t1 || !next_chunk(&k, t1, RB, R, br, CB, nb)) return;
+    for (int64_t cb = k.cb0; cb < k.cb1; cb++) amax[cur][cb - k.cb0] = 0.0f;
+    for (int64_t r = k.r0; r < k.r1; r++)
+        for (int64_t cb = k.cb0; cb < k.cb1; cb++) chunk_amax(x, dt, R, C, bc, &k, r, cb, amax[cur], &nonfinite[cur]);
+    for (;;) {
+        float *scale_row = scale + k.t * CB;
+        for (int64_t cb = k.cb0; cb < k.cb1; cb++) scale_row[cb] = block_scale(amax[cur][cb - k.cb0], kind, ue8m0);
+        nxt = k;
+        const int more = next_chunk(&nxt, t1, RB, R, br, CB, nb);
+        const int64_t rows = k.r1 - k.r0, nrows = more ? nxt.r1 - nxt.r0 : 0;
+        const int64_t blocks = k.cb1 - k.cb0, nblocks = more ? nxt.cb1 - nxt.cb0 : 0;
+        if (more) {
+            nonfinite[!cur] = 0;
+            for (int64_t cb = nxt.cb0; cb < nxt.cb1; cb++) amax[!cur][cb - nxt.cb0] = 0.0f;
+        }
+        for (int64_t i = 0; i < (rows > nrows ? rows : nrows); i++) {
+            for (int64_t j = 0; j < (blocks > nblocks ? blocks : nblocks); j++) {
+                if (i < nrows && j < nblocks)
+                    chunk_amax(x, dt, R, C, bc, &nxt, nxt.r0 + i, nxt.cb0 + j, amax[!cur], &nonfinite[!cur]);
+                if (i < rows && j < blocks)
+                    chunk_quant(x, dt, R, C, bc, &k, k.r0 + i, k.cb0 + j, scale_row[k.cb0 + j], kind, nonfinite[cur], q);
             }
         }
-        for (int64_t cb = cb0; cb < cb1; cb++) scale_row[cb] = block_scale(amax[cb - cb0], kind, ue8m0);
-        for (int64_t r = r0; r < r1; r++) {
-            for (int64_t cb = cb0; cb < cb1; cb++) {
-                const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0, i0 = (b * R + r) * C + c0;
-                if (nonfinite) quant_row_avx2(x, dt, i0, n, scale_row[cb], kind, q + i0, 0);
-                else quant_row_avx2(x, dt, i0, n, scale_row[cb], kind, q + i0, 1);
-            }
-        }
+        if (!more) return;
+        k = nxt;
+        cur = !cur;
     }
 }
 
@@ -448,15 +498,14 @@ AVX2_FN static float dyn_quant_seg_avx2(const void *x, int dt, int64_t i0, int64
     return s;
 }
 
-/* quant_slab_avx2 compiled once per (dtype, fp8 kind): constant arguments remove the per-element
+/* quant_tasks_avx2 compiled once per (dtype, fp8 kind): constant arguments remove the per-element
  * branches on them (~2x faster than one generic loop). */
 #define QUANT_SLAB_CASE(DT, KIND)                                                                      \
     case DT * 2 + KIND:                                                                                \
-        quant_slab_avx2(x, DT, R, C, b, r0, r1, bc, KIND, ue8m0, q, scale_row);                        \
+        quant_tasks_avx2(x, DT, R, C, br, bc, KIND, ue8m0, q, scale, t0, t1);                          \
         break;
-AVX2_FN static void quant_slab_avx2_any(const void *x, int dt, int64_t R, int64_t C, int64_t b, int64_t r0,
-                                        int64_t r1, int64_t bc, int kind, int ue8m0, uint8_t *q,
-                                        float *scale_row) {
+AVX2_FN static void quant_tasks_avx2_any(const void *x, int dt, int64_t R, int64_t C, int64_t br, int64_t bc,
+                                         int kind, int ue8m0, uint8_t *q, float *scale, int64_t t0, int64_t t1) {
     switch (dt * 2 + kind) {
         QUANT_SLAB_CASE(DT_F32, KIND_E4M3)
         QUANT_SLAB_CASE(DT_F32, KIND_E5M2)
@@ -547,24 +596,30 @@ static void quant_slab_scalar(const void *x, int dt, int64_t R, int64_t C, int64
 }
 
 /* x [B, R, C] (dtype dt) -> q [B, R, C] fp8 bytes, scale [B, cdiv(R, br), cdiv(C, bc)] float32.
- * One slab of br rows (all its column blocks) per task, tasks split statically: a 1 x 128 grid
- * has one task per row, so per-task cost (index math, scheduling) stays off the 128-element
- * blocks; every block's work is the same, so static shares are even. */
+ * One slab of br rows (all its column blocks) per task; each thread takes one contiguous share of
+ * the tasks (every block's work is the same, so even shares are even work): a 1 x 128 grid has
+ * one task per row, so per-task cost stays off the 128-element blocks, and the AVX2 walk
+ * pipelines its passes across the share's slabs (quant_tasks_avx2). */
 void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_t br, int64_t bc, int kind,
                   int ue8m0, uint8_t *q, float *scale, int nthreads) {
     ensure_init();
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), tasks = B * RB;
     const int isa = g_isa;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (tasks > 1 && B * R * C >= PAR_MIN)
-    for (int64_t t = 0; t < tasks; t++) {
-        const int64_t b = t / RB, r0 = (t % RB) * br, r1 = r0 + br < R ? r0 + br : R;
+#pragma omp parallel num_threads(nthreads) if (tasks > 1 && B * R * C >= PAR_MIN)
+    {
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t t0 = tasks * id / nt, t1 = tasks * (id + 1) / nt;
 #if FP8_HAVE_X86
         if (isa) {
-            quant_slab_avx2_any(x, dt, R, C, b, r0, r1, bc, kind, ue8m0, q, scale + t * CB);
-            continue;
-        }
+            quant_tasks_avx2_any(x, dt, R, C, br, bc, kind, ue8m0, q, scale, t0, t1);
+        } else
 #endif
-        quant_slab_scalar(x, dt, R, C, b, r0, r1, bc, kind, ue8m0, q, scale + t * CB);
+        {
+            for (int64_t t = t0; t < t1; t++) {
+                const int64_t b = t / RB, r0 = (t % RB) * br, r1 = r0 + br < R ? r0 + br : R;
+                quant_slab_scalar(x, dt, R, C, b, r0, r1, bc, kind, ue8m0, q, scale + t * CB);
+            }
+        }
     }
 }
 
