@@ -17,6 +17,14 @@ Quantize: GB/s (bytes read + written) of 1 x 128 activation groups and 128 x 128
 from bf16, against a copy of the same bf16 tensor into a preallocated one (``dst.copy_(x)``: the
 machine's copy bandwidth), in the same run; a clone (copy into a fresh allocation) is shown too.
 
+Allocation: quantize returns fresh tensors, so each call's outputs are new memory. glibc's default
+malloc maps a block of this size (8-16 MB) afresh on every call and unmaps it on free, and in
+these VMs each first touch of a 4 KB page then costs ~3 us (the clone column drops to ~4 GB/s):
+the allocator, not the op, would set the quantize figure, and which regime a run lands in
+depends on earlier allocations. So by default the script pins glibc's thresholds first (mmap
+threshold 32 MiB, no trimming: freed blocks stay in the heap and are reused, as a long-running
+server's allocator does), for every case alike; ``--malloc default`` leaves glibc as it is.
+
 Peak extra memory of one matmul call: a fresh subprocess makes the fp8 weight, runs the call once
 (lazy initialisation, compile), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``
 = 5), runs the call again and reports VmHWM - VmRSS before the call: every byte the call touched
@@ -28,6 +36,7 @@ These machines are shared and noisy: compare the ratios, not the absolute times.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import subprocess
@@ -49,6 +58,19 @@ SMOL = [(m, n, k) for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536))
 
 
 CLOCK: Callable[[], float] = time.perf_counter
+
+
+def steady_malloc() -> str:
+    """Pin glibc malloc's mmap threshold (32 MiB, its maximum) and trim threshold (1 GiB), so blocks
+    below 32 MiB come from the heap and stay there when freed (see the module docstring)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default (no glibc)"
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
+        return "steady (glibc mmap threshold 32 MiB, no trim)"
+    return "default (mallopt refused)"
 
 
 def interleaved_ms(cases: dict[str, Callable[[], object]], budget_s: float = 5.0) -> dict[str, float]:
@@ -178,14 +200,25 @@ def main() -> int:
         help="time with the process's CPU time instead of the wall clock: on a shared, busy machine "
         "this is the work each case does (use with --threads 1; with more threads it counts spin-waits)",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("steady", "default"),
+        default="steady",
+        help="steady: pin glibc's malloc thresholds so fresh outputs reuse heap memory instead of "
+        "page-faulting on every call (see above); default: glibc as it is",
+    )
     args = parser.parse_args()
+    malloc = steady_malloc() if args.malloc == "steady" else "default"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
     torch.manual_seed(0)
-    print(f"threads={torch.get_num_threads()} torch {torch.__version__} cpu kernels: {cpu.kernel_status()}")
+    print(
+        f"threads={torch.get_num_threads()} torch {torch.__version__} cpu kernels: {cpu.kernel_status()}; "
+        f"malloc: {malloc}"
+    )
     clock = "process CPU time" if args.cpu_time else "wall clock"
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}; {clock} ms; ratios = time / bf16 time")
     print(
