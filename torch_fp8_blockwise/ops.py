@@ -167,8 +167,8 @@ def _blockwise_matmul_impl(
     activation: str = "dynamic",
 ) -> torch.Tensor:
     p = _validate.matmul_args_cached(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
-    if p.empty:  # sizes as varargs: a shape tuple costs torch's argument parser ~1 us more
-        return torch.empty(*p.out_shape, dtype=p.out_dtype, device=p.device)
+    if p.empty:  # x's device; sizes as varargs (a shape tuple or device= costs the parser ~1 / 0.25 us more)
+        return x.new_empty(*p.out_shape, dtype=p.out_dtype)
     return _run_matmul("blockwise_matmul", p, x, w, w_scale, x_scale, bias, activation)
 
 
@@ -245,7 +245,7 @@ def _mxfp8_matmul_impl(
 ) -> torch.Tensor:
     p = _validate.mxfp8_matmul_args(x, w, w_scale, x_scale, bias, out_dtype)
     if p.empty:
-        return torch.empty(*p.out_shape, dtype=p.out_dtype, device=p.device)
+        return x.new_empty(*p.out_shape, dtype=p.out_dtype)  # as in _blockwise_matmul_impl
     return _run_matmul("mxfp8_matmul", p, x, w, w_scale, x_scale, bias)
 
 
