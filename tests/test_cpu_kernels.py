@@ -218,6 +218,24 @@ def test_quantize_every_finite_bf16_bit_exact(path, block, order):
     _assert_quantize_bit_exact(x.reshape(255, 256), block)
 
 
+@pytest.mark.parametrize("m", [3, 300], ids=lambda m: f"M{m}")
+def test_dynamic_activation_quantization_is_the_quantize_op_bit_for_bit(path, m):
+    """W8A8 dynamic quantizes x inside the C call (finite and inf / nan groups take different
+    loops); its result must be exactly that of the same product given quantize(x, (1, 128)) as
+    fp8 x + x_scale, at the fused small-M size and the panel size."""
+    wq, ws = reference.quantize(torch.randn(256, 512), (128, 128), E4M3, "fp32")
+    x = torch.randn(m, 512) * 5
+    x[1, 7], x[2, 300] = float("inf"), float("nan")
+    x = x.to(torch.bfloat16)
+    with tfb.use_backend("cpu"):
+        xq, xs = tfb.quantize(x, (1, 128))
+        dynamic = tfb.blockwise_matmul(x, wq, ws, activation="dynamic", out_dtype=torch.float32)
+        given = tfb.blockwise_matmul(xq, wq, ws, x_scale=xs, out_dtype=torch.float32)
+    assert torch.equal(dynamic.isnan(), given.isnan())
+    assert torch.equal(dynamic.nan_to_num(), given.nan_to_num())
+    assert dynamic[:2].isfinite().all() and dynamic[2].isnan().all()  # inf saturates, nan spreads
+
+
 def test_quantize_batched_and_non_contiguous(path):
     x = torch.randn(3, 200, 130, dtype=torch.bfloat16).transpose(1, 2)
     q_ref, s_ref = reference.quantize(x, (128, 128), E4M3, "fp32")

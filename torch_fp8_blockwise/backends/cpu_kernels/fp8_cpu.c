@@ -494,7 +494,8 @@ AVX2_FN static ALWAYS_INLINE void quant_tasks_avx2(const void *x, int dt, int64_
 AVX2_FN static float dyn_quant_seg_avx2(const void *x, int dt, int64_t i0, int64_t n, uint8_t *q) {
     int nonfinite = 0;
     const float s = block_scale(amax_avx2(x, dt, i0, n, &nonfinite), KIND_E4M3, 0);
-    quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q, 0);
+    if (nonfinite) quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q, 0);
+    else quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q, 1);
     return s;
 }
 
