@@ -153,7 +153,7 @@ class Fp8BlockwiseLinear(nn.Module):
         if w.dtype not in HIGH_PRECISION_DTYPES:
             raise TypeError(f"linear.weight: expected dtype in {HIGH_PRECISION_DTYPES}, got {w.dtype}")
         with torch.no_grad():
-            q, scale = torch.ops.fp8.quantize(
+            q, scale = torch.ops.fp8.quantize.default(
                 w.detach(), list(config.block_shape), config.dtype, config.scale_format
             )
         return cls.from_quantized(q, scale, linear.bias, config)
@@ -187,7 +187,7 @@ class Fp8BlockwiseLinear(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.fp8.blockwise_matmul(
+        return torch.ops.fp8.blockwise_matmul.default(  # the overload: no packet resolution per call
             x,
             self.weight,
             self.weight_scale_inv,
@@ -200,7 +200,7 @@ class Fp8BlockwiseLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] ``dtype`` copy of the weight (for inspection and SQNR; never used in forward)."""
-        return torch.ops.fp8.dequantize(
+        return torch.ops.fp8.dequantize.default(
             self.weight, self.weight_scale_inv, list(self.config.block_shape), dtype
         )
 
@@ -320,7 +320,7 @@ def requantize(layer: Fp8BlockwiseLinear, block: int) -> Fp8BlockwiseLinear:
     config = Fp8Config((block, block), c.activation, c.dtype, c.scale_format)
     with torch.no_grad():
         w = layer.dequantized_weight(torch.float32)
-        q, scale = torch.ops.fp8.quantize(w, [block, block], c.dtype, c.scale_format)
+        q, scale = torch.ops.fp8.quantize.default(w, [block, block], c.dtype, c.scale_format)
     return Fp8BlockwiseLinear.from_quantized(q, scale, layer.bias, config)
 
 

@@ -126,6 +126,9 @@ def _quantize_impl(
         q = torch.empty(x.shape, dtype=dtype, device=x.device)
         return q, torch.zeros(scale_shape, dtype=torch.float32, device=x.device)
     _, fn = _dispatch.implementation("quantize", x.device)
+    if x.dim() == 2:  # the common case: index views cost the call ~7 us less than two reshapes
+        q, scale = fn(x[None], block, dtype, scale_format)
+        return q[0], scale[0]
     q, scale = fn(_flat3(x), block, dtype, scale_format)
     return q.reshape(x.shape), scale.reshape(scale_shape)
 
@@ -259,11 +262,25 @@ _register("dequantize", _dequantize_impl, _dequantize_fake)
 _register("blockwise_matmul", _blockwise_matmul_impl, _blockwise_matmul_fake)
 _register("mxfp8_quantize", _mxfp8_quantize_impl, _mxfp8_quantize_fake)
 _register("mxfp8_matmul", _mxfp8_matmul_impl, _mxfp8_matmul_fake)
-#: The overload itself: calling it skips OpOverloadPacket.__call__ and the torch.ops attribute chain.
+#: The overloads themselves: calling one skips OpOverloadPacket.__call__ (~4 us) and the torch.ops
+#: attribute chain.
 _blockwise_matmul_op = torch.ops.fp8.blockwise_matmul.default
+_quantize_op = torch.ops.fp8.quantize.default
+_dequantize_op = torch.ops.fp8.dequantize.default
 
 
 # ----------------------------------------------------------------------------- Python wrappers
+def _is_int_pair(block_shape: object) -> bool:
+    """The common block_shape, checked cheaply: a list or tuple of two ints (the schema's int[]
+    takes either as it is)."""
+    return (
+        type(block_shape) in (list, tuple)
+        and len(block_shape) == 2
+        and type(block_shape[0]) is int
+        and type(block_shape[1]) is int
+    )
+
+
 def _precheck(block_shape: object = None, **tensors: object) -> list[int] | None:
     """Argument kinds the op schema would otherwise reject with a RuntimeError that does not say
     which argument was wrong in our terms; the full checks run inside the op."""
@@ -302,7 +319,9 @@ def quantize(
     element; neither changes the block's scale, which comes from the finite values. An all-zero
     block gives q = 0 and scale = 1e-10 / fp8_max. Finite input never produces nan.
     """
-    return torch.ops.fp8.quantize(x, _precheck(block_shape, x=x), dtype, scale_format)
+    if not (isinstance(x, torch.Tensor) and _is_int_pair(block_shape)):
+        block_shape = _precheck(block_shape, x=x)  # raises with the argument's name
+    return _quantize_op(x, block_shape, dtype, scale_format)
 
 
 def dequantize(
@@ -321,7 +340,9 @@ def dequantize(
 
     Returns: [..., R, C] ``out_dtype``.
     """
-    return torch.ops.fp8.dequantize(q, scale, _precheck(block_shape, q=q, scale=scale), out_dtype)
+    if not (isinstance(q, torch.Tensor) and isinstance(scale, torch.Tensor) and _is_int_pair(block_shape)):
+        block_shape = _precheck(block_shape, q=q, scale=scale)  # raises with the argument's name
+    return _dequantize_op(q, scale, block_shape, out_dtype)
 
 
 def blockwise_matmul(
@@ -355,8 +376,7 @@ def blockwise_matmul(
     if (  # the common call, checked in one expression; anything else gets _precheck's message
         isinstance(x, T) and isinstance(w, T) and isinstance(w_scale, T)
         and (x_scale is None or isinstance(x_scale, T)) and (bias is None or isinstance(bias, T))
-        and type(block_shape) in (list, tuple) and len(block_shape) == 2
-        and type(block_shape[0]) is int and type(block_shape[1]) is int
+        and _is_int_pair(block_shape)
     ):  # fmt: skip
         block = block_shape  # the schema's int[] takes a list or a tuple as it is
     else:
@@ -511,7 +531,9 @@ def grouped_matmul(
     Semantics: :mod:`torch_fp8_blockwise.reference`; design notes: docs/grouped.md.
     """
     block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, group_sizes=group_sizes, x_scale=x_scale)
-    return torch.ops.fp8.grouped_matmul(x, w, w_scale, group_sizes, block, x_scale, out_dtype, activation)
+    return torch.ops.fp8.grouped_matmul.default(
+        x, w, w_scale, group_sizes, block, x_scale, out_dtype, activation
+    )
 
 
 def grouped_matmul_transposed(
@@ -541,4 +563,4 @@ def grouped_matmul_transposed(
     _precheck(x=x, dy=dy, group_sizes=group_sizes)
     if not isinstance(block_m, int) or isinstance(block_m, bool):
         raise TypeError(f"block_m: expected an int, got {block_m!r}")
-    return torch.ops.fp8.grouped_matmul_transposed(x, dy, group_sizes, block_m, out_dtype)
+    return torch.ops.fp8.grouped_matmul_transposed.default(x, dy, group_sizes, block_m, out_dtype)
