@@ -63,6 +63,8 @@ from .formats import MX_BLOCK, cdiv, compute_scale, e8m0_to_float, float_to_e8m0
 
 def _pad_to_blocks(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:
     rows, cols = x.shape[-2:]
+    if x.numel() == 0:  # F.pad rejects a zero-size dim in torch 2.9 ("negative output size")
+        return x.new_zeros((*x.shape[:-2], cdiv(rows, br) * br, cdiv(cols, bc) * bc))
     return F.pad(x, (0, cdiv(cols, bc) * bc - cols, 0, cdiv(rows, br) * br - rows))
 
 
