@@ -92,9 +92,7 @@ def _breakdown_cases(n: int, k: int):
         "    _validate.matmul_args_cached (fp8 x)": lambda: _validate.matmul_args_cached(
             xq0, wq, ws, block, xs0, None, None, "dynamic"
         ),
-        "    the result: x.new_empty(*shape, dtype=...)": lambda: x0.new_empty(
-            *p.out_shape, dtype=p.out_dtype
-        ),
+        "    the result: torch.empty_like(template)": lambda: torch.empty_like(p.empty_template),
         "  torch._C._any_requires_grad (3 tensors)": lambda: torch._C._any_requires_grad(x0, wq, ws),
         "_validate.matmul_args (full checks, a miss)": lambda: _validate.matmul_args(
             x0, wq, ws, block, None, None, None, "dynamic"

@@ -85,7 +85,7 @@ def test_an_empty_call_runs_four_python_functions():
         "ops.py:get",
         "_validate.py:is_contiguous",
         "_validate.py:get",
-        "ops.py:new_empty",
+        "ops.py:empty_like",
     ], builtins
 
 
@@ -176,6 +176,6 @@ def test_bench_host_breakdown_times_each_part_of_an_empty_call():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = proc.stdout.split("parts of the M=0 call")[1]
-    for name in ("dispatcher floor", "matmul_args_cached (fp8 x)", "new_empty", "full checks, a miss"):
+    for name in ("dispatcher floor", "matmul_args_cached (fp8 x)", "empty_like", "full checks, a miss"):
         line = next(line for line in parts.splitlines() if name in line)
         assert float(line.split()[-2]) > 0, line

@@ -148,6 +148,10 @@ class MatmulProblem:
     batched: bool = field(init=False)
     #: (bn, bk), as the backends take it.
     block: tuple[int, int] = field(init=False)
+    #: For an empty result of real tensors (set by matmul_args_cached): a zero-size tensor of the
+    #: result's shape, dtype and device, so that each call's fresh result is one ``torch.empty_like``
+    #: (~0.6 us less than building it from shape, dtype and device arguments). Never returned itself.
+    empty_template: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_shape", (*self.lead, self.n))
@@ -268,6 +272,8 @@ def matmul_args_cached(
     p = _matmul_cache.get(key)
     if p is None:
         p = matmul_args(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
+        if p.empty:  # sizes as varargs: x's device, no device= to parse
+            object.__setattr__(p, "empty_template", x.new_empty(*p.out_shape, dtype=p.out_dtype))
         if len(_matmul_cache) >= _MATMUL_CACHE_CAP:
             _matmul_cache.clear()
         _matmul_cache[key] = p

@@ -441,14 +441,38 @@ typedef struct {
     int64_t t, b, r0, r1, cb0, cb1;
 } quant_chunk;
 
-/* The chunk after k in a thread's walk over tasks [k.t, t1): the slab's next columns, else the
- * next slab's first ones. Returns 0 past the last task. */
-static inline int next_chunk(quant_chunk *k, int64_t t1, int64_t RB, int64_t R, int64_t br, int64_t CB,
-                             int64_t nb) {
+/* Work sharing of fp8_quantize's tasks. Thread i starts with one contiguous share, tasks [base +
+ * front, base + back) of slot i (front << 32 | back, one cache line per slot); it takes its own
+ * from the front and, once they are gone, other threads' from the back. Shares are even work, but
+ * a thread that the OS or the hypervisor delays would hold up the whole call: its last tasks go to
+ * the others instead (one compare-and-swap per task, ~2 us of work for a 1 x 128 row of 4096). */
+typedef struct {
+    uint64_t *slot; /* nt slots, QUANT_SLOT_STRIDE apart */
+    int64_t self, nt, base;
+} quant_claim;
+#define QUANT_SLOT_STRIDE 8 /* uint64 per slot: 64 bytes */
+
+static inline int64_t claim_task(const quant_claim *c) {
+    for (int64_t i = 0; i < c->nt; i++) {
+        uint64_t *s = &c->slot[((c->self + i) % c->nt) * QUANT_SLOT_STRIDE];
+        uint64_t v = __atomic_load_n(s, __ATOMIC_RELAXED);
+        while ((uint32_t)(v >> 32) < (uint32_t)v) { /* front < back: a task is left */
+            const uint64_t want = i == 0 ? v + (1ull << 32) : v - 1;
+            if (__atomic_compare_exchange_n(s, &v, want, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                return c->base + (i == 0 ? (int64_t)(v >> 32) : (int64_t)(uint32_t)v - 1);
+        }
+    }
+    return -1;
+}
+
+/* The chunk after k in a thread's walk: the slab's next columns, else the first ones of the next
+ * task it claims. Returns 0 when no task is left. */
+static inline int next_chunk(quant_chunk *k, const quant_claim *c, int64_t RB, int64_t R, int64_t br,
+                             int64_t CB, int64_t nb) {
     if (k->cb1 < CB) {
         k->cb0 = k->cb1;
     } else {
-        if (++k->t >= t1) return 0;
+        if ((k->t = claim_task(c)) < 0) return 0;
         k->b = k->t / RB;
         k->r0 = (k->t % RB) * br;
         k->r1 = k->r0 + br < R ? k->r0 + br : R;
@@ -476,21 +500,21 @@ AVX2_FN static ALWAYS_INLINE void chunk_quant(const void *x, int dt, int64_t R, 
     else quant_row_avx2(x, dt, i0, n, s, kind, q + i0, 1);
 }
 
-/* Tasks [t0, t1) (slabs of br rows: every (br x bc) block of each, scales into scale[t * CB :]),
- * walked in chunks of whole column blocks, each in two passes: pass 1 takes every block's
+/* The tasks c hands out (slabs of br rows: every (br x bc) block of each, scales into
+ * scale[t * CB :]), walked in chunks of whole column blocks, each in two passes: pass 1 takes every block's
  * finite amax, pass 2 divides and rounds, both row by row, so memory is read in long contiguous
  * runs and the chunk is still in cache for pass 2. The passes are software-pipelined: block j of
  * row i of chunk k + 1's pass 1 runs beside the same block of chunk k's pass 2, so pass 1's
  * loads from DRAM overlap pass 2's arithmetic (on cache-resident data) instead of stalling alone. */
 AVX2_FN static ALWAYS_INLINE void quant_tasks_avx2(const void *x, int dt, int64_t R, int64_t C, int64_t br,
                                                    int64_t bc, int kind, int ue8m0, uint8_t *q, float *scale,
-                                                   int64_t t0, int64_t t1) {
+                                                   const quant_claim *c) {
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), cols = br > 1 ? QUANT_CHUNK_COLS : QUANT_CHUNK_COLS_ROW;
     const int64_t nb = bc < cols ? cols / bc : 1;
     float amax[2][QUANT_CHUNK_COLS];
     int nonfinite[2] = {0, 0}, cur = 0;
-    quant_chunk k = {t0 - 1, 0, 0, 0, CB, CB}, nxt;
-    if (t0 >= t1 || !next_chunk(&k, t1, RB, R, br, CB, nb)) return;
+    quant_chunk k = {-1, 0, 0, 0, CB, CB}, nxt;
+    if (!next_chunk(&k, c, RB, R, br, CB, nb)) return;
     for (int64_t cb = k.cb0; cb < k.cb1; cb++) amax[cur][cb - k.cb0] = 0.0f;
     for (int64_t r = k.r0; r < k.r1; r++)
         for (int64_t cb = k.cb0; cb < k.cb1; cb++) chunk_amax(x, dt, R, C, bc, &k, r, cb, amax[cur], &nonfinite[cur]);
@@ -498,7 +522,7 @@ AVX2_FN static ALWAYS_INLINE void quant_tasks_avx2(const void *x, int dt, int64_
         float *scale_row = scale + k.t * CB;
         for (int64_t cb = k.cb0; cb < k.cb1; cb++) scale_row[cb] = block_scale(amax[cur][cb - k.cb0], kind, ue8m0);
         nxt = k;
-        const int more = next_chunk(&nxt, t1, RB, R, br, CB, nb);
+        const int more = next_chunk(&nxt, c, RB, R, br, CB, nb);
         const int64_t rows = k.r1 - k.r0, nrows = more ? nxt.r1 - nxt.r0 : 0;
         const int64_t blocks = k.cb1 - k.cb0, nblocks = more ? nxt.cb1 - nxt.cb0 : 0;
         if (more) {
@@ -532,10 +556,10 @@ AVX2_FN static float dyn_quant_seg_avx2(const void *x, int dt, int64_t i0, int64
  * branches on them (~2x faster than one generic loop). */
 #define QUANT_SLAB_CASE(DT, KIND)                                                                      \
     case DT * 2 + KIND:                                                                                \
-        quant_tasks_avx2(x, DT, R, C, br, bc, KIND, ue8m0, q, scale, t0, t1);                          \
+        quant_tasks_avx2(x, DT, R, C, br, bc, KIND, ue8m0, q, scale, c);                               \
         break;
 AVX2_FN static void quant_tasks_avx2_any(const void *x, int dt, int64_t R, int64_t C, int64_t br, int64_t bc,
-                                         int kind, int ue8m0, uint8_t *q, float *scale, int64_t t0, int64_t t1) {
+                                         int kind, int ue8m0, uint8_t *q, float *scale, const quant_claim *c) {
     switch (dt * 2 + kind) {
         QUANT_SLAB_CASE(DT_F32, KIND_E4M3)
         QUANT_SLAB_CASE(DT_F32, KIND_E5M2)
@@ -625,23 +649,40 @@ static void quant_slab_scalar(const void *x, int dt, int64_t R, int64_t C, int64
     }
 }
 
+/* Tasks one quant_claim slot can describe (front and back are 32-bit). */
+#define QUANT_SLOT_TASKS ((int64_t)1 << 31)
+
 /* x [B, R, C] (dtype dt) -> q [B, R, C] fp8 bytes, scale [B, cdiv(R, br), cdiv(C, bc)] float32.
- * One slab of br rows (all its column blocks) per task; each thread takes one contiguous share of
- * the tasks (every block's work is the same, so even shares are even work): a 1 x 128 grid has
- * one task per row, so per-task cost stays off the 128-element blocks, and the AVX2 walk
- * pipelines its passes across the share's slabs (quant_tasks_avx2). */
+ * One slab of br rows (all its column blocks) per task; each thread starts on one contiguous share
+ * of the tasks (every block's work is the same, so even shares are even work) and the AVX2 walk
+ * takes a delayed thread's last tasks over (quant_claim): a 1 x 128 grid has one task per row, so
+ * per-task cost stays off the 128-element blocks, and the walk pipelines its passes across the
+ * slabs it takes (quant_tasks_avx2). */
 void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_t br, int64_t bc, int kind,
                   int ue8m0, uint8_t *q, float *scale, int nthreads) {
     ensure_init();
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), tasks = B * RB;
     const int isa = g_isa;
-#pragma omp parallel num_threads(nthreads) if (tasks > 1 && B * R * C >= PAR_MIN)
+    const int par = tasks > 1 && B * R * C >= PAR_MIN;
+    uint64_t *slots = NULL; /* shared slots; without them (a huge grid, no memory) no task moves */
+    if (isa && par && nthreads > 1 && tasks < QUANT_SLOT_TASKS)
+        slots = aligned_alloc(64, (size_t)nthreads * QUANT_SLOT_STRIDE * sizeof(uint64_t));
+#pragma omp parallel num_threads(nthreads) if (par)
     {
         const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
         const int64_t t0 = tasks * id / nt, t1 = tasks * (id + 1) / nt;
 #if FP8_HAVE_X86
-        if (isa) {
-            quant_tasks_avx2_any(x, dt, R, C, br, bc, kind, ue8m0, q, scale, t0, t1);
+        if (isa && slots) {
+            __atomic_store_n(&slots[id * QUANT_SLOT_STRIDE], ((uint64_t)t0 << 32) | (uint64_t)t1, __ATOMIC_RELAXED);
+#pragma omp barrier /* every share is in its slot before any thread looks for more */
+            const quant_claim c = {slots, id, nt, 0};
+            quant_tasks_avx2_any(x, dt, R, C, br, bc, kind, ue8m0, q, scale, &c);
+        } else if (isa) {
+            for (int64_t p0 = t0; p0 < t1; p0 += QUANT_SLOT_TASKS - 1) { /* the own share, no stealing */
+                uint64_t own = (uint64_t)((t1 - p0 < QUANT_SLOT_TASKS - 1) ? t1 - p0 : QUANT_SLOT_TASKS - 1);
+                const quant_claim c = {&own, 0, 1, p0};
+                quant_tasks_avx2_any(x, dt, R, C, br, bc, kind, ue8m0, q, scale, &c);
+            }
         } else
 #endif
         {
@@ -651,6 +692,7 @@ void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_
             }
         }
     }
+    free(slots);
 }
 
 /* ------------------------------------------------------------------ dequantize */
