@@ -457,9 +457,9 @@ def _grouped_matmul_impl(
     p = _validate.grouped_matmul_args(x, w, w_scale, group_sizes, block_shape, x_scale, out_dtype, activation)
     _validate.group_sizes_values(group_sizes, p.m)
     if p.m == 0 or p.n == 0:
-        return torch.empty((p.m, p.n), dtype=p.out_dtype, device=x.device)
+        return x.new_empty(p.m, p.n, dtype=p.out_dtype)
     if p.k == 0 or p.g == 0:  # an empty sum, or no group owns a row
-        return torch.zeros((p.m, p.n), dtype=p.out_dtype, device=x.device)
+        return x.new_zeros(p.m, p.n, dtype=p.out_dtype)
     _, fn = _dispatch.implementation("grouped_matmul", x.device)
     xs = None if x_scale is None else x_scale.contiguous()
     return fn(
@@ -486,9 +486,9 @@ def _grouped_matmul_transposed_impl(
     _validate.group_sizes_values(group_sizes, p.m)
     out_shape = (p.g, p.k, p.n)
     if p.g == 0 or p.k == 0 or p.n == 0:
-        return torch.empty(out_shape, dtype=p.out_dtype, device=x.device)
+        return x.new_empty(out_shape, dtype=p.out_dtype)
     if p.m == 0:  # every group is empty: an empty sum
-        return torch.zeros(out_shape, dtype=p.out_dtype, device=x.device)
+        return x.new_zeros(out_shape, dtype=p.out_dtype)
     _, fn = _dispatch.implementation("grouped_matmul_transposed", x.device)
     return fn(x.contiguous(), dy.contiguous(), group_sizes.contiguous(), block_m, p.out_dtype)
 

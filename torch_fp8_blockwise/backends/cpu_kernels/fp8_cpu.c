@@ -592,22 +592,22 @@ AVX2_FN static float dyn_quant_seg_avx2(const void *x, int dt, int64_t i0, int64
 
 /* quant_tasks_avx2 compiled once per (dtype, fp8 kind): constant arguments remove the per-element
  * branches on them (~2x faster than one generic loop). */
-#define QUANT_SLAB_CASE(DT, KIND)                                                                      \
+#define QUANT_TASKS_CASE(DT, KIND)                                                                     \
     case DT * 2 + KIND:                                                                                \
         quant_tasks_avx2(x, DT, R, C, br, bc, KIND, ue8m0, q, scale, c);                               \
         break;
 AVX2_FN static void quant_tasks_avx2_any(const void *x, int dt, int64_t R, int64_t C, int64_t br, int64_t bc,
                                          int kind, int ue8m0, uint8_t *q, float *scale, const quant_claim *c) {
     switch (dt * 2 + kind) {
-        QUANT_SLAB_CASE(DT_F32, KIND_E4M3)
-        QUANT_SLAB_CASE(DT_F32, KIND_E5M2)
-        QUANT_SLAB_CASE(DT_BF16, KIND_E4M3)
-        QUANT_SLAB_CASE(DT_BF16, KIND_E5M2)
-        QUANT_SLAB_CASE(DT_F16, KIND_E4M3)
-        QUANT_SLAB_CASE(DT_F16, KIND_E5M2)
+        QUANT_TASKS_CASE(DT_F32, KIND_E4M3)
+        QUANT_TASKS_CASE(DT_F32, KIND_E5M2)
+        QUANT_TASKS_CASE(DT_BF16, KIND_E4M3)
+        QUANT_TASKS_CASE(DT_BF16, KIND_E5M2)
+        QUANT_TASKS_CASE(DT_F16, KIND_E4M3)
+        QUANT_TASKS_CASE(DT_F16, KIND_E5M2)
     }
 }
-#undef QUANT_SLAB_CASE
+#undef QUANT_TASKS_CASE
 
 /* q[0 : n] * s -> out[o0 : o0 + n] for the multiple-of-16 prefix; returns how many were done. */
 AVX2_FN static int64_t dequant_row_avx2(const uint8_t *q, int kind, float s, int64_t n, void *out, int dt,
