@@ -210,12 +210,12 @@ def roofline(shapes) -> None:
             for block_m in (128, 256):
                 q = tuning.TgmmProblem(rows, k, n, g, block_m, "bfloat16")
                 c = tuning.tgmm_select(gen, q)
-                r = tuning.tgmm_roofline(q, c.tm, c.tk, c.tn, spec)
+                r = tuning.tgmm_roofline(q, tuning.tgmm_config_tiles(c), spec)
                 tg.append((c, r.mxu_util, min(1.0, min(c.tm, block_m) / spec.mxu_k), r.time_s))
             (c, util, cap, t_fp8), (_, util2, cap2, _) = tg
             base = tuning.TgmmProblem(rows, k, n, g, out_dtype="bfloat16", operand="bfloat16")
-            t_bf16 = tuning.tgmm_roofline(base, *tuning.tgmm_best(base, spec), spec).time_s
-            tiling = f"tm={c.tm} tk={c.tk} tn={c.tn}"
+            t_bf16 = tuning.tgmm_roofline(base, tuning.tgmm_best(base, spec), spec).time_s
+            tiling = f"tm={c.tm} tk={c.tk} tn={c.tn}" + ("" if c.prequantize else " inq")
             emit(gen, "tgmm", g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16)
 
 

@@ -398,14 +398,13 @@ def check_grouped(quick: bool = False) -> list[Row]:
             fn = functools.partial(gp.tgmm, cfg=cfg, debug=True)
             vmem = tuning.tgmm_vmem_footprint(
                 tuning.TgmmProblem(1, cfg.tk, cfg.tn, 1, cfg.block_m, cfg.out_dtype),
-                cfg.tm,
-                cfg.tk,
-                cfg.tn,
+                tuning.tgmm_config_tiles(cfg),
                 tuning.GENERATIONS[generation],
             )
             what = (
                 f"{generation:4s} tgmm tile_m={cfg.tm:<4d} tile_k={cfg.tk:<5d} tn={cfg.tn:<5d} "
-                f"block_m={cfg.block_m} sub={cfg.sub} out={cfg.out_dtype} mxu={cfg.mxu} ({origin})"
+                f"block_m={cfg.block_m} sub={cfg.sub} out={cfg.out_dtype} mxu={cfg.mxu} "
+                f"q={'xla' if cfg.prequantize else 'kernel'} ({origin})"
             )
             row = Row("grouped", what, vmem=f"{vmem / tuning.MiB:6.2f} MiB")
             rows.append(
