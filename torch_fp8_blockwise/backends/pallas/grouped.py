@@ -31,6 +31,16 @@ at absolute row offsets, so a block straddling a group boundary serves both grou
 An empty group gets one visit that skips the dots and stores its zero tile, so the kernel writes
 every output element once and no pass over the [G, K, N] result follows it (a where over it cost
 as much HBM traffic as the kernel's own writes).
+
+Where tgmm quantizes (``TgmmConfig.prequantize``, chosen per shape by tuning.tgmm_best):
+prequantized, an XLA pass (:func:`quantize_columns`) reads bf16 x and dy twice and writes fp8
+before the kernel reads fp8 tiles + scales; in-kernel (tm >= block_m), the kernel reads the bf16 /
+f32 tiles and quantizes each block_m-row block of its tile in VMEM with the same rule, bit for bit:
+the amax over every row of the block (a block straddling a group boundary keeps one scale for both
+groups; rows past sum(group_sizes) count too, as in the reference), then the group mask once per
+tile zeroes the values to quantize (zero quantizes to zero). It saves the prologue's HBM traffic
+(v7x model, K=2048 MoE shapes: 1.51x -> 1.26x and 1.26x -> 0.94x of bf16) at the price of VPU
+work redone per visit: x once per N tile, dy once per K tile.
 """
 
 from __future__ import annotations

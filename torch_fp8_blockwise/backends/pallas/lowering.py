@@ -328,10 +328,11 @@ TGMM_VARIANTS: tuple[tuple[int, str], ...] = ((128, "bfloat16"), (128, "float32"
 
 
 def tgmm_configs(generation: str, quick: bool = False) -> list[tuple[gp.TgmmConfig, str]]:
-    """Distinct tgmm configs to lower for ``generation``: every tiling tuning.tgmm_select returns for
-    TGMM_PROBLEMS x TGMM_VARIANTS ("chosen"), and the fixed tilings the interpret tests sweep:
-    tile_m in TGMM_TILE_M x tile_k in TGMM_TILE_K with block_m 128 (the tokamax case) and block_m
-    256 / 512 at tile_m 256 / 512, tn = 512 ("tested")."""
+    """Distinct tgmm configs to lower for ``generation``: every tiling (and quantization place)
+    tuning.tgmm_select returns for TGMM_PROBLEMS x TGMM_VARIANTS ("chosen"), and the fixed tilings
+    the interpret tests sweep: tile_m in TGMM_TILE_M x tile_k in TGMM_TILE_K with block_m 128 (the
+    tokamax case) and block_m 256 / 512 at tile_m 256 / 512, tn = 512, prequantized; and in-kernel
+    quantization for every tile_m >= block_m at tile_k = tn = 512 ("tested")."""
     spec = tuning.GENERATIONS[generation]
     out: dict[gp.TgmmConfig, str] = {}
     for g, m, k, n in TGMM_PROBLEMS[:1] if quick else TGMM_PROBLEMS:
@@ -342,6 +343,10 @@ def tgmm_configs(generation: str, quick: bool = False) -> list[tuple[gp.TgmmConf
     tilings += [(256, 512, 256), (512, 512, 512)]
     for tm, tk, block_m in tilings[:2] if quick else tilings:
         out.setdefault(gp.TgmmConfig(tm=tm, tk=tk, tn=512, block_m=block_m, mxu=spec.mxu), "tested")
+    in_kernel = [(tm, bm) for tm in gp.TGMM_TILE_M for bm in gp.TGMM_TILE_M if tm >= bm]
+    for tm, block_m in in_kernel[1:2] if quick else in_kernel:
+        cfg = gp.TgmmConfig(tm=tm, tk=512, tn=512, block_m=block_m, mxu=spec.mxu, prequantize=False)
+        out.setdefault(cfg, "tested")
     return list(out.items())
 
 
@@ -392,12 +397,16 @@ def check_grouped(quick: bool = False) -> list[Row]:
                 row = Row("grouped", what, vmem=f"{bm.vmem_footprint(cfg) / tuning.MiB:6.2f} MiB")
                 rows.append(_lowered_row(row, lambda fn=fn, args=args: _export(fn, *args), generation,
                                          cfg.dot_dtype.startswith("float8")))  # fmt: skip
-        for cfg, origin in tgmm_configs(generation, quick):
+        tgmm_rows = [(cfg, origin, "bfloat16") for cfg, origin in tgmm_configs(generation, quick)]
+        # In-kernel quantization reads x / dy at their dtype: f32 inputs too (f16 runs as f32).
+        tgmm_rows += [(c, o + ", f32 in", "float32") for c, o, _ in tgmm_rows
+                      if not c.prequantize and o == "tested" and (c.tm, c.block_m) == (256, 128)]  # fmt: skip
+        for cfg, origin, in_dtype in tgmm_rows:
             mm = 2 * max(cfg.tm, cfg.block_m)
-            args = [_sds((mm, 2 * cfg.tk), "bfloat16"), _sds((mm, cfg.tn), "bfloat16"), _sds((3,), "int32")]
+            args = [_sds((mm, 2 * cfg.tk), in_dtype), _sds((mm, cfg.tn), in_dtype), _sds((3,), "int32")]
             fn = functools.partial(gp.tgmm, cfg=cfg, debug=True)
             vmem = tuning.tgmm_vmem_footprint(
-                tuning.TgmmProblem(1, cfg.tk, cfg.tn, 1, cfg.block_m, cfg.out_dtype),
+                tuning.TgmmProblem(1, cfg.tk, cfg.tn, 1, cfg.block_m, cfg.out_dtype, in_dtype=in_dtype),
                 tuning.tgmm_config_tiles(cfg),
                 tuning.GENERATIONS[generation],
             )
