@@ -232,6 +232,15 @@ def test_tgmm_in_kernel_model_bytes_and_vmem() -> None:
         tuning.tgmm_vmem_limit(p32, tuning.TgmmTiles(512, 2048, 2048, False), v7x)
 
 
+def test_tgmm_config_in_kernel_needs_whole_blocks() -> None:
+    with pytest.raises(
+        ValueError, match=r"prequantize=False .* expected tm >= block_m .* tm=128, block_m=256"
+    ):
+        gp.TgmmConfig(tm=128, tk=128, tn=128, block_m=256, prequantize=False)
+    assert gp.TgmmConfig(tm=128, tk=128, tn=128, block_m=256).sub == 1  # prequantized: legal
+    assert gp.TgmmConfig(tm=512, tk=128, tn=128, block_m=256, prequantize=False).sub == 2
+
+
 def test_one_vmem_limit_rule() -> None:
     v7x = tuning.GENERATIONS["v7x"]
     need = 10 * MiB + 12345
