@@ -397,8 +397,10 @@ def _tgmm_kernel(gid_ref, tid_ref, starts_ref, ends_ref, count_ref, *refs, cfg: 
         # reads the unmasked tile (a block straddling a group boundary has one scale for both).
         xt = x_ref[...].astype(jnp.float32).T
         df = d_ref[...].astype(jnp.float32)
-        cols_x = tid_ref[v] * cfg.tm + lax.broadcasted_iota(jnp.int32, (cfg.tk, cfg.tm), 1)
-        rows_d = tid_ref[v] * cfg.tm + lax.broadcasted_iota(jnp.int32, (cfg.tm, cfg.tn), 0)
+        # The row masks as one [1, tm] / [tm, 1] vector broadcast by the select: no [tk, tm] int32
+        # iota next to the f32 tiles in VMEM.
+        cols_x = tid_ref[v] * cfg.tm + lax.broadcasted_iota(jnp.int32, (1, cfg.tm), 1)
+        rows_d = tid_ref[v] * cfg.tm + lax.broadcasted_iota(jnp.int32, (cfg.tm, 1), 0)
         xm = jnp.where((cols_x >= lo) & (cols_x < hi), xt, 0.0)
         dm = jnp.where((rows_d >= lo) & (rows_d < hi), df, 0.0)
 
