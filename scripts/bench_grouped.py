@@ -160,7 +160,8 @@ def _bench_shape(
 def roofline(shapes) -> None:
     """Pallas tilings of gmm / tgmm in the TPU model (backends/pallas/tuning.py), per generation.
 
-    Per row: the tiling the bridge picks, its % of MXU peak against the cap of exact 128-deep
+    Per row: the tiling the bridge picks (tgmm: and where x / dy are quantized, q=xla: an XLA pass
+    before the kernel, q=kernel: in the kernel), its % of MXU peak against the cap of exact 128-deep
     quantization blocks and the same with 256-deep blocks (the larger-block option), then the
     modelled time of the fp8 block-wise op and of a bf16 baseline in the same model (bf16 operands,
     full-depth dots at the bf16 MXU rate, its own best tiling; no quantize or epilogue pass) and
@@ -177,12 +178,12 @@ def roofline(shapes) -> None:
         "bk-deep dots allow on the MXU (128-deep blocks: 50% of a 256-deep MXU); fp8 / bf16 = modelled "
         "time of the block-wise op / a bf16 grouped matmul (issue bar on v7x: 1.23 at K=2048, 1.19 at K=512)"
     )
-    print(f"{'gen':4s} {'op':4s} {'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s}  {'tiling':24s} {'MXU%':>5s}"
+    print(f"{'gen':4s} {'op':4s} {'G':>4s} {'M':>6s} {'K':>5s} {'N':>6s}  {'tiling':33s} {'MXU%':>5s}"
           f" {'cap%':>5s}  {'256-block MXU%':>14s} {'cap%':>5s}  {'fp8 us':>8s} {'bf16 us':>8s}"
           f" {'fp8/bf16':>8s}")  # fmt: skip
 
     def emit(gen, op, g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16):
-        print(f"{gen:4s} {op:4s} {g:4d} {m:6d} {k:5d} {n:6d}  {tiling:24s} {100 * util:5.1f} {100 * cap:5.0f}"
+        print(f"{gen:4s} {op:4s} {g:4d} {m:6d} {k:5d} {n:6d}  {tiling:33s} {100 * util:5.1f} {100 * cap:5.0f}"
               f"  {100 * util2:14.1f} {100 * cap2:5.0f}  {1e6 * t_fp8:8.1f} {1e6 * t_bf16:8.1f}"
               f" {t_fp8 / t_bf16:8.2f}")  # fmt: skip
 
@@ -210,12 +211,12 @@ def roofline(shapes) -> None:
             for block_m in (128, 256):
                 q = tuning.TgmmProblem(rows, k, n, g, block_m, "bfloat16")
                 c = tuning.tgmm_select(gen, q)
-                r = tuning.tgmm_roofline(q, c.tm, c.tk, c.tn, spec)
+                r = tuning.tgmm_roofline(q, tuning.tgmm_config_tiles(c), spec)
                 tg.append((c, r.mxu_util, min(1.0, min(c.tm, block_m) / spec.mxu_k), r.time_s))
             (c, util, cap, t_fp8), (_, util2, cap2, _) = tg
             base = tuning.TgmmProblem(rows, k, n, g, out_dtype="bfloat16", operand="bfloat16")
-            t_bf16 = tuning.tgmm_roofline(base, *tuning.tgmm_best(base, spec), spec).time_s
-            tiling = f"tm={c.tm} tk={c.tk} tn={c.tn}"
+            t_bf16 = tuning.tgmm_roofline(base, tuning.tgmm_best(base, spec), spec).time_s
+            tiling = f"tm={c.tm} tk={c.tk} tn={c.tn} q={'xla' if c.prequantize else 'kernel'}"
             emit(gen, "tgmm", g, m, k, n, tiling, util, cap, util2, cap2, t_fp8, t_bf16)
 
 

@@ -69,9 +69,9 @@ def _sweep_gmm(mode: str, patterns) -> None:
             testing.assert_kernel_close(y, _ref_gmm(case["args"]), f"{mode} {pattern:08b}")
 
 
-def _tgmm(x, dy, sizes, block_m, tm, tk, tn=128) -> torch.Tensor:
+def _tgmm(x, dy, sizes, block_m, tm, tk, tn=128, prequantize=True) -> torch.Tensor:
     bridge, gp, _ = _mods()
-    cfg = gp.TgmmConfig(tm=tm, tk=tk, tn=tn, block_m=block_m)
+    cfg = gp.TgmmConfig(tm=tm, tk=tk, tn=tn, block_m=block_m, prequantize=prequantize)
     return bridge.grouped_matmul_transposed(
         x, dy, torch.tensor(sizes, dtype=torch.int32), block_m, F32, config=cfg
     )
@@ -145,47 +145,94 @@ def test_tgmm_block_m_vs_tile_m(backend, block_m, tile_m):
     testing.assert_kernel_close(_tgmm(x, dy, sizes, block_m, tile_m, 128), ref, f"{block_m}/{tile_m}")
 
 
-#: (tile_m, tile_k, tile_n, block_m) that tuning.tgmm_select returns for the MoE shapes and the
-#: tests' shapes on some generation (lowering.tgmm_configs' "chosen" rows, all Mosaic-lowered by
-#: check_lowering.py); test_every_chosen_tgmm_tiling_is_tested keeps this list complete.
+#: In-kernel quantization needs whole quantization blocks in a tile: every tile_m >= block_m.
+IN_KERNEL = [(tm, bm) for tm in (128, 256, 512) for bm in (128, 256, 512) if tm >= bm]
+
+
+@pytest.mark.parametrize("tile_m,block_m", IN_KERNEL)
+def test_tgmm_in_kernel_quantization(backend, tile_m, block_m):
+    # Group boundaries inside quantization blocks and one on a block edge (512), an empty group, a
+    # one-row group, rows past sum(group_sizes). Group 0's rows are 100x larger than group 2's that
+    # share block 0 with them: the reference's one scale per block (amax over all its rows, masked
+    # or not) quantizes group 2's rows there coarsely; a per-group amax would miss the error bound.
+    sizes = [100, 0, 157, 1, 254, 0, 40]
+    m = sum(sizes) + 30
+    x, dy = torch.randn(m, 136).bfloat16(), torch.randn(m, 72).bfloat16()
+    x[:100] *= 100
+    dy[600:] *= 50  # the last block's rows past the sum set its scale
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, block_m, F32)
+    out = _tgmm(x, dy, sizes, block_m, tile_m, 128, 128, prequantize=False)
+    testing.assert_kernel_close(out, ref, f"in-kernel {tile_m}/{block_m}")
+    assert not out[[1, 5]].any()
+    keep = [0, 2, 4, 6]
+    assert_quantization_loss_ok(out[keep], unquantized_tgmm(x, dy, sizes)[keep], f"{tile_m}/{block_m}")
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float16])
+def test_tgmm_in_kernel_inf_nan_as_the_reference(backend, dtype):
+    # inf / nan inside groups (inf saturates to 448 * scale, nan propagates to its row / column of
+    # the group's output) and past sum(group_sizes) in a block shared with real rows (left out of
+    # the amax and masked: no effect).
+    sizes = [70, 0, 100, 30]
+    x, dy = torch.randn(230, 40, dtype=dtype), torch.randn(230, 24, dtype=dtype)
+    x[5, 3], x[80, 7], x[120, 9], x[215, 1] = float("inf"), float("-inf"), float("nan"), float("inf")
+    dy[90, 2], dy[210, 5], dy[3, 4] = float("nan"), float("nan"), float("inf")
+    gs = torch.tensor(sizes, dtype=torch.int32)
+    ref = reference.grouped_matmul_transposed(x, dy, gs, 128, F32)
+    assert ref[2].isnan().any() and not ref[[0, 3]].isnan().any()
+    for prequantize in (False, True):
+        out = _tgmm(x, dy, sizes, 128, 256, 128, 128, prequantize=prequantize)
+        testing.assert_kernel_close(out, ref, f"{dtype} prequantize={prequantize}")
+
+
+#: (tile_m, tile_k, tile_n, block_m, prequantize) that tuning.tgmm_select returns for the MoE shapes
+#: and the tests' shapes on some generation (lowering.tgmm_configs' "chosen" rows, all Mosaic-lowered
+#: by check_lowering.py); test_every_chosen_tgmm_tiling_is_tested keeps this list complete.
 CHOSEN_TGMM_TILINGS = [
-    (128, 1792, 2048, 128), (128, 1792, 2048, 256), (256, 1024, 2048, 128), (256, 1792, 2048, 128),
-    (256, 2048, 768, 128), (512, 128, 128, 128), (512, 128, 128, 256), (512, 1024, 1408, 128),
-    (512, 1024, 1408, 256), (512, 1024, 2048, 128), (512, 1024, 2048, 256), (512, 1792, 2048, 128),
-    (512, 1792, 2048, 256), (512, 2048, 768, 128), (512, 2048, 768, 256), (512, 2048, 1408, 128),
-    (512, 2048, 1408, 256), (512, 2048, 1792, 128), (512, 2048, 2048, 128), (512, 2048, 2048, 256),
+    (128, 1792, 2048, 128, False), (128, 1792, 2048, 256, True), (256, 1024, 1792, 128, False),
+    (256, 1024, 1408, 128, False), (256, 1024, 2048, 128, True), (256, 1792, 1024, 128, False), (256, 1792, 2048, 128, False),
+    (256, 2048, 768, 128, False), (256, 2048, 1792, 128, False), (512, 128, 128, 128, False),
+    (512, 128, 128, 256, False), (512, 1024, 1408, 128, False), (512, 1024, 1408, 256, False),
+    (512, 1024, 1792, 128, False), (512, 1024, 2048, 128, True), (512, 1024, 2048, 256, True),
+    (512, 1792, 1024, 128, False), (512, 1792, 2048, 128, False), (512, 1792, 2048, 256, False),
+    (512, 2048, 768, 128, False), (512, 2048, 768, 256, False), (512, 2048, 1408, 128, False),
+    (512, 2048, 1408, 256, False), (512, 2048, 1792, 256, False), (512, 2048, 2048, 128, False),
 ]  # fmt: skip
-#: Run by default (3-8 s each in interpret mode): non-power-of-two tiles, 2 K tiles, both block_m.
-FAST_CHOSEN = {(512, 1024, 1408, 128), (512, 2048, 768, 256), (512, 128, 128, 256)}
+#: Run by default (interpret mode): non-power-of-two tiles, 2 K tiles, both block_m, both places.
+FAST_CHOSEN = {(512, 1024, 1408, 128, False), (512, 2048, 768, 256, False), (512, 128, 128, 256, False),
+               (256, 1024, 2048, 128, True)}  # fmt: skip
 
 
 def test_every_chosen_tgmm_tiling_is_tested(backend):
     lowering = importlib.import_module("torch_fp8_blockwise.backends.pallas.lowering")
     tuning = importlib.import_module("torch_fp8_blockwise.backends.pallas.tuning")
     chosen = {
-        (c.tm, c.tk, c.tn, c.block_m)
+        (c.tm, c.tk, c.tn, c.block_m, c.prequantize)
         for gen in tuning.GENERATIONS
-        for c, origin in lowering.tgmm_configs(gen)
+        for c, origin, _ in lowering.tgmm_configs(gen)
         if origin == "chosen"
     }
     assert chosen <= set(CHOSEN_TGMM_TILINGS), sorted(chosen - set(CHOSEN_TGMM_TILINGS))
 
 
 @pytest.mark.parametrize(
-    "tile_m,tile_k,tile_n,block_m",
+    "tile_m,tile_k,tile_n,block_m,prequantize",
     [t if t in FAST_CHOSEN else pytest.param(*t, marks=pytest.mark.slow) for t in CHOSEN_TGMM_TILINGS],
 )
-def test_tgmm_chosen_tilings(backend, tile_m, tile_k, tile_n, block_m):
+def test_tgmm_chosen_tilings(backend, tile_m, tile_k, tile_n, block_m, prequantize):
     # K spans 2 tiles for the smaller K tiles (the accumulator restarts per (K, N) tile), one padded
     # tile for 2048; N is one padded tile: the big tiles at the cost of one output tile per group.
     sizes = [300, 0, 257, 140]
     m = sum(sizes) + 3
     k = tile_k + 100 if tile_k <= 1024 else tile_k - 60
     x, dy = torch.randn(m, k), torch.randn(m, tile_n - 24)
-    out = _tgmm(x, dy, sizes, block_m, tile_m, tile_k, tile_n)
+    if not prequantize:  # the in-kernel kernel reads bf16 tiles (the MoE gradient dtype)
+        x, dy = x.bfloat16(), dy.bfloat16()
+    out = _tgmm(x, dy, sizes, block_m, tile_m, tile_k, tile_n, prequantize)
     gs = torch.tensor(sizes, dtype=torch.int32)
     ref = reference.grouped_matmul_transposed(x, dy, gs, block_m, F32)
-    testing.assert_kernel_close(out, ref, f"{tile_m}x{tile_k}x{tile_n}/{block_m}")
+    testing.assert_kernel_close(out, ref, f"{tile_m}x{tile_k}x{tile_n}/{block_m}/{prequantize}")
     keep = [0, 2, 3]
     assert_quantization_loss_ok(
         out[keep], unquantized_tgmm(x, dy, sizes)[keep], f"{tile_m}x{tile_k}x{tile_n}"

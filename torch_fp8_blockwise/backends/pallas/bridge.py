@@ -304,13 +304,23 @@ def grouped_matmul(
     return y[:m] if mp != m else y
 
 
-def tgmm_config(m: int, k: int, n: int, g: int, block_m: int, out_dtype: torch.dtype) -> _gp.TgmmConfig:
-    """Tiles for tgmm of x [m, k], dy [m, n] over g groups: the TPU model's best (tuning.tgmm_select)
-    for cdiv(m, g) rows per group (bucketed to a power of two; known on the host without reading
+def tgmm_config(
+    m: int,
+    k: int,
+    n: int,
+    g: int,
+    block_m: int,
+    out_dtype: torch.dtype,
+    in_dtype: str = "bfloat16",
+) -> _gp.TgmmConfig:
+    """Tiles and quantization place (XLA pass or in-kernel) for tgmm of x [m, k], dy [m, n] of
+    kernel dtype ``in_dtype`` (the wider of the two; float16 runs as float32) over g groups: the TPU model's best (tuning.tgmm_select) for
+    cdiv(m, g) rows per group (bucketed to a power of two; known on the host without reading
     group_sizes), with the scoped VMEM limit sized from the tiles."""
     problem = tuning.TgmmProblem(
-        tuning.tgmm_rows_bucket(m, g), k, n, g, block_m, _bm.kernel_dtype(dtype_name(out_dtype))
-    )
+        tuning.tgmm_rows_bucket(m, g), k, n, g, block_m, _bm.kernel_dtype(dtype_name(out_dtype)),
+        in_dtype=in_dtype,
+    )  # fmt: skip
     return tuning.tgmm_select(generation(), problem)
 
 
@@ -328,7 +338,8 @@ def grouped_matmul_transposed(
     zero rows (they belong to no group and leave every block's scale unchanged). ``config`` forces
     the kernel's tiles (tests); by default :func:`tgmm_config` picks them."""
     m, k = x.shape
-    cfg = config or tgmm_config(m, k, dy.shape[1], group_sizes.shape[0], block_m, out_dtype)
+    wider = max((_bm.kernel_dtype(dtype_name(t.dtype)) for t in (x, dy)), key=lambda d: jnp.dtype(d).itemsize)
+    cfg = config or tgmm_config(m, k, dy.shape[1], group_sizes.shape[0], block_m, out_dtype, wider)
     if cfg.block_m != block_m:
         raise ValueError(f"config: block_m {cfg.block_m} differs from the call's block_m {block_m}")
     mp = tuning.m_bucket(m)

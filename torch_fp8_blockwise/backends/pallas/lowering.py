@@ -322,27 +322,47 @@ TGMM_PROBLEMS: tuple[tuple[int, int, int, int], ...] = (
     (4, 463, 72, 40),
     (4, 360, 72, 40),
 )
-#: block_m / out dtype variants the choice is proven for (tgmm's default block_m 128, the larger
-#: 256 block, bf16 and f32 out).
-TGMM_VARIANTS: tuple[tuple[int, str], ...] = ((128, "bfloat16"), (128, "float32"), (256, "bfloat16"))
+#: (block_m, out dtype, x / dy dtype) variants the choice is proven for: tgmm's default block_m 128,
+#: the larger 256 block, bf16 and f32 out, bf16 and f32 inputs (in-kernel quantization reads them).
+TGMM_VARIANTS: tuple[tuple[int, str, str], ...] = (
+    (128, "bfloat16", "bfloat16"),
+    (128, "float32", "bfloat16"),
+    (256, "bfloat16", "bfloat16"),
+    (128, "float32", "float32"),
+)
 
 
-def tgmm_configs(generation: str, quick: bool = False) -> list[tuple[gp.TgmmConfig, str]]:
-    """Distinct tgmm configs to lower for ``generation``: every tiling tuning.tgmm_select returns for
-    TGMM_PROBLEMS x TGMM_VARIANTS ("chosen"), and the fixed tilings the interpret tests sweep:
-    tile_m in TGMM_TILE_M x tile_k in TGMM_TILE_K with block_m 128 (the tokamax case) and block_m
-    256 / 512 at tile_m 256 / 512, tn = 512 ("tested")."""
+def tgmm_configs(generation: str, quick: bool = False) -> list[tuple[gp.TgmmConfig, str, str]]:
+    """Distinct tgmm configs to lower for ``generation``: every tiling (and quantization place)
+    tuning.tgmm_select returns for TGMM_PROBLEMS x TGMM_VARIANTS ("chosen"), and the fixed tilings
+    the interpret tests sweep: tile_m in TGMM_TILE_M x tile_k in TGMM_TILE_K with block_m 128 (the
+    tokamax case) and block_m 256 / 512 at tile_m 256 / 512, tn = 512, prequantized; and in-kernel
+    quantization for every tile_m >= block_m at tile_k = tn = 512, and tile_m 256 / block_m 128 with
+    f32 inputs too ("tested"). Each as (config, origin, x / dy dtype to lower it with); a
+    prequantized kernel reads fp8 whatever the inputs, so it is lowered once, with bf16 inputs."""
     spec = tuning.GENERATIONS[generation]
-    out: dict[gp.TgmmConfig, str] = {}
+    out: dict[tuple[gp.TgmmConfig, str], str] = {}
+
+    def add(cfg: gp.TgmmConfig, origin: str, in_dtype: str) -> None:
+        out.setdefault((cfg, "bfloat16" if cfg.prequantize else in_dtype), origin)
+
     for g, m, k, n in TGMM_PROBLEMS[:1] if quick else TGMM_PROBLEMS:
-        for block_m, out_dtype in TGMM_VARIANTS[:1] if quick else TGMM_VARIANTS:
-            p = tuning.TgmmProblem(tuning.tgmm_rows_bucket(m, g), k, n, g, block_m, out_dtype)
-            out.setdefault(tuning.tgmm_select(generation, p), "chosen")
+        for block_m, out_dtype, in_dtype in TGMM_VARIANTS[:1] if quick else TGMM_VARIANTS:
+            p = tuning.TgmmProblem(
+                tuning.tgmm_rows_bucket(m, g), k, n, g, block_m, out_dtype, in_dtype=in_dtype
+            )
+            add(tuning.tgmm_select(generation, p), "chosen", in_dtype)
     tilings = [(tm, tk, 128) for tm in gp.TGMM_TILE_M for tk in gp.TGMM_TILE_K]
     tilings += [(256, 512, 256), (512, 512, 512)]
     for tm, tk, block_m in tilings[:2] if quick else tilings:
-        out.setdefault(gp.TgmmConfig(tm=tm, tk=tk, tn=512, block_m=block_m, mxu=spec.mxu), "tested")
-    return list(out.items())
+        add(gp.TgmmConfig(tm=tm, tk=tk, tn=512, block_m=block_m, mxu=spec.mxu), "tested", "bfloat16")
+    in_kernel = [(tm, bm) for tm in gp.TGMM_TILE_M for bm in gp.TGMM_TILE_M if tm >= bm]
+    for tm, block_m in in_kernel[1:2] if quick else in_kernel:
+        cfg = gp.TgmmConfig(tm=tm, tk=512, tn=512, block_m=block_m, mxu=spec.mxu, prequantize=False)
+        add(cfg, "tested", "bfloat16")
+        if (tm, block_m) == (256, 128):
+            add(cfg, "tested", "float32")
+    return [(cfg, origin, in_dtype) for (cfg, in_dtype), origin in out.items()]
 
 
 def _lowered_row(row: Row, lower, generation: str, fp8_mxu: bool) -> Row:
@@ -392,20 +412,19 @@ def check_grouped(quick: bool = False) -> list[Row]:
                 row = Row("grouped", what, vmem=f"{bm.vmem_footprint(cfg) / tuning.MiB:6.2f} MiB")
                 rows.append(_lowered_row(row, lambda fn=fn, args=args: _export(fn, *args), generation,
                                          cfg.dot_dtype.startswith("float8")))  # fmt: skip
-        for cfg, origin in tgmm_configs(generation, quick):
+        for cfg, origin, in_dtype in tgmm_configs(generation, quick):
             mm = 2 * max(cfg.tm, cfg.block_m)
-            args = [_sds((mm, 2 * cfg.tk), "bfloat16"), _sds((mm, cfg.tn), "bfloat16"), _sds((3,), "int32")]
+            args = [_sds((mm, 2 * cfg.tk), in_dtype), _sds((mm, cfg.tn), in_dtype), _sds((3,), "int32")]
             fn = functools.partial(gp.tgmm, cfg=cfg, debug=True)
             vmem = tuning.tgmm_vmem_footprint(
-                tuning.TgmmProblem(1, cfg.tk, cfg.tn, 1, cfg.block_m, cfg.out_dtype),
-                cfg.tm,
-                cfg.tk,
-                cfg.tn,
+                tuning.TgmmProblem(1, cfg.tk, cfg.tn, 1, cfg.block_m, cfg.out_dtype, in_dtype=in_dtype),
+                tuning.tgmm_config_tiles(cfg),
                 tuning.GENERATIONS[generation],
             )
             what = (
                 f"{generation:4s} tgmm tile_m={cfg.tm:<4d} tile_k={cfg.tk:<5d} tn={cfg.tn:<5d} "
-                f"block_m={cfg.block_m} sub={cfg.sub} out={cfg.out_dtype} mxu={cfg.mxu} ({origin})"
+                f"block_m={cfg.block_m} sub={cfg.sub} out={cfg.out_dtype} mxu={cfg.mxu} "
+                f"q={'xla' if cfg.prequantize else 'kernel'} in={'f32' if in_dtype == 'float32' else 'bf16'} ({origin})"
             )
             row = Row("grouped", what, vmem=f"{vmem / tuning.MiB:6.2f} MiB")
             rows.append(

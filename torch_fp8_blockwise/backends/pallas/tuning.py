@@ -35,6 +35,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import jax.numpy as jnp
 
@@ -138,17 +139,22 @@ class Problem:
         return dataclasses.replace(cfg, vmem_limit_bytes=vmem_limit(cfg, spec))
 
 
-def vmem_limit(cfg: MatmulConfig, spec: TpuSpec) -> int:
-    """Scoped VMEM limit for Mosaic: footprint + 25% + 2 MiB for Mosaic's own scratch, rounded up
-    to 1 MiB; ValueError when the footprint exceeds the usable part of the generation's VMEM."""
-    need = vmem_footprint(cfg)
+def scoped_vmem_limit(need: int, spec: TpuSpec, what: str) -> int:
+    """Scoped VMEM limit for Mosaic from a kernel's footprint ``need`` (bytes): need + 25% + 2 MiB for
+    Mosaic's own scratch, rounded up to 1 MiB; ValueError naming ``what`` (the tiles) when the
+    footprint exceeds the usable part of the generation's VMEM. The one rule of every kernel here."""
     budget = int(spec.vmem_bytes * VMEM_USABLE)
     if need > budget:
         raise ValueError(
-            f"block sizes tm={cfg.tm}, tn={cfg.tn}, tk={cfg.tk}: VMEM footprint {need / MiB:.1f} MiB "
-            f"exceeds {VMEM_USABLE:.0%} of {spec.name}'s {spec.vmem_bytes // MiB} MiB"
+            f"{what}: VMEM footprint {need / MiB:.1f} MiB exceeds {VMEM_USABLE:.0%} of {spec.name}'s "
+            f"{spec.vmem_bytes // MiB} MiB"
         )
     return min(spec.vmem_bytes, -(-(need * 5 // 4 + 2 * MiB) // MiB) * MiB)
+
+
+def vmem_limit(cfg: MatmulConfig, spec: TpuSpec) -> int:
+    """:func:`scoped_vmem_limit` of the matmul kernel's :func:`vmem_footprint`."""
+    return scoped_vmem_limit(vmem_footprint(cfg), spec, f"block sizes tm={cfg.tm}, tn={cfg.tn}, tk={cfg.tk}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,9 +314,6 @@ def select(generation: str, p: Problem) -> MatmulConfig:
 #: tgmm K / N tile sizes the choice tries besides the 128-multiples that divide the padded dim
 #: (clipped to it): 512 .. 2048 are what amortizes the 0.35 us step at the fp8 rate.
 TGMM_TILE_KN: tuple[int, ...] = (512, 1024, 2048)
-#: Bytes per element of tgmm's inputs x / dy as the model reads them in the quantize prologue: bf16,
-#: the dtype of MoE weight gradients (an f32 caller pays 2 bytes more per element, once).
-TGMM_IN_BYTES = 2
 
 
 def _pow2_at_least(v: int) -> int:
@@ -333,6 +336,8 @@ class TgmmProblem:
     operand "fp8": this project's kernel (x, dy quantized per block_m x 1 column block; one
     min(tm, block_m)-deep fp8 dot per block, scaled before accumulation); "bfloat16": the unquantized
     bf16 baseline (one tm-deep bf16 dot per step, no scales, no quantize / epilogue passes).
+    in_dtype: the dtype of x and dy as the kernel or the quantize pass reads them ("bfloat16", the
+    dtype of MoE weight gradients, or "float32"; float16 runs as float32).
     """
 
     rows: int
@@ -342,10 +347,21 @@ class TgmmProblem:
     block_m: int = 128
     out_dtype: str = "bfloat16"
     operand: str = "fp8"
+    in_dtype: str = "bfloat16"
 
     @property
     def m(self) -> int:
         return self.rows * self.g
+
+
+class TgmmTiles(NamedTuple):
+    """One tgmm candidate: tiles tm (M), tk, tn (output) and where x / dy are quantized (``prequantize``:
+    an XLA pass before the kernel; False: in the kernel, tm >= block_m; see grouped.TgmmConfig)."""
+
+    tm: int
+    tk: int
+    tn: int
+    prequantize: bool = True
 
 
 def _vtile(rows: int, cols: int, dtype: str) -> int:
@@ -359,36 +375,40 @@ def tgmm_dot_dtype(p: TgmmProblem, spec: TpuSpec) -> str:
     return "float8_e4m3fn" if p.operand == "fp8" and spec.fp8_flops else "bfloat16"
 
 
-def tgmm_vmem_footprint(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> int:
-    """VMEM bytes of one tgmm kernel instance (grouped._tgmm_kernel): double-buffered x [tm, tk] and
-    dy [tm, tn] tiles, their scale blocks xs [sub, tk, 1] (128 lanes per row: 128x its payload) and
-    ds [sub, 1, tn], the out [tk, tn] block, the f32 accumulator, and the live values of a step (the
-    masked f32 and dot-dtype operand copies, the transposed x rows, the f32 partial and its scaled
-    copy)."""
-    op = "float8_e4m3fn" if p.operand == "fp8" else "bfloat16"
+def tgmm_vmem_footprint(p: TgmmProblem, t: TgmmTiles, spec: TpuSpec) -> int:
+    """VMEM bytes of one tgmm kernel instance (grouped._tgmm_kernel) with tiles ``t``.
+
+    Prequantized: double-buffered fp8 x [tm, tk] and dy [tm, tn] tiles, their scale blocks
+    xs [sub, tk, 1] (128 lanes per row: 128x its payload) and ds [sub, 1, tn], the out [tk, tn]
+    block, the f32 accumulator, and the live values of a step (the masked f32 and dot-dtype operand
+    copies, the transposed x rows, the f32 partial and its scaled copy). In-kernel quantization: the
+    x / dy tiles at ``in_dtype`` (2x / 4x the fp8 bytes), no scale blocks, and as live values the f32
+    tile of each operand (x transposed) and its masked copy, one block's |v|, quotient and e4m3
+    values (+ their bf16 widening on a bf16 MXU), the f32 partial and its scaled copy.
+    """
+    tm, tk, tn = t.tm, t.tk, t.tn
     dot = jnp.dtype(tgmm_dot_dtype(p, spec)).itemsize
-    blocks = _vtile(tm, tk, op) + _vtile(tm, tn, op) + _vtile(tk, tn, p.out_dtype)
     acc = _vtile(tk, tn, "float32")
-    if p.operand == "fp8":
-        sub = max(1, tm // p.block_m)
-        blocks += sub * (_vtile(tk, 1, "float32") + _vtile(1, tn, "float32"))
-        temps = tm * (tk + tn) * (4 + dot) + min(tm, p.block_m) * tk * dot + 2 * tk * tn * 4
-    else:
-        temps = tm * tk * dot + tk * tn * 4
+    if p.operand != "fp8":
+        blocks = _vtile(tm, tk, "bfloat16") + _vtile(tm, tn, "bfloat16") + _vtile(tk, tn, p.out_dtype)
+        return 2 * blocks + acc + tm * tk * dot + tk * tn * 4
+    if not t.prequantize:
+        blocks = _vtile(tm, tk, p.in_dtype) + _vtile(tm, tn, p.in_dtype) + _vtile(tk, tn, p.out_dtype)
+        widen = dot if dot > 1 else 0
+        temps = 2 * tm * (tk + tn) * 4 + p.block_m * (tk + tn) * (4 + 4 + 1 + widen) + 2 * tk * tn * 4
+        return 2 * blocks + acc + temps
+    op = "float8_e4m3fn"
+    blocks = _vtile(tm, tk, op) + _vtile(tm, tn, op) + _vtile(tk, tn, p.out_dtype)
+    sub = max(1, tm // p.block_m)
+    blocks += sub * (_vtile(tk, 1, "float32") + _vtile(1, tn, "float32"))
+    temps = tm * (tk + tn) * (4 + dot) + min(tm, p.block_m) * tk * dot + 2 * tk * tn * 4
     return 2 * blocks + acc + temps
 
 
-def tgmm_vmem_limit(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> int:
-    """Scoped VMEM limit for the tgmm kernel (the rule of :func:`vmem_limit`); ValueError when the
-    footprint exceeds the usable part of ``spec``'s VMEM."""
-    need = tgmm_vmem_footprint(p, tm, tk, tn, spec)
-    budget = int(spec.vmem_bytes * VMEM_USABLE)
-    if need > budget:
-        raise ValueError(
-            f"tgmm tiles tm={tm}, tk={tk}, tn={tn}: VMEM footprint {need / MiB:.1f} MiB exceeds "
-            f"{VMEM_USABLE:.0%} of {spec.name}'s {spec.vmem_bytes // MiB} MiB"
-        )
-    return min(spec.vmem_bytes, -(-(need * 5 // 4 + 2 * MiB) // MiB) * MiB)
+def tgmm_vmem_limit(p: TgmmProblem, t: TgmmTiles, spec: TpuSpec) -> int:
+    """:func:`scoped_vmem_limit` of :func:`tgmm_vmem_footprint` (the matmul kernel's rule)."""
+    what = f"tgmm tiles tm={t.tm}, tk={t.tk}, tn={t.tn}" + ("" if t.prequantize else " (in-kernel quantize)")
+    return scoped_vmem_limit(tgmm_vmem_footprint(p, t, spec), spec, what)
 
 
 @functools.cache
@@ -397,24 +417,35 @@ def _tgmm_visits(rows: int, g: int, tm: int) -> int:
     return sum((s + rows - 1) // tm - s // tm + 1 for s in range(0, rows * g, rows))
 
 
-def tgmm_roofline(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> Roofline:
-    """Model of one tgmm call (grid (K tiles, N tiles, visits), see grouped.py) with tiles tm, tk, tn.
+def tgmm_roofline(p: TgmmProblem, t: TgmmTiles, spec: TpuSpec) -> Roofline:
+    """Model of one tgmm call (grid (K tiles, N tiles, visits), see grouped.py) with tiles ``t``.
 
     Per (K tile, N tile) column of the grid: ``V = tiles_m + G - 1`` steps (the static visit
     bound) each pay the step overhead; each real visit runs one ``2 d tk tn``-flop dot per
     d = min(tm, block_m)-row quantization block holding rows of its group (the bf16 baseline: one
     tm-deep dot per visit) at the dot's rate, scaled by how much of the MXU it fills (d-deep on an
     ``mxu_k``-deep MXU, tk streamed rows on ``mxu_rows``); the column's HBM bytes are each M tile of
-    x and dy (and their scales) once (consecutive visits of a tile keep its blocks) plus one
-    [tk, tn] output tile per group (written back when the group changes). The column costs
-    max(MXU time, bytes / bandwidth) (each step max(MXU, DMA) with the column's bytes spread over
-    its steps). fp8 adds the XLA passes around the kernel: the column quantization of x and dy
-    (read twice at TGMM_IN_BYTES, fp8 written once) and, when the tiles do not divide K and N, the
-    slice of the padding off the output (read and written once).
-    Not modelled: the VPU work of the mask and scaling, the XLU transpose of the x rows.
+    x and dy once (consecutive visits of a tile keep its blocks) plus one [tk, tn] output tile per
+    group (written back when the group changes). The column costs max(MXU time, bytes / bandwidth)
+    (each step max(MXU, DMA) with the column's bytes spread over its steps). Around the kernel, fp8
+    adds, when the tiles do not divide K and N, the slice of the padding off the output (read and
+    written once), and:
+
+    * ``t.prequantize``: the kernel reads fp8 tiles and their f32 scales; the XLA column
+      quantization of x and dy before it reads them twice at ``in_dtype`` and writes fp8 once.
+    * in-kernel quantization: the kernel reads x and dy tiles at ``in_dtype`` (x once per N tile, dy
+      once per K tile); no pass before it but the zero padding of x / dy where the tiles need it
+      (read and written once at ``in_dtype``).
+
+    Not modelled: the VPU work of the mask and scaling, the XLU transpose of the x rows, and for
+    in-kernel quantization its VPU work (|v|, finite test, max, divide, clip, e4m3 cast: about 7 VPU
+    ops per input element per visit, x redone per N tile and dy per K tile, where the XLA pass does
+    it once) and the transpose of x in f32 (4x the bytes of the fp8 transpose).
     """
+    tm, tk, tn = t.tm, t.tk, t.tn
     fp8 = p.operand == "fp8"
-    mp = -(-m_bucket(p.m) // max(tm, p.block_m)) * max(tm, p.block_m)
+    m_in = m_bucket(p.m)  # the bridge pads M to its bucket
+    mp = -(-m_in // max(tm, p.block_m)) * max(tm, p.block_m)
     kp, np_ = -(-p.k // tk) * tk, -(-p.n // tn) * tn
     tiles_m, kt, nt = mp // tm, kp // tk, np_ // tn
     grid_visits = tiles_m + p.g - 1
@@ -429,23 +460,31 @@ def tgmm_roofline(p: TgmmProblem, tm: int, tk: int, tn: int, spec: TpuSpec) -> R
     peak = spec.peak_flops(dot)
     t_mxu = 2.0 * depth * tk * tn / (peak * fill)  # one dot
     ob = jnp.dtype(p.out_dtype).itemsize
-    opb = 1 if fp8 else 2
-    in_col = touched * tm * (tk + tn) * opb
-    if fp8:
-        in_col += touched * max(1, tm // p.block_m) * (tk + tn) * 4
+    ib = jnp.dtype(p.in_dtype).itemsize
+    if not fp8:
+        in_col = touched * tm * (tk + tn) * 2
+    elif t.prequantize:
+        in_col = touched * tm * (tk + tn) + touched * max(1, tm // p.block_m) * (tk + tn) * 4
+    else:
+        in_col = touched * tm * (tk + tn) * ib
     out_col = p.g * tk * tn * ob
     step_bytes = (in_col + out_col) / real
     t_col = max(dots * t_mxu, real * step_bytes / spec.hbm_bytes_per_s) + grid_visits * STEP_OVERHEAD_S
     time_s = kt * nt * t_col
     hbm = kt * nt * (in_col + out_col)
     if fp8:
-        extra = mp * (kp + np_) * (2 * TGMM_IN_BYTES + 1)
+        if t.prequantize:
+            extra = mp * (kp + np_) * (2 * ib + 1)
+        else:
+            extra = sum(
+                (m_in * c + mp * cp) * ib for c, cp in ((p.k, kp), (p.n, np_)) if (mp, cp) != (m_in, c)
+            )
         if (kp, np_) != (p.k, p.n):
             extra += 2 * p.g * p.k * p.n * ob  # slicing the tile padding off copies the output
         hbm += extra
         time_s += extra / spec.hbm_bytes_per_s
     useful = 2.0 * p.m * p.k * p.n
-    min_bytes = p.m * (p.k + p.n) * TGMM_IN_BYTES + p.g * p.k * p.n * ob
+    min_bytes = p.m * (p.k + p.n) * ib + p.g * p.k * p.n * ob
     return Roofline(
         steps=kt * nt * grid_visits,
         flops=2.0 * kt * nt * dots * depth * tk * tn,
@@ -469,48 +508,58 @@ def _tgmm_tiles(dim: int) -> list[int]:
     return sorted(tiles)
 
 
-def tgmm_candidates(p: TgmmProblem, spec: TpuSpec) -> list[tuple[int, int, int]]:
-    """Every legal (tm, tk, tn) for ``p`` that fits ``spec``'s VMEM: tm in grouped.TGMM_TILE_M that
+def tgmm_candidates(p: TgmmProblem, spec: TpuSpec) -> list[TgmmTiles]:
+    """Every legal tiling for ``p`` that fits ``spec``'s VMEM: tm in grouped.TGMM_TILE_M that
     divides or is divided by block_m (TgmmConfig's rule; the bf16 baseline has no block), tk / tn
-    from :func:`_tgmm_tiles`."""
+    from :func:`_tgmm_tiles`; for fp8 each both prequantized and, where tm >= block_m, with
+    in-kernel quantization (as :func:`candidates` offers dynamic W8A8 both ways)."""
     from .grouped import TGMM_TILE_M  # grouped imports nothing of tuning: no cycle
 
-    tms = [t for t in TGMM_TILE_M if p.operand != "fp8" or t % p.block_m == 0 or p.block_m % t == 0]
+    fp8 = p.operand == "fp8"
+    tms = [t for t in TGMM_TILE_M if not fp8 or t % p.block_m == 0 or p.block_m % t == 0]
     out = []
     for tm in tms:
-        for tk in _tgmm_tiles(p.k):
-            for tn in _tgmm_tiles(p.n):
-                if tgmm_vmem_footprint(p, tm, tk, tn, spec) <= spec.vmem_bytes * VMEM_USABLE:
-                    out.append((tm, tk, tn))
+        for pre in (True, False) if fp8 and tm >= p.block_m else (True,):
+            for tk in _tgmm_tiles(p.k):
+                for tn in _tgmm_tiles(p.n):
+                    t = TgmmTiles(tm, tk, tn, pre)
+                    if tgmm_vmem_footprint(p, t, spec) <= spec.vmem_bytes * VMEM_USABLE:
+                        out.append(t)
     return out
 
 
-def tgmm_best(p: TgmmProblem, spec: TpuSpec) -> tuple[int, int, int]:
+def tgmm_best(p: TgmmProblem, spec: TpuSpec) -> TgmmTiles:
     """The candidate with the smallest modelled time; ties (within 0.1%): the smaller VMEM
-    footprint, then the smaller tiles (deterministic)."""
+    footprint, then the smaller tiles, then prequantized (deterministic)."""
     cands = tgmm_candidates(p, spec)
     if not cands:
         raise ValueError(f"no legal tgmm tiles for {p} on {spec.name}")
-    times = {c: tgmm_roofline(p, *c, spec).time_s for c in cands}
+    times = {c: tgmm_roofline(p, c, spec).time_s for c in cands}
     fastest = min(times.values())
     close = [c for c in cands if times[c] <= fastest * 1.001]
-    return min(close, key=lambda c: (tgmm_vmem_footprint(p, *c, spec), c))
+    return min(close, key=lambda c: (tgmm_vmem_footprint(p, c, spec), c[:3], not c.prequantize))
 
 
 @functools.cache
 def tgmm_select(generation: str, p: TgmmProblem):
-    """grouped.TgmmConfig for the fp8 problem ``p`` on ``generation``: the model's best tiles, with
-    the scoped VMEM limit sized from their footprint (cached per problem: it runs per call)."""
+    """grouped.TgmmConfig for the fp8 problem ``p`` on ``generation``: the model's best tiles and
+    quantization place, with the scoped VMEM limit sized from their footprint (cached per problem: it
+    runs per call)."""
     from .grouped import TgmmConfig
 
     if p.operand != "fp8":
         raise ValueError(f"p.operand: the tgmm kernel runs 'fp8' operands, got {p.operand!r}")
     spec = GENERATIONS[generation]
-    tm, tk, tn = tgmm_best(p, spec)
+    t = tgmm_best(p, spec)
     return TgmmConfig(
-        tm=tm, tk=tk, tn=tn, block_m=p.block_m, out_dtype=p.out_dtype, mxu=spec.mxu,
-        vmem_limit_bytes=tgmm_vmem_limit(p, tm, tk, tn, spec),
+        tm=t.tm, tk=t.tk, tn=t.tn, block_m=p.block_m, out_dtype=p.out_dtype, mxu=spec.mxu,
+        vmem_limit_bytes=tgmm_vmem_limit(p, t, spec), prequantize=t.prequantize,
     )  # fmt: skip
+
+
+def tgmm_config_tiles(cfg) -> TgmmTiles:
+    """The TgmmTiles of a grouped.TgmmConfig (for the model functions)."""
+    return TgmmTiles(cfg.tm, cfg.tk, cfg.tn, cfg.prequantize)
 
 
 # -------------------------------------------------------------------- grouped: bf16 gmm baseline
