@@ -278,28 +278,20 @@ AVX2_FN static ALWAYS_INLINE uint32_t hmax_epi32(__m256i v) {
     return (uint32_t)_mm_cvtsi128_si32(m);
 }
 
-/* phminposuw finds the smallest of 8 uint16 in one instruction; the largest is the smallest of
- * the complements. */
 AVX2_FN static ALWAYS_INLINE uint32_t hmax_epi16(__m256i v) {
     __m128i m = _mm_max_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    m = _mm_minpos_epu16(_mm_xor_si128(m, _mm_set1_epi16(-1)));
-    return ((uint32_t)_mm_cvtsi128_si32(m) & 0xFFFFu) ^ 0xFFFFu;
-}
-
-/* Smallest of 16 uint16 lanes. */
-AVX2_FN static ALWAYS_INLINE uint32_t hmin_epu16(__m256i v) {
-    __m128i m = _mm_min_epu16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    return (uint32_t)_mm_cvtsi128_si32(_mm_minpos_epu16(m)) & 0xFFFFu;
+    m = _mm_max_epi16(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epi16(m, _mm_shuffle_epi32(m, 0xB1));
+    m = _mm_max_epi16(m, _mm_shufflelo_epi16(m, 0xB1));
+    return (uint16_t)_mm_extract_epi16(m, 0);
 }
 
 /* Largest finite |x| of one row segment, on the raw bits: with the sign cleared, IEEE values
  * order like unsigned integers, and everything at or above the exponent-all-ones pattern (inf,
  * nan) is dropped. 16-bit dtypes take 16 elements per instruction, and nothing is converted.
  * One and + one max per vector; only a segment whose largest magnitude is an inf / nan is walked
- * again (scalar, dropping those), and then *nonfinite is set. bf16 also lowers *low to the
- * segment's smallest |x| bits (one min per vector more), which picks quant_row_avx2's mode. */
-AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, int64_t n, int *nonfinite,
-                                            uint32_t *low) {
+ * again (scalar, dropping those), and then *nonfinite is set. */
+AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, int64_t n, int *nonfinite) {
     int64_t j = 0;
     uint32_t best = 0, top = 0;
     if (dt == DT_F32) {
@@ -330,27 +322,16 @@ AVX2_FN static ALWAYS_INLINE float amax_avx2(const void *x, int dt, int64_t i0, 
     const uint16_t inf16 = dt == DT_BF16 ? 0x7F80 : 0x7C00;
     const __m256i mag = _mm256_set1_epi16(0x7FFF);
     __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-    __m256i min0 = mag, min1 = mag;
-    uint32_t bottom = 0x7FFF;
     const uint16_t *p = (const uint16_t *)x + i0;
     for (; j + 32 <= n; j += 32) {
-        __m256i a0 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag);
-        __m256i a1 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 16)), mag);
-        acc0 = _mm256_max_epi16(acc0, a0);
-        acc1 = _mm256_max_epi16(acc1, a1);
-        if (dt == DT_BF16) {
-            min0 = _mm256_min_epu16(min0, a0);
-            min1 = _mm256_min_epu16(min1, a1);
-        }
+        acc0 = _mm256_max_epi16(acc0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)), mag));
+        acc1 = _mm256_max_epi16(acc1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j + 16)), mag));
     }
     top = hmax_epi16(_mm256_max_epi16(acc0, acc1));
-    if (dt == DT_BF16 && j > 0) bottom = hmin_epu16(_mm256_min_epu16(min0, min1));
     for (; j < n; j++) {
         uint16_t a = p[j] & 0x7FFF;
         top = a > top ? a : top;
-        bottom = a < bottom ? a : bottom;
     }
-    if (dt == DT_BF16 && bottom < *low) *low = bottom;
     best = top;
     if (top >= inf16) {
         *nonfinite = 1;
@@ -369,66 +350,54 @@ AVX2_FN static ALWAYS_INLINE __m256 scaled8(const void *x, int dt, int64_t i, __
     return _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_div_ps(load8_hp(x, dt, i), vs)));
 }
 
-/* How quant_row_avx2 rounds a block: */
-#define QUANT_GENERAL 0 /* clamp, nan kept (the block holds an inf / nan) */
-#define QUANT_FINITE 1  /* no clamp, no nan blend */
-#define QUANT_NORMAL 2  /* bf16 whose every quotient is at least the format's smallest normal */
-
-/* The smallest bf16 magnitude bits whose quotient by s is surely at least the fp8 format's smallest
- * normal (2^-6 / 2^-14): conservative by 2^-7, so the division's rounding cannot matter. */
-static inline uint32_t normal_floor16(float s, int kind) {
-    const float vmin = kind == KIND_E4M3 ? 0x1p-6f : 0x1p-14f;
-    return (f2u(vmin * s * (1.0f + 0x1p-7f)) >> 16) + 1;
-}
-
-/* A block's mode from its amax pass: nonfinite, and its smallest |x| bits (bf16 only). */
-static inline int quant_mode(int nonfinite, int dt, uint32_t low, float s, int kind) {
-    if (nonfinite) return QUANT_GENERAL;
-    return dt == DT_BF16 && low >= normal_floor16(s, kind) ? QUANT_NORMAL : QUANT_FINITE;
-}
-
-/* 32 finite bf16 at p, divided by vs -> 32 fp8 codes at q. The magnitudes are divided and rounded;
- * the quotient has x's sign, so the sign bits come straight from the bf16 input's high bytes,
- * packed like the codes. normal (a constant): every quotient is at least the format's smallest
- * normal, so narrow8_normal rounds it; else narrow8_magnitude_biased, exact everywhere, whose bias
- * leaves 16 lanes at a time after the first pack (which restores element order within 16). */
-AVX2_FN static ALWAYS_INLINE void quant32_bf16_finite(const uint16_t *p, __m256 vs, int kind, int normal,
-                                                      uint8_t *q) {
-    const __m256i zero = _mm256_setzero_si256(), mag16 = _mm256_set1_epi16(0x7FFF);
-    const __m256i u[2] = {_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 16))};
-    __m256i half[2];
-    for (int h = 0; h < 2; h++) {
-        const __m256i a = _mm256_and_si256(u[h], mag16);
-        const __m256i b0 = _mm256_castps_si256(_mm256_div_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a)), vs));
-        const __m256i b1 = _mm256_castps_si256(_mm256_div_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a)), vs));
-        if (normal)
-            half[h] = _mm256_packus_epi32(narrow8_normal(b0, kind), narrow8_normal(b1, kind));
-        else
-            half[h] = _mm256_sub_epi16(
-                _mm256_packus_epi32(narrow8_magnitude_biased(b0, kind), narrow8_magnitude_biased(b1, kind)),
-                _mm256_set1_epi16((short)narrow8_bias(kind)));
-    }
-    const __m256i sign = _mm256_packus_epi16(_mm256_srli_epi16(u[0], 8), _mm256_srli_epi16(u[1], 8));
-    const __m256i bytes = _mm256_or_si256(_mm256_packus_epi16(half[0], half[1]),
-                                          _mm256_and_si256(sign, _mm256_set1_epi8((char)0x80)));
-    _mm256_storeu_si256((__m256i *)q, _mm256_permute4x64_epi64(bytes, 0xD8));
-}
-
-/* x[i0 : i0 + n] / s -> q[0 : n] fp8 bytes, rounded as mode says (QUANT_*); 32 elements per step
- * stored as one 32-byte vector. */
+/* x[i0 : i0 + n] / s -> q[0 : n] fp8 bytes; 32 elements per step stored as one 32-byte vector. */
 AVX2_FN static ALWAYS_INLINE void quant_row_avx2(const void *x, int dt, int64_t i0, int64_t n, float s,
-                                                 int kind, uint8_t *q, int mode) {
+                                                 int kind, uint8_t *q, int finite) {
     const float big = fp8_max_of(kind);
     const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(big), lo = _mm256_set1_ps(-big);
     int64_t j = 0;
-    if (dt == DT_BF16 && mode != QUANT_GENERAL) {
+    if (dt == DT_BF16 && finite) {
         /* A block without inf / nan (amax_avx2 says so): |x / s| <= fp8_max up to one rounding
-         * (s = fl(amax / fp8_max), or larger for ue8m0), so no clamp and no nan blend. */
+         * (s = fl(amax / fp8_max), or larger for ue8m0), so no clamp and no nan blend. The
+         * magnitudes are divided and rounded; the quotient has x's sign, so the sign bits come
+         * straight from the bf16 input's high bytes, packed like the codes, 32 at a time. A step
+         * whose |x| are all above small16 (a bound from s, conservative by 2^-7: every quotient is
+         * then at least the format's smallest normal) rounds with narrow8_normal; a step with a
+         * smaller |x| (a zero, a subnormal code) with narrow8_magnitude_biased, exact everywhere,
+         * whose bias leaves 16 lanes at a time after the first pack (which restores element order
+         * within 16). */
+        const __m256i zero = _mm256_setzero_si256(), mag16 = _mm256_set1_epi16(0x7FFF);
+        const __m256i bias16 = _mm256_set1_epi16((short)narrow8_bias(kind)), sign8 = _mm256_set1_epi8((char)0x80);
+        const float vmin = kind == KIND_E4M3 ? 0x1p-6f : 0x1p-14f;
+        const __m256i small16 = _mm256_set1_epi16((short)((f2u(vmin * s * (1.0f + 0x1p-7f)) >> 16) + 1));
         const uint16_t *p = (const uint16_t *)x + i0;
-        if (mode == QUANT_NORMAL)
-            for (; j + 32 <= n; j += 32) quant32_bf16_finite(p + j, vs, kind, 1, q + j);
-        else
-            for (; j + 32 <= n; j += 32) quant32_bf16_finite(p + j, vs, kind, 0, q + j);
+        for (; j + 32 <= n; j += 32) {
+            __m256i u[2] = {_mm256_loadu_si256((const __m256i *)(p + j)),
+                            _mm256_loadu_si256((const __m256i *)(p + j + 16))};
+            __m256i a[2] = {_mm256_and_si256(u[0], mag16), _mm256_and_si256(u[1], mag16)};
+            __m256i low = _mm256_or_si256(_mm256_cmpgt_epi16(small16, a[0]), _mm256_cmpgt_epi16(small16, a[1]));
+            __m256i half[2];
+            if (_mm256_testz_si256(low, low)) {
+                for (int h = 0; h < 2; h++) {
+                    __m256 f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a[h]));
+                    __m256 f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a[h]));
+                    __m256i c0 = narrow8_normal(_mm256_castps_si256(_mm256_div_ps(f0, vs)), kind);
+                    __m256i c1 = narrow8_normal(_mm256_castps_si256(_mm256_div_ps(f1, vs)), kind);
+                    half[h] = _mm256_packus_epi32(c0, c1);
+                }
+            } else {
+                for (int h = 0; h < 2; h++) {
+                    __m256 f0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a[h]));
+                    __m256 f1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a[h]));
+                    __m256i c0 = narrow8_magnitude_biased(_mm256_castps_si256(_mm256_div_ps(f0, vs)), kind);
+                    __m256i c1 = narrow8_magnitude_biased(_mm256_castps_si256(_mm256_div_ps(f1, vs)), kind);
+                    half[h] = _mm256_sub_epi16(_mm256_packus_epi32(c0, c1), bias16);
+                }
+            }
+            __m256i sign = _mm256_packus_epi16(_mm256_srli_epi16(u[0], 8), _mm256_srli_epi16(u[1], 8));
+            __m256i bytes = _mm256_or_si256(_mm256_packus_epi16(half[0], half[1]), _mm256_and_si256(sign, sign8));
+            _mm256_storeu_si256((__m256i *)(q + j), _mm256_permute4x64_epi64(bytes, 0xD8));
+        }
     } else if (dt == DT_BF16) {
         /* bf16 bits in the high half of a zeroed int32 are the fp32 value: one unpack per 8
          * elements instead of a widen + shift. The unpacks interleave 128-bit lanes (elements
@@ -513,22 +482,22 @@ static inline int next_chunk(quant_chunk *k, const quant_claim *c, int64_t RB, i
     return 1;
 }
 
-/* Block cb of chunk k, row r: its finite amax into amax[cb - cb0] (running max), its smallest |x|
- * bits into low[cb - cb0] (running min, bf16). */
+/* Block cb of chunk k, row r: its finite amax into amax[cb - cb0] (running max). */
 AVX2_FN static ALWAYS_INLINE void chunk_amax(const void *x, int dt, int64_t R, int64_t C, int64_t bc,
                                              const quant_chunk *k, int64_t r, int64_t cb, float *amax,
-                                             uint32_t *low, int *nonfinite) {
+                                             int *nonfinite) {
     const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0;
-    float a = amax_avx2(x, dt, (k->b * R + r) * C + c0, n, nonfinite, &low[cb - k->cb0]);
+    float a = amax_avx2(x, dt, (k->b * R + r) * C + c0, n, nonfinite);
     amax[cb - k->cb0] = a > amax[cb - k->cb0] ? a : amax[cb - k->cb0];
 }
 
 /* Block cb of chunk k, row r: divided by the block's scale and rounded into q. */
 AVX2_FN static ALWAYS_INLINE void chunk_quant(const void *x, int dt, int64_t R, int64_t C, int64_t bc,
                                               const quant_chunk *k, int64_t r, int64_t cb, float s, int kind,
-                                              int mode, uint8_t *q) {
+                                              int nonfinite, uint8_t *q) {
     const int64_t c0 = cb * bc, n = c0 + bc < C ? bc : C - c0, i0 = (k->b * R + r) * C + c0;
-    quant_row_avx2(x, dt, i0, n, s, kind, q + i0, mode);
+    if (nonfinite) quant_row_avx2(x, dt, i0, n, s, kind, q + i0, 0);
+    else quant_row_avx2(x, dt, i0, n, s, kind, q + i0, 1);
 }
 
 /* The tasks c hands out (slabs of br rows: every (br x bc) block of each, scales into
@@ -542,51 +511,44 @@ AVX2_FN static ALWAYS_INLINE void quant_tasks_avx2(const void *x, int dt, int64_
                                                    const quant_claim *c) {
     const int64_t RB = cdiv64(R, br), CB = cdiv64(C, bc), cols = br > 1 ? QUANT_CHUNK_COLS : QUANT_CHUNK_COLS_ROW;
     const int64_t nb = bc < cols ? cols / bc : 1;
-    /* Per block of a chunk: amax and smallest |x| bits ([cur]: chunk k, [!cur]: chunk nxt), and
-     * chunk k's rounding mode. */
     float amax[2][QUANT_CHUNK_COLS];
-    uint32_t low[2][QUANT_CHUNK_COLS];
-    unsigned char mode[QUANT_CHUNK_COLS];
-    int nonfinite[2] = {0, 0}, cur = 0, have = 0; /* have: k is a chunk whose amax pass is done */
-    quant_chunk k = {-1, 0, 0, 0, CB, CB}, nxt = k;
-    float *scale_row = scale;
-    int more = next_chunk(&nxt, c, RB, R, br, CB, nb);
-    for (;;) { /* chunk nxt's amax pass beside chunk k's rounding pass */
-        const int64_t rows = have ? k.r1 - k.r0 : 0, nrows = more ? nxt.r1 - nxt.r0 : 0;
-        const int64_t blocks = have ? k.cb1 - k.cb0 : 0, nblocks = more ? nxt.cb1 - nxt.cb0 : 0;
-        nonfinite[!cur] = 0;
-        for (int64_t j = 0; j < nblocks; j++) {
-            amax[!cur][j] = 0.0f;
-            low[!cur][j] = 0x7FFF;
+    int nonfinite[2] = {0, 0}, cur = 0;
+    quant_chunk k = {-1, 0, 0, 0, CB, CB}, nxt;
+    if (!next_chunk(&k, c, RB, R, br, CB, nb)) return;
+    for (int64_t cb = k.cb0; cb < k.cb1; cb++) amax[cur][cb - k.cb0] = 0.0f;
+    for (int64_t r = k.r0; r < k.r1; r++)
+        for (int64_t cb = k.cb0; cb < k.cb1; cb++) chunk_amax(x, dt, R, C, bc, &k, r, cb, amax[cur], &nonfinite[cur]);
+    for (;;) {
+        float *scale_row = scale + k.t * CB;
+        for (int64_t cb = k.cb0; cb < k.cb1; cb++) scale_row[cb] = block_scale(amax[cur][cb - k.cb0], kind, ue8m0);
+        nxt = k;
+        const int more = next_chunk(&nxt, c, RB, R, br, CB, nb);
+        const int64_t rows = k.r1 - k.r0, nrows = more ? nxt.r1 - nxt.r0 : 0;
+        const int64_t blocks = k.cb1 - k.cb0, nblocks = more ? nxt.cb1 - nxt.cb0 : 0;
+        if (more) {
+            nonfinite[!cur] = 0;
+            for (int64_t cb = nxt.cb0; cb < nxt.cb1; cb++) amax[!cur][cb - nxt.cb0] = 0.0f;
         }
         for (int64_t i = 0; i < (rows > nrows ? rows : nrows); i++) {
             for (int64_t j = 0; j < (blocks > nblocks ? blocks : nblocks); j++) {
                 if (i < nrows && j < nblocks)
-                    chunk_amax(x, dt, R, C, bc, &nxt, nxt.r0 + i, nxt.cb0 + j, amax[!cur], low[!cur], &nonfinite[!cur]);
+                    chunk_amax(x, dt, R, C, bc, &nxt, nxt.r0 + i, nxt.cb0 + j, amax[!cur], &nonfinite[!cur]);
                 if (i < rows && j < blocks)
-                    chunk_quant(x, dt, R, C, bc, &k, k.r0 + i, k.cb0 + j, scale_row[k.cb0 + j], kind, mode[j], q);
+                    chunk_quant(x, dt, R, C, bc, &k, k.r0 + i, k.cb0 + j, scale_row[k.cb0 + j], kind, nonfinite[cur], q);
             }
         }
         if (!more) return;
         k = nxt;
         cur = !cur;
-        have = 1;
-        scale_row = scale + k.t * CB;
-        for (int64_t j = 0; j < k.cb1 - k.cb0; j++) {
-            const float s = block_scale(amax[cur][j], kind, ue8m0);
-            scale_row[k.cb0 + j] = s;
-            mode[j] = (unsigned char)quant_mode(nonfinite[cur], dt, low[cur][j], s, kind);
-        }
-        more = next_chunk(&nxt, c, RB, R, br, CB, nb);
     }
 }
 
 /* One 1 x n group of an activation row to e4m3 bytes q[0 : n]; returns its fp32 scale. */
 AVX2_FN static float dyn_quant_seg_avx2(const void *x, int dt, int64_t i0, int64_t n, uint8_t *q) {
     int nonfinite = 0;
-    uint32_t low = 0x7FFF;
-    const float s = block_scale(amax_avx2(x, dt, i0, n, &nonfinite, &low), KIND_E4M3, 0);
-    quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q, quant_mode(nonfinite, dt, low, s, KIND_E4M3));
+    const float s = block_scale(amax_avx2(x, dt, i0, n, &nonfinite), KIND_E4M3, 0);
+    if (nonfinite) quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q, 0);
+    else quant_row_avx2(x, dt, i0, n, s, KIND_E4M3, q, 1);
     return s;
 }
 
