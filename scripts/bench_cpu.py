@@ -16,6 +16,11 @@ better) and W8A8 / W8A16.
 Quantize: GB/s (bytes read + written) of 1 x 128 activation groups and 128 x 128 weight blocks
 from bf16, against a copy of the same bf16 tensor into a preallocated one (``dst.copy_(x)``: the
 machine's copy bandwidth), in the same run; a clone (copy into a fresh allocation) is shown too.
+Sizes against the cache: 1 x 128 runs on 2048 x 4096 (16 MB: its copy's 32 MB of source and
+destination fit a 32 MB L3 in part, so on our CI machine that copy reads 33-53 GB/s from run to run,
+L3 and DRAM mixed) and on 6144 x 4096 (48 MB, beyond any L3 here: DRAM bandwidth, ~25-33 GB/s,
+and the quantize outputs, 24 MB, stay below glibc's largest mmap threshold, 32 MiB, so they reuse
+heap memory); 128 x 128 on 4096 x 4096 (32 MB).
 
 Allocation: quantize returns fresh tensors, so each call's outputs are new memory. glibc's default
 malloc maps a block of this size (8-16 MB) afresh on every call and unmaps it on free, and in
@@ -129,7 +134,7 @@ def bench_quantize() -> None:
     print(
         f"{'block':>10} {'shape':>12} {'ms':>8} {'GB/s':>8} {'copy GB/s':>10} {'of copy':>8} {'clone GB/s':>11}"
     )
-    for block, shape in (((1, 128), (2048, 4096)), ((128, 128), (4096, 4096))):
+    for block, shape in (((1, 128), (2048, 4096)), ((1, 128), (6144, 4096)), ((128, 128), (4096, 4096))):
         x = torch.randn(shape, dtype=torch.bfloat16)
         dst = torch.empty_like(x)
         ms = interleaved_ms(
