@@ -462,6 +462,14 @@ def test_int_and_bool_tensors_are_never_cast(tmp_path, key, value, words) -> Non
     )
 
 
+def test_bool_tensor_with_bytes_other_than_0_and_1_is_refused(tmp_path) -> None:
+    model = WithBuffers()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors["mask"] = torch.tensor([1, 7, 0], dtype=torch.uint8).view(torch.bool)
+    save_file(tensors, tmp_path / "model.safetensors")
+    _load_fails(tmp_path, ("mask in ", "bytes other than 0 and 1"), model=WithBuffers())
+
+
 def test_float_tensors_take_the_models_dtype_also_on_meta(tmp_path) -> None:
     _write_foreign_checkpoint(TinyDeepSeekish(), tmp_path)  # norms and embeddings in bfloat16
     with torch.device("meta"):

@@ -833,6 +833,8 @@ def _check_dtype(model: nn.Module, key: str, t: torch.Tensor, file: str, target:
     if t.dtype == target:
         if t.dtype in FP8_DTYPES:
             _check_fp8_codes(key, t, file)
+        if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:
+            raise CheckpointError(f"{key} in {file}: a bool tensor holds bytes other than 0 and 1")
         return
     if not (t.dtype.is_floating_point and target.is_floating_point and target not in FP8_DTYPES):
         raise CheckpointDtypeError(
