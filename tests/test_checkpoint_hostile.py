@@ -382,7 +382,7 @@ def test_ineligibility_rule() -> None:
     assert fp8_ineligible_reason(nn.Linear(4, 4)) is None
     assert fp8_ineligible_reason(Fp8BlockwiseLinear(128, 128)) is None
     assert "MultiheadAttention" in fp8_ineligible_reason(mha.out_proj, [nn.Sequential(), mha])
-    assert fp8_ineligible_reason(nn.Embedding(3, 4)).startswith("an Embedding, not an nn.Linear")
+    assert fp8_ineligible_reason(nn.Embedding(3, 4)).startswith("of type Embedding, not an nn.Linear")
 
 
 # ------------------------------------------------------------------------ 8. what save writes
@@ -408,7 +408,11 @@ def test_fp8_weight_on_an_embedding_says_what_the_module_is(tmp_path) -> None:
     save_file(tensors, tmp_path / "model.safetensors")
     message = _load_fails(
         tmp_path,
-        ("model.embed_tokens.weight in ", "model.safetensors", "an Embedding, not an nn.Linear"),
+        (
+            "model.embed_tokens.weight in ",
+            "model.safetensors",
+            "model.embed_tokens is of type Embedding, not an nn.Linear",
+        ),
         CheckpointDtypeError,
     )
     assert "no model.embed_tokens.weight_scale_inv" not in message

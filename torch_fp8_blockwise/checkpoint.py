@@ -828,7 +828,7 @@ def _check_dtype(model: nn.Module, key: str, t: torch.Tensor, file: str, target:
     if t.dtype in FP8_DTYPES and target not in FP8_DTYPES:
         owner_name = key.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
-        reason = fp8_ineligible_reason(owner) or "not converted to an Fp8BlockwiseLinear"
+        reason = fp8_ineligible_reason(owner) or "not an Fp8BlockwiseLinear"
         raise CheckpointDtypeError(
             f"{key} in {file}: is {t.dtype}, but the model's tensor is {target}: "
             f"{owner_name or 'the model'} is {reason}"

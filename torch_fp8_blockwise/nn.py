@@ -465,7 +465,7 @@ def fp8_ineligible_reason(module: nn.Module, parents: Iterable[nn.Module] = ()) 
     """
     if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
         return (
-            f"an {type(module).__name__}, not an nn.Linear (only nn.Linear layers become "
+            f"of type {type(module).__name__}, not an nn.Linear (only nn.Linear layers become "
             "Fp8BlockwiseLinear; every other module keeps its weights in bfloat16 / float16 / float32)"
         )
     if any(isinstance(p, nn.MultiheadAttention) for p in parents):
