@@ -480,6 +480,7 @@ def test_float_tensors_take_the_models_dtype_also_on_meta(tmp_path) -> None:
         model = TinyDeepSeekish()
     checkpoint.load(model, tmp_path)
     assert model.model.norm.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+    assert model.model.layers[0].q_proj.bias.dtype == torch.float32  # the fp8 layer's bias too
 
 
 def _rewrite_header(path, edit) -> None:

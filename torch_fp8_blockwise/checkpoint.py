@@ -776,8 +776,7 @@ def _plan_layer(
                     f"{b_key} in {b_file}: expected a ({n},) float tensor, got {tuple(bias.shape)} {bias.dtype}"
                 )
             keys.append(b_key)
-            if module.bias.device.type != "meta":
-                bias = bias.to(module.bias.dtype)
+            bias = bias.to(module.bias.dtype)  # the model's dtype, also on the meta device
     elif b_key in tensors and strict:
         raise CheckpointError(f"{b_key} in {tensors[b_key][1]}: unexpected, the model's {name} has no bias")
 
