@@ -121,7 +121,8 @@ def _assert_unchanged(model: nn.Module, snap) -> None:
     now = model.state_dict()
     assert set(now) == set(state)
     for k, v in state.items():
-        assert now[k].dtype == v.dtype and torch.equal(now[k].view(torch.uint8), v.view(torch.uint8)), k
+        bits = now[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
+        assert now[k].dtype == v.dtype and torch.equal(*bits), k
 
 
 # ------------------------------------------------------------------------- a foreign checkpoint
@@ -382,10 +383,10 @@ def test_index_naming_a_key_the_shard_lacks(tmp_path) -> None:
 @pytest.mark.parametrize(
     "extra, words",
     [
-        ({"weight_block_size": [64, 64]}, "weight_block_size [64, 64] is not supported"),
-        ({"fmt": "int8"}, "fmt 'int8'"),
-        ({"activation_scheme": "static"}, "activation_scheme 'static' is not supported"),
-        ({"quant_method": "gptq"}, "quant_method 'gptq'"),
+        ({"weight_block_size": [64, 64]}, "weight_block_size: list [64, 64] is not supported"),
+        ({"fmt": "int8"}, "quantization_config.fmt: expected one of 'e4m3', 'e5m2', got str 'int8'"),
+        ({"activation_scheme": "static"}, "activation_scheme: expected one of 'dynamic', got str 'static'"),
+        ({"quant_method": "gptq"}, "quant_method: expected one of 'fp8', got str 'gptq'"),
         ({"scale_fmt": "ue8m0"}, "not powers of two"),  # the file's scales are amax/448, not 2^k
     ],
 )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -444,12 +444,42 @@ def _parents(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module, str]
                 yield parent, child_name, child, f"{parent_name}.{child_name}" if parent_name else child_name
 
 
-def _skip_reason(
-    module: nn.Module, aliases: list[str], owners: dict[tuple, set[str]], parent: nn.Module
-) -> str | None:
-    w = module.weight
-    if isinstance(parent, nn.MultiheadAttention):
+def module_parents(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """id(module) -> every module that holds it as a direct child (a shared module has several)."""
+    parents: dict[int, list[nn.Module]] = {}
+    for parent, _, child, _ in _parents(model):
+        parents.setdefault(id(child), []).append(parent)
+    return parents
+
+
+def fp8_ineligible_reason(module: nn.Module, parents: Iterable[nn.Module] = ()) -> str | None:
+    """Why ``module`` cannot be an :class:`Fp8BlockwiseLinear`, by its kind and its place in the
+    model; None when it can. The one rule that :func:`quantize_model_` (which modules to convert)
+    and ``checkpoint.load`` (which modules may take an fp8 weight from a file) share.
+
+    ``parents``: the modules holding ``module`` as a direct child (see :func:`module_parents`).
+    Eligible: an ``nn.Linear`` (or an existing Fp8BlockwiseLinear) whose parents all call it. Not
+    eligible: any other module kind, and the ``out_proj`` of ``nn.MultiheadAttention``, which reads
+    ``out_proj.weight`` directly (``F.multi_head_attention_forward``) instead of calling the layer.
+    Data-dependent reasons (meta or empty weights, tied weights, SQNR) are quantize_model_'s own.
+    """
+    if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
+        return (
+            f"of type {type(module).__name__}, not an nn.Linear (only nn.Linear layers become "
+            "Fp8BlockwiseLinear; every other module keeps its weights in bfloat16 / float16 / float32)"
+        )
+    if any(isinstance(p, nn.MultiheadAttention) for p in parents):
         return "inside nn.MultiheadAttention, which reads out_proj.weight directly instead of calling it"
+    return None
+
+
+def _quantize_skip_reason(
+    module: nn.Module, aliases: list[str], owners: dict[tuple, set[str]], parents: list[nn.Module]
+) -> str | None:
+    reason = fp8_ineligible_reason(module, parents)
+    if reason is not None:
+        return reason
+    w = module.weight
     if w.device.type == "meta":
         return "weight is on the meta device (no values to quantize)"
     if w.dtype not in HIGH_PRECISION_DTYPES:
@@ -479,7 +509,7 @@ def quantize_model_(
     the summary: layers the filter rejects, weights tied to another module (e.g. an lm_head sharing
     the embedding's storage), empty or meta weights, non-float weights, layers already converted,
     the out_proj of nn.MultiheadAttention, and, with ``min_sqnr_db``, layers whose quantized
-    weight's SQNR falls below it (they stay in high precision).
+    weight's SQNR falls below it or is nan (they stay in high precision).
 
     Args:
         config: quantization settings (default :class:`Fp8Config`()).
@@ -508,8 +538,11 @@ def quantize_model_(
             )
         c = config
         config = Fp8Config((requantize_block, requantize_block), c.activation, c.dtype, c.scale_format)
-    if min_sqnr_db is not None and not isinstance(min_sqnr_db, (int, float)):
-        raise TypeError(f"min_sqnr_db: expected a number (dB) or None, got {type(min_sqnr_db).__name__}")
+    if min_sqnr_db is not None:
+        if not isinstance(min_sqnr_db, (int, float)) or isinstance(min_sqnr_db, bool):
+            raise TypeError(f"min_sqnr_db: expected a number (dB) or None, got {type(min_sqnr_db).__name__}")
+        if math.isnan(min_sqnr_db):
+            raise ValueError("min_sqnr_db: expected a number (dB) or None, got nan (no layer would pass)")
 
     summary = QuantizationSummary()
     owners = _tensor_owners(model)
@@ -534,15 +567,16 @@ def quantize_model_(
                 summary.skipped[name] = "filter_fn returned False"
                 logger.debug("torch_fp8_blockwise: skipping %s: filter_fn returned False", name)
                 continue
-            reason = _skip_reason(module, aliases, owners, places[0][0])
+            reason = _quantize_skip_reason(module, aliases, owners, [p for p, _, _ in places])
             if reason is not None:
                 summary.skipped[name] = reason
                 logger.warning("torch_fp8_blockwise: not converting %s: %s", name, reason)
                 continue
             new = Fp8BlockwiseLinear.from_linear(module, config)
             sqnr = weight_sqnr_db(new.dequantized_weight(), module.weight)
-            if min_sqnr_db is not None and sqnr < min_sqnr_db:
-                reason = f"weight SQNR {sqnr:.1f} dB < min_sqnr_db {min_sqnr_db:g} dB; kept in {_dtype_name(module.weight.dtype)}"
+            if min_sqnr_db is not None and not sqnr >= min_sqnr_db:  # nan (a NaN / inf weight) fails
+                why = "nan (the weight holds NaN or inf)" if math.isnan(sqnr) else f"{sqnr:.1f} dB"
+                reason = f"weight SQNR {why} < min_sqnr_db {min_sqnr_db:g} dB; kept in {_dtype_name(module.weight.dtype)}"
                 summary.skipped[name] = reason
                 logger.warning("torch_fp8_blockwise: not converting %s: %s", name, reason)
                 continue
