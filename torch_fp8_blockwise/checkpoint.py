@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import experts as _experts
 from .formats import E8M0_NAN, FP8_DTYPES, HIGH_PRECISION_DTYPES, MATMUL_BLOCKS, cdiv, e8m0_to_float
 from .nn import (
     DEFAULT_BLOCK,
@@ -89,7 +90,8 @@ def save(
 
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
         raise ValueError(f"max_shard_bytes: expected a positive int or None, got {max_shard_bytes!r}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, Fp8BlockwiseLinear)}
+    fp8_types = (Fp8BlockwiseLinear, _experts.Fp8Experts)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, fp8_types)}
     quant = _quantization_config(model, layers)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -106,6 +108,12 @@ def save(
             continue
         seen.add(view)
         tensors[key] = t.detach().to("cpu").contiguous()
+    # Fp8Experts: per-expert keys (DeepSeek / Qwen3 / vLLM / SGLang read those), not the fused ones.
+    for name, m in layers.items():
+        if isinstance(m, _experts.Fp8Experts):
+            for k in _experts.FUSED_KEYS:
+                tensors.pop(f"{name}.{k}", None)
+            tensors.update(_experts.split_per_expert(name, m))
 
     os.makedirs(path, exist_ok=True)
     shards = _shard(tensors, max_shard_bytes)
@@ -147,7 +155,7 @@ def _remove_stale(path: str | os.PathLike, keep: list[str]) -> None:
             os.remove(os.path.join(path, name))
 
 
-def _quantization_config(model: nn.Module, layers: dict[str, Fp8BlockwiseLinear]) -> dict | None:
+def _quantization_config(model: nn.Module, layers: dict[str, nn.Module]) -> dict | None:
     if not layers:
         return None
     configs = {(m.config.block_shape, m.config.dtype, m.config.scale_format) for m in layers.values()}
@@ -332,7 +340,7 @@ def _scale_as_float32(key: str, scale: torch.Tensor, file: str, fmt: _FileFormat
 class _Plan:
     """Everything load() will do to the model, built and checked before any change."""
 
-    new_layers: dict[str, Fp8BlockwiseLinear]
+    new_layers: dict[str, nn.Module]  # Fp8BlockwiseLinear / Fp8Experts
     fill_layers: dict[str, Fp8BlockwiseLinear]  # existing layer name -> layer holding the new tensors
     rest: dict[str, torch.Tensor]
     summary: QuantizationSummary
@@ -352,7 +360,10 @@ def load(
     Each ``nn.Linear`` whose weight has a ``weight_scale_inv`` in the checkpoint becomes an
     :class:`Fp8BlockwiseLinear` holding the file's fp8 tensors as they are (no dequantize, no
     re-quantize); each existing Fp8BlockwiseLinear gets the file's tensors (and the file's block
-    shape / scale format). Everything else is loaded like ``load_state_dict`` (into the model's dtype;
+    shape / scale format). Each fused MoE experts module (transformers' float one or an
+    :class:`~torch_fp8_blockwise.experts.Fp8Experts`) becomes an Fp8Experts built from the per-expert
+    keys ``<experts>.<e>.{gate_proj,up_proj,down_proj}.weight`` / ``.weight_scale_inv`` (gate and
+    up stacked and fused as they are, bit-exact) or from fused fp8 keys ``<experts>.gate_up_proj``, ... Everything else is loaded like ``load_state_dict`` (into the model's dtype;
     assigned when the model's tensors are on the meta device). Layers are created on the device of
     the Linear they replace (CPU for meta).
 
@@ -410,12 +421,27 @@ def _plan(
 ) -> _Plan:
     summary = QuantizationSummary()
     used: set[str] = set()
-    new_layers: dict[str, Fp8BlockwiseLinear] = {}
+    new_layers: dict[str, nn.Module] = {}
     fill_layers: dict[str, Fp8BlockwiseLinear] = {}
     file_config = Fp8Config(fmt.block, activation, fmt.dtype, fmt.scale_format)
     handled_prefixes: list[str] = []
 
     for name, module in model.named_modules():
+        if _experts.is_fused_experts(module):  # MoE experts: per-expert or fused fp8 keys (experts.py)
+            layer, keys = _experts.plan_load(
+                name, module, tensors, file_config,
+                lambda key, t, file: _scale_as_float32(key, t, file, fmt), CheckpointError, CheckpointDtypeError,
+            )  # fmt: skip
+            if layer is not None:
+                if requantize_block is not None:
+                    layer = _experts.requantize_experts(layer, requantize_block)
+                used.update(keys)
+                summary.converted.update(
+                    {f"{name}.{p}": r for p, r in _experts.experts_reports(layer, None).items()}
+                )
+                handled_prefixes.append(name + ".")
+                new_layers[name] = layer
+            continue
         if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
             continue
         w_key, s_key, b_key = f"{name}.weight", f"{name}{SCALE_SUFFIX}", f"{name}.bias"
