@@ -425,3 +425,32 @@ def test_bad_expert_tensor_names_key_and_file_and_leaves_model_unchanged(
         checkpoint.load(block, tmp_path)
     assert key in str(info.value) and words in str(info.value) and "model.safetensors" in str(info.value)
     assert block.experts is before and not isinstance(before, Fp8Experts)
+
+
+# ------------------------------------------------------------------------------ torch_xla (Pallas)
+@pytest.mark.slow
+def test_layer_on_xla_runs_pallas_without_host_sync() -> None:
+    """The forward staged on torch_xla's CPU device (Pallas gmm through call_jax, interpret mode):
+    nothing is read back to the host (routing sort, group sizes and both grouped calls stay in the
+    graph), and the result matches the CPU path within the kernel-error budget."""
+    torch_xla = pytest.importorskip("torch_xla", reason="needs torch_xla (environment 'xla')")
+    pytest.importorskip("jax", reason="needs jax (environment 'xla')")
+    import torch_xla.debug.metrics as met
+
+    from torch_fp8_blockwise import _dispatch
+
+    dev = torch_xla.device()
+    if dev.type != "xla":
+        pytest.skip(f"torch_xla.device() is {dev}, not an XLA device")
+    layer = _random_layer()
+    idx, w = _routing("sentinel", 12)
+    x = torch.randn(12, layer.hidden_dim).to(torch.bfloat16)
+    cpu = layer(x, idx, w)
+    layer.to(dev)
+    assert layer.gate_up_proj.device.type == "xla" and layer.gate_up_proj.dtype == E4M3
+    assert _dispatch.implementation("grouped_matmul", layer.gate_up_proj.device)[0] == "pallas"
+    xs = [t.to(dev) for t in (x, idx, w)]
+    met.clear_all()
+    y = layer(*xs)
+    assert "TransferFromDeviceTime" not in met.metric_names()
+    assert_kernel_close(y.cpu(), cpu, "xla (Pallas) vs cpu")

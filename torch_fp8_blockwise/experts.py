@@ -123,7 +123,9 @@ def combine(y: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -
     in slot order (deterministic; no atomics). Pairs of no local expert have y = 0 and add nothing.
     """
     t, k = top_k_weights.shape
-    w = top_k_weights.reshape(-1).float().index_select(0, order)
+    # torch.gather, not index_select: torch_xla 2.9 aborts on index_select of a reshaped 1-D tensor
+    # ("Check failed: buffer != nullptr").
+    w = torch.gather(top_k_weights.reshape(-1).float(), 0, order)
     # Rows of no group are exactly 0; a non-finite weight there must not turn them into nan.
     w = torch.where(w.isfinite(), w, torch.zeros_like(w))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
