@@ -170,7 +170,7 @@ def _deepseek():
         vocab_size=64, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
         num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=1, n_routed_experts=16,
         num_experts_per_tok=4, n_group=2, topk_group=1, num_attention_heads=4, num_key_value_heads=4,
-        q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32,
+        q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
         max_position_embeddings=64,
     )  # fmt: skip
 
@@ -324,6 +324,27 @@ def test_save_writes_per_expert_keys_and_loads_back_equal(tmp_path, arch) -> Non
         assert torch.equal(fresh(ids).logits, model(ids).logits)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_transformers_reads_our_per_expert_checkpoint(tmp_path, arch) -> None:
+    """transformers' own loader (its per-expert -> fused conversion; on CPU it dequantizes fp8)
+    gets exactly our dequantized experts, and its logits match our W8A16 model's."""
+    cfg = MODELS[arch]()
+    model = _model(cfg)
+    quantize_model_(model, Fp8Config(activation="none"), progress=False)
+    checkpoint.save(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    for layer in (1, 2) if arch == "deepseek_v3" else (0, 1):
+        ours = model.model.layers[layer].mlp.experts.dequantized_weights()
+        theirs = loaded.model.layers[layer].mlp.experts
+        assert torch.equal(ours[0], theirs.gate_up_proj.float()) and torch.equal(
+            ours[1], theirs.down_proj.float()
+        )
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert_kernel_close(model(ids).logits, loaded(ids).logits, f"{arch}: ours vs transformers' load")
+
+
 def _deepseek_moe_block():
     cfg = _deepseek()
     block = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE(cfg).eval()
@@ -454,3 +475,34 @@ def test_layer_on_xla_runs_pallas_without_host_sync() -> None:
     y = layer(*xs)
     assert "TransferFromDeviceTime" not in met.metric_names()
     assert_kernel_close(y.cpu(), cpu, "xla (Pallas) vs cpu")
+
+
+def test_bench_moe_script_runs(capsys) -> None:
+    import importlib.util
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_moe.py"
+    )
+    spec = importlib.util.spec_from_file_location("bench_moe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = [
+        "--experts",
+        "4",
+        "--hidden",
+        "128",
+        "--intermediate",
+        "128",
+        "--top-k",
+        "2",
+        "--tokens",
+        "1",
+        "3",
+    ]
+    assert bench.main([*argv, "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = lines[1].split("  ")
+    assert [c.strip() for c in head if c.strip()][:7] == [
+        "T", "fp8 W8A16", "fp8 W8A8", "bf16 grouped_mm", "bf16 eager", "fp32 grouped_mm", "fp32 eager"
+    ]  # fmt: skip
+    assert [line.split()[0] for line in lines[2:4]] == ["1", "3"] and len(lines[2].split()) == 11
