@@ -166,11 +166,14 @@ def _qwen3(**kw):
 
 
 def _deepseek():
+    # Every Linear's N is one block or a multiple of 128: transformers 5.23 dequantizes an fp8 weight
+    # on the grid rows // scale_rows (192 rows with 2 scale rows -> 96-row blocks, not 128 + 64), so
+    # its CPU load of e.g. a 192-row kv_b_proj disagrees with the DeepSeek layout (and with us).
     return transformers.DeepseekV3Config(
         vocab_size=64, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
         num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=1, n_routed_experts=16,
         num_experts_per_tok=4, n_group=2, topk_group=1, num_attention_heads=4, num_key_value_heads=4,
-        q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
         max_position_embeddings=64,
     )  # fmt: skip
 
@@ -415,6 +418,32 @@ def test_load_hand_written_deepseek_checkpoint_bit_exact(tmp_path, meta) -> None
     again = load_file(os.path.join(out, "model.safetensors"))
     for key, t in written.items():
         assert torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)) if t.dtype == E4M3 else torch.equal(again[key], t)  # fmt: skip
+
+
+def test_load_requantizes_experts_for_tpu_blocks(tmp_path) -> None:
+    cfg = _qwen3(i=256)
+    model = _model(cfg)
+    quantize_model_(model, progress=False)
+    checkpoint.save(model, tmp_path)
+    fresh = _model(cfg, seed=3)
+    summary = checkpoint.load(fresh, tmp_path, requantize_block=256)
+    layer = fresh.model.layers[0].mlp.experts
+    assert layer.config.block_shape == (256, 256) and layer.gate_up_proj_scale_inv.shape == (16, 2, 1)
+    assert summary.converted["model.layers.0.mlp.experts.gate_up_proj"].block_shape == (256, 256)
+    old = model.model.layers[0].mlp.experts.dequantized_weights()
+    assert all(sqnr(a, b) > 28 for a, b in zip(layer.dequantized_weights(), old, strict=True))
+    with pytest.raises(ValueError, match="512 does not divide the experts' intermediate size 256"):
+        checkpoint.load(_model(cfg), tmp_path, requantize_block=512)
+
+
+def test_high_precision_per_expert_checkpoint_is_refused_by_name(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    t = {f"experts.{e}.{p}.weight": torch.zeros(128, 128) for e in range(16) for p in ("gate_proj", "up_proj", "down_proj")}  # fmt: skip
+    save_file(t, os.path.join(tmp_path, "model.safetensors"))
+    _, block = _deepseek_moe_block()
+    with pytest.raises(checkpoint.CheckpointDtypeError, match=r"experts.0.gate_proj.weight in .*model.safetensors: a torch.float32 per-expert weight"):  # fmt: skip
+        checkpoint.load(block, tmp_path)
 
 
 @pytest.mark.parametrize(

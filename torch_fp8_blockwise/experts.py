@@ -29,6 +29,7 @@ Checkpoint key mapping (used by :mod:`.checkpoint`): :func:`per_expert_keys`,
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 
 import torch
@@ -36,7 +37,15 @@ from torch import nn
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.fp8.*)
 from .formats import FP8_DTYPES, HIGH_PRECISION_DTYPES, cdiv
-from .nn import Fp8Config, LayerReport, _check_tensor, _dtype_name, _nbytes, weight_sqnr_db
+from .nn import (
+    Fp8Config,
+    LayerReport,
+    QuantizationSummary,
+    _check_tensor,
+    _dtype_name,
+    _nbytes,
+    weight_sqnr_db,
+)
 
 #: The experts forward's positional parameters (transformers' experts modules, ours).
 FORWARD_PARAMS: tuple[str, ...] = ("hidden_states", "top_k_index", "top_k_weights")
@@ -453,8 +462,8 @@ def quantize_experts_(
     config: Fp8Config,
     filter_fn: Callable[[nn.Module, str], bool] | None,
     min_sqnr_db: float | None,
-    summary,
-    logger,
+    summary: QuantizationSummary,
+    logger: logging.Logger,
 ) -> None:
     """The experts part of :func:`torch_fp8_blockwise.nn.quantize_model_`: every fused experts module
     (:func:`is_fused_experts`) becomes an :class:`Fp8Experts` (summary rows ``<name>.gate_up_proj`` /
@@ -572,7 +581,13 @@ def plan_load(
     bn, bk = config.block_shape
     fused = f"{name}.gate_up_proj"
     first = per_expert_keys(name, 0, "gate_proj")
-    if first[1] in tensors:
+    if first[0] in tensors and first[1] not in tensors and tensors[first[0]][0].dtype not in FP8_DTYPES:
+        t, file = tensors[first[0]]
+        raise dtype_error(
+            f"{first[0]} in {file}: a {t.dtype} per-expert weight without scales; only fp8 per-expert "
+            "experts are read (load a high-precision checkpoint with transformers, then quantize_model_)"
+        )
+    if first[0] in tensors or first[1] in tensors:
         gu, gu_s, dn, dn_s, used = _stack_per_expert(
             name, e, h, i, tensors, config, read_scale, error, dtype_error
         )
