@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import backend_params
 from torch import nn
 
 import torch_fp8_blockwise as tfb
@@ -93,6 +94,19 @@ def test_forward_matches_reference(case, t, dtype, activation) -> None:
         assert y.numel() == 0
     else:
         assert_kernel_close(y, ref, f"{case} T={t} {dtype} {activation}")
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "pallas", op="grouped_matmul"))
+@pytest.mark.parametrize("case", ["sentinel", "empty_experts"])
+def test_forward_on_gpu_and_tpu_kernels(backend, case) -> None:
+    """The layer on the Triton (interpreter) and Pallas (interpret) grouped kernels: the device paths'
+    numerics, with rows past sum(group_sizes) (sentinel ids) and empty experts."""
+    layer = _random_layer()
+    idx, w = _routing(case, 9)
+    x = torch.randn(9, layer.hidden_dim, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with tfb.use_backend(backend):
+        y = layer(x, idx, w)
+    assert_kernel_close(y, _reference(layer, x, idx, w), f"{backend} {case}")
 
 
 @pytest.mark.parametrize("activation, floor", [("dynamic", 22.0), ("none", 25.0)])
