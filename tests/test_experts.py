@@ -450,6 +450,25 @@ def test_load_requantizes_experts_for_tpu_blocks(tmp_path) -> None:
         checkpoint.load(_model(cfg), tmp_path, requantize_block=512)
 
 
+def test_load_fused_fp8_keys_as_transformers_fp8experts_stores_them(tmp_path) -> None:
+    """The fused layout (transformers' FP8Experts / our state_dict) loads as it is, too."""
+    from safetensors.torch import save_file
+
+    layer = _random_layer(e=16, h=128, i=128)
+    _, block = _deepseek_moe_block()
+    state = {k: v for k, v in block.state_dict().items() if not k.startswith("experts.")}
+    state.update({f"experts.{k}": v for k, v in layer.state_dict().items()})
+    save_file(state, os.path.join(tmp_path, "model.safetensors"))
+    checkpoint.load(block, tmp_path)
+    assert isinstance(block.experts, Fp8Experts)
+    for key, t in layer.state_dict().items():
+        assert torch.equal(getattr(block.experts, key).view(torch.uint8), t.view(torch.uint8))
+    del state["experts.down_proj_scale_inv"]
+    save_file(state, os.path.join(tmp_path, "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="experts.down_proj_scale_inv: missing, but experts.gate_up_proj"):  # fmt: skip
+        checkpoint.load(_deepseek_moe_block()[1], tmp_path)
+
+
 def test_high_precision_per_expert_checkpoint_is_refused_by_name(tmp_path) -> None:
     from safetensors.torch import save_file
 
