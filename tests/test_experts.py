@@ -138,8 +138,14 @@ def test_sort_by_expert_has_no_host_reads_and_counts_pairs() -> None:
     order, sizes = sort_by_expert(idx, 2, expert_offset=2)
     assert sizes.tolist() == [1, 2] and idx.reshape(-1)[order][:3].tolist() == [2, 3, 3]
     y = torch.arange(8, dtype=torch.float32)[:, None].expand(8, 2)  # sorted row i holds value i
-    out = combine(y, order, torch.ones(4, 2))
+    out = combine(y, order, torch.ones(4, 2), torch.tensor([8], dtype=torch.int32))
     assert out[:, 0].tolist() == [float(a + b) for a, b in (order.argsort().view(4, 2)).tolist()]
+    # a nan weight: dropped for a pair of no local expert, propagated for a local one
+    weights = torch.ones(4, 2)
+    weights[1, 1] = weights[3, 0] = float("nan")  # ids 8 (not local) and 2 (local expert 2)
+    order, sizes = sort_by_expert(idx, 4)
+    out = combine(torch.ones(8, 1), order, weights, sizes)
+    assert out[1].item() == 1.0 and torch.isnan(out[3]).all() and out[0].item() == 2.0
 
 
 def test_module_plumbing() -> None:

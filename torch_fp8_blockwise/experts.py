@@ -124,19 +124,23 @@ def experts_mlp(
     )
 
 
-def combine(y: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def combine(
+    y: torch.Tensor, order: torch.Tensor, top_k_weights: torch.Tensor, group_sizes: torch.Tensor
+) -> torch.Tensor:
     """Weighted sum of each token's k expert outputs, in float32.
 
-    y: [T*k, H] float32 in sorted-pair order; order: [T*k] from :func:`sort_by_expert`;
+    y: [T*k, H] float32 in sorted-pair order; order, group_sizes: from :func:`sort_by_expert`;
     top_k_weights: [T, k]. Returns [T, H] float32: ``sum_j w[t, j] * y[pair (t, j)]``, summed over j
-    in slot order (deterministic; no atomics). Pairs of no local expert have y = 0 and add nothing.
+    in slot order (deterministic; no atomics). Pairs of no local expert (sorted rows at or past
+    sum(group_sizes)) add exactly nothing, whatever their weight (a nan weight of a pair some other
+    rank computes must not turn this rank's 0 into nan); a valid pair's non-finite weight propagates.
     """
     t, k = top_k_weights.shape
     # torch.gather, not index_select: torch_xla 2.9 aborts on index_select of a reshaped 1-D tensor
     # ("Check failed: buffer != nullptr").
     w = torch.gather(top_k_weights.reshape(-1).float(), 0, order)
-    # Rows of no group are exactly 0; a non-finite weight there must not turn them into nan.
-    w = torch.where(w.isfinite(), w, torch.zeros_like(w))
+    local = torch.arange(order.numel(), device=order.device) < group_sizes.sum()  # on the device
+    w = torch.where(local, w, torch.zeros_like(w))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return (y * w[:, None]).index_select(0, inverse).view(t, k, -1).sum(dim=1)
 
@@ -383,7 +387,7 @@ class Fp8Experts(nn.Module):
             self.config,
             self.act_fn,
         )
-        return combine(y, order, top_k_weights).to(hidden_states.dtype)
+        return combine(y, order, top_k_weights, group_sizes).to(hidden_states.dtype)
 
     def dequantized_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2I, H], [E, H, I]) ``dtype`` copies of the weights (inspection, SQNR; not used in forward)."""
