@@ -361,10 +361,12 @@ def load(
     :class:`Fp8BlockwiseLinear` holding the file's fp8 tensors as they are (no dequantize, no
     re-quantize); each existing Fp8BlockwiseLinear gets the file's tensors (and the file's block
     shape / scale format). Each fused MoE experts module (transformers' float one or an
-    :class:`~torch_fp8_blockwise.experts.Fp8Experts`) becomes an Fp8Experts built from the per-expert
-    keys ``<experts>.<e>.{gate_proj,up_proj,down_proj}.weight`` / ``.weight_scale_inv`` (gate and
-    up stacked and fused as they are, bit-exact) or from fused fp8 keys ``<experts>.gate_up_proj``, ... Everything else is loaded like ``load_state_dict`` (into the model's dtype;
-    assigned when the model's tensors are on the meta device). Layers are created on the device of
+    :class:`~torch_fp8_blockwise.experts.Fp8Experts`) becomes an Fp8Experts built from the
+    per-expert keys ``<experts>.<e>.{gate_proj,up_proj,down_proj}.weight`` / ``.weight_scale_inv``
+    (gate and up stacked and fused as they are, bit-exact) or from fused fp8 keys
+    (``<experts>.gate_up_proj`` + ``_scale_inv``, ...). Everything else is loaded like
+    ``load_state_dict`` (into the model's dtype; assigned when the model's tensors are on the meta
+    device). Layers are created on the device of
     the Linear they replace (CPU for meta).
 
     Args:
@@ -428,17 +430,13 @@ def _plan(
 
     for name, module in model.named_modules():
         if _experts.is_fused_experts(module):  # MoE experts: per-expert or fused fp8 keys (experts.py)
-            layer, keys = _experts.plan_load(
-                name, module, tensors, file_config,
+            layer, keys, reports = _experts.plan_load(
+                name, module, tensors, file_config, requantize_block,
                 lambda key, t, file: _scale_as_float32(key, t, file, fmt), CheckpointError, CheckpointDtypeError,
             )  # fmt: skip
             if layer is not None:
-                if requantize_block is not None:
-                    layer = _experts.requantize_experts(layer, requantize_block)
                 used.update(keys)
-                summary.converted.update(
-                    {f"{name}.{p}": r for p, r in _experts.experts_reports(layer, None).items()}
-                )
+                summary.converted.update(reports)
                 handled_prefixes.append(name + ".")
                 new_layers[name] = layer
             continue

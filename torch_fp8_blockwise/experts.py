@@ -564,22 +564,25 @@ def plan_load(
     module: nn.Module,
     tensors: dict[str, tuple[torch.Tensor, str]],
     config: Fp8Config,
+    requantize_block: int | None,
     read_scale: Callable[[str, torch.Tensor, str], torch.Tensor],
     error: type[Exception],
     dtype_error: type[Exception],
-) -> tuple[Fp8Experts | None, set[str]]:
+) -> tuple[Fp8Experts | None, set[str], dict[str, LayerReport]]:
     """Build the :class:`Fp8Experts` that ``module`` (a fused experts module, float or ours, possibly
     on the meta device) becomes from a checkpoint's fp8 tensors, checking every tensor first.
 
     Reads either the per-expert keys (:func:`per_expert_keys`: gate / up stacked and fused without
     dequantizing) or our fused keys (``<name>.gate_up_proj`` fp8 + ``_scale_inv``, ...).
     ``tensors``: key -> (tensor, file); ``config``: the file's format with the load's activation;
+    ``requantize_block``: re-quantize to (b, b) blocks (:func:`requantize_experts`) or None;
     ``read_scale(key, t, file)`` -> float32 scale (the checkpoint's scale rule); ``error`` /
     ``dtype_error``: the exception classes raised, naming the key and the file.
 
-    Returns (layer on the module's device, CPU for meta; the keys used), or (None, empty) when the
-    checkpoint holds no fp8 experts tensors for ``name`` and the module is not an Fp8Experts (a float
-    experts module loaded like any other tensor).
+    Returns (layer on the module's device, CPU for meta; the keys used; the summary rows
+    ``<name>.gate_up_proj`` / ``<name>.down_proj``), or (None, empty, empty) when the checkpoint holds
+    no fp8 experts tensors for ``name`` and the module is not an Fp8Experts (a float experts module
+    loaded like any other tensor).
     """
     e, h, i = _dims(module)
     bn, bk = config.block_shape
@@ -613,7 +616,7 @@ def plan_load(
     elif isinstance(module, Fp8Experts):
         raise error(f"{first[0]}: missing from the checkpoint (nor {fused}), and {name} is an Fp8Experts")
     else:
-        return None, set()
+        return None, set(), {}
     if i % bn:
         raise error(
             f"{first[1]}: intermediate size {i} is not a multiple of the checkpoint's bn={bn}; gate and up "
@@ -630,7 +633,10 @@ def plan_load(
         gu.contiguous().to(device), gu_s.contiguous().to(device), dn.contiguous().to(device),
         dn_s.contiguous().to(device), config, module.act_fn,
     )  # fmt: skip
-    return layer, used
+    if requantize_block is not None:
+        layer = requantize_experts(layer, requantize_block)
+    reports = {f"{name}.{proj}": r for proj, r in experts_reports(layer, None).items()}
+    return layer, used, reports
 
 
 def _dims(module: nn.Module) -> tuple[int, int, int]:
