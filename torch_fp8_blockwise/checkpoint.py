@@ -30,6 +30,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from . import experts as _experts
 from .formats import (
     E8M0_NAN,
     FP8_DTYPES,
@@ -107,7 +108,8 @@ def save(
 
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
         raise ValueError(f"max_shard_bytes: expected a positive int or None, got {max_shard_bytes!r}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, Fp8BlockwiseLinear)}
+    fp8_types = (Fp8BlockwiseLinear, _experts.Fp8Experts)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, fp8_types)}
     quant = _quantization_config(model, layers)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -124,6 +126,12 @@ def save(
             continue
         seen.add(view)
         tensors[key] = t.detach().to("cpu").contiguous()
+    # Fp8Experts: per-expert keys (DeepSeek / Qwen3 / vLLM / SGLang read those), not the fused ones.
+    for name, m in layers.items():
+        if isinstance(m, _experts.Fp8Experts):
+            for k in _experts.FUSED_KEYS:
+                tensors.pop(f"{name}.{k}", None)
+            tensors.update(_experts.split_per_expert(name, m))
 
     os.makedirs(path, exist_ok=True)
     shards = _shard(tensors, max_shard_bytes)
@@ -165,7 +173,7 @@ def _remove_stale(path: str | os.PathLike, keep: list[str]) -> None:
             os.remove(os.path.join(path, name))
 
 
-def _quantization_config(model: nn.Module, layers: dict[str, Fp8BlockwiseLinear]) -> dict | None:
+def _quantization_config(model: nn.Module, layers: dict[str, nn.Module]) -> dict | None:
     if not layers:
         return None
     configs = {(m.config.block_shape, m.config.dtype, m.config.scale_format) for m in layers.values()}
@@ -569,7 +577,7 @@ def _check_fp8_codes(key: str, t: torch.Tensor, file: str) -> None:
 class _Plan:
     """Everything load() will do to the model, built and checked before any change."""
 
-    new_layers: dict[str, Fp8BlockwiseLinear]
+    new_layers: dict[str, nn.Module]  # Fp8BlockwiseLinear / Fp8Experts
     fill_layers: dict[str, Fp8BlockwiseLinear]  # existing layer name -> layer holding the new tensors
     rest: dict[str, torch.Tensor]
     summary: QuantizationSummary
@@ -590,10 +598,15 @@ def load(
     :class:`Fp8BlockwiseLinear` holding the file's fp8 tensors as they are (no dequantize, no
     re-quantize); each existing Fp8BlockwiseLinear gets the file's tensors (and the file's block
     shape / scale format). Which modules may take an fp8 weight is
-    :func:`~torch_fp8_blockwise.nn.fp8_ineligible_reason`, the rule quantize_model_ uses. Everything
-    else is loaded like ``load_state_dict``: floating-point tensors into the model's dtype (also on
-    the meta device, where they are assigned), every other tensor (int, bool) only in its own
-    dtype. Layers are created on the device of the Linear they replace (CPU for meta).
+    :func:`~torch_fp8_blockwise.nn.fp8_ineligible_reason`, the rule quantize_model_ uses. Each fused
+    MoE experts module (transformers' float one or an :class:`~torch_fp8_blockwise.experts.Fp8Experts`)
+    becomes an Fp8Experts built from the per-expert keys
+    ``<experts>.<e>.{gate_proj,up_proj,down_proj}.weight`` / ``.weight_scale_inv`` (gate and up stacked
+    and fused as they are, bit-exact) or from fused fp8 keys (``<experts>.gate_up_proj`` +
+    ``_scale_inv``, ...). Everything else is loaded like ``load_state_dict``: floating-point tensors
+    into the model's dtype (also on the meta device, where they are assigned), every other tensor
+    (int, bool) only in its own dtype. Layers are created on the device of the Linear they replace
+    (CPU for meta).
 
     Files: every shard the index names, config.json and the index itself must be regular files
     inside the checkpoint directory once symlinks are resolved (or in the Hugging Face cache's
@@ -657,12 +670,27 @@ def _plan(
 ) -> _Plan:
     summary = QuantizationSummary()
     used: set[str] = set()
-    new_layers: dict[str, Fp8BlockwiseLinear] = {}
+    new_layers: dict[str, nn.Module] = {}
     fill_layers: dict[str, Fp8BlockwiseLinear] = {}
     file_config = Fp8Config(fmt.block, activation, fmt.dtype, fmt.scale_format)
     parents = module_parents(model)
+    handled_prefixes: list[str] = []  # experts modules: their keys are planned by experts.py
 
     for name, module in model.named_modules():
+        if _experts.is_fused_experts(module):  # MoE experts: per-expert or fused fp8 keys (experts.py)
+            for key, (t, file) in tensors.items():  # the same value checks as a Linear's weight
+                if key.startswith(name + ".") and t.dtype in FP8_DTYPES:
+                    _check_fp8_codes(key, t, file)
+            layer, keys, reports = _experts.plan_load(
+                name, module, tensors, file_config, requantize_block,
+                lambda key, t, file: _scale_as_float32(key, t, file, fmt), CheckpointError, CheckpointDtypeError,
+            )  # fmt: skip
+            if layer is not None:
+                used.update(keys)
+                summary.converted.update(reports)
+                handled_prefixes.append(name + ".")
+                new_layers[name] = layer
+            continue
         if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
             continue
         if not _has_fp8_weight(name, module, tensors, parents.get(id(module), [])):
@@ -678,7 +706,8 @@ def _plan(
         used.update(keys)
         (fill_layers if isinstance(module, Fp8BlockwiseLinear) else new_layers)[name] = layer
 
-    rest, any_meta = _plan_rest(model, tensors, [n + "." for n in summary.converted], used, strict)
+    prefixes = [n + "." for n in summary.converted] + handled_prefixes
+    rest, any_meta = _plan_rest(model, tensors, prefixes, used, strict)
     unexpected = sorted(set(tensors) - used)
     if strict and unexpected:
         key = unexpected[0]

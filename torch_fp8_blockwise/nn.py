@@ -353,6 +353,9 @@ class LayerReport:
     sqnr_128_db: float | None = None
     #: checkpoint.load with requantize_block: SQNR of the re-quantized weight vs the file's 128x128 one.
     sqnr_vs_128_db: float | None = None
+    #: Fused MoE experts (``Fp8Experts``): the number of experts E; the row is one projection of all
+    #: of them, shape [E, N, K].
+    experts: int | None = None
 
 
 @dataclass
@@ -386,7 +389,7 @@ class QuantizationSummary:
         for name, r in self.converted.items():
             row = [
                 name,
-                f"{r.out_features}x{r.in_features}",
+                ("" if r.experts is None else f"{r.experts}x") + f"{r.out_features}x{r.in_features}",
                 f"{r.block_shape[0]}x{r.block_shape[1]}",
                 f"{r.bytes_before:,}",
                 f"{r.bytes_after:,}",
@@ -502,7 +505,10 @@ def quantize_model_(
     requantize_block: int | None = None,
     progress: bool = True,
 ) -> QuantizationSummary:
-    """Replace eligible ``nn.Linear`` layers of ``model`` in place by :class:`Fp8BlockwiseLinear`.
+    """Replace eligible ``nn.Linear`` layers of ``model`` in place by :class:`Fp8BlockwiseLinear`,
+    and fused MoE experts modules (transformers' ``Qwen3MoeExperts``, ``DeepseekV3Experts``, ...,
+    found by structure) by :class:`~torch_fp8_blockwise.experts.Fp8Experts` (summary rows
+    ``<name>.gate_up_proj`` / ``<name>.down_proj``; skip reasons in ``experts.experts_skip_reason``).
 
     Like torchao's ``quantize_``: ``filter_fn(module, fqn) -> bool`` picks layers (default: every
     nn.Linear). Not converted, with the reason logged on logger "torch_fp8_blockwise" and kept in
@@ -545,6 +551,10 @@ def quantize_model_(
             raise ValueError("min_sqnr_db: expected a number (dB) or None, got nan (no layer would pass)")
 
     summary = QuantizationSummary()
+    # Fused MoE experts modules (3-D gate_up_proj / down_proj): experts.py, which builds on this file.
+    from .experts import quantize_experts_
+
+    quantize_experts_(model, config, filter_fn, min_sqnr_db, summary, logger)
     owners = _tensor_owners(model)
     # A module registered under several names is converted once and re-attached under each name.
     edges: dict[int, list[tuple[nn.Module, str, str]]] = {}
@@ -598,3 +608,12 @@ def quantize_model_(
             for parent, attr, _ in places:
                 setattr(parent, attr, new)
     return summary
+
+
+def __getattr__(name: str) -> object:
+    # nn.Fp8Experts: experts.py imports this module, so it is re-exported lazily (no import circle).
+    if name == "Fp8Experts":
+        from .experts import Fp8Experts
+
+        return Fp8Experts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
