@@ -265,3 +265,24 @@ def test_w8a8_overflow_edge_follows_the_reference_order(backend, swap_ab, edge):
         assert torch.equal(fn(y), fn(ref)), (fn.__name__, int(fn(y).sum()), int(fn(ref).sum()))
     fin = torch.isfinite(ref)
     assert_kernel_close(y[fin], ref[fin])
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_strided_and_broadcast_bias(backend, m):
+    """The kernels read bias[n] at bias_ptr + n: a stride-2 view gave 8 % error and an expand()ed
+    bias read past its storage (errors ~1e35 relative) on every Triton path until the op made
+    the bias contiguous."""
+    import torch_fp8_blockwise as tfb
+
+    n, k = 256, 256
+    wq, ws = _weight(n, k, (128, 128))
+    mq, ms = reference.mxfp8_quantize(torch.randn(n, k), E4M3)
+    x = torch.randn(m, k)
+    for bias in (torch.randn(n, 2)[:, 0], torch.tensor([0.5]).expand(n)):
+        with tfb.use_backend("triton"):
+            for act in ("dynamic", "none"):
+                y = tfb.blockwise_matmul(x, wq, ws, bias=bias, out_dtype=torch.float32, activation=act)
+                ref = reference.blockwise_matmul(x, wq, ws, (128, 128), None, bias, torch.float32, act)
+                assert_kernel_close(y, ref, act)
+            y = tfb.mxfp8_matmul(x, mq, ms, bias=bias, out_dtype=torch.float32)
+            assert_kernel_close(y, reference.mxfp8_matmul(x, mq, ms, None, bias, torch.float32), "mxfp8")

@@ -244,6 +244,8 @@ def _run_matmul(
             x_scale = x_scale.reshape(p.m, -1)
     if x_scale is not None:
         x_scale = x_scale.contiguous()
+    if bias is not None:  # every kernel reads bias[n] at bias_ptr + n (a stride-2 view or an
+        bias = bias.contiguous()  # expand()ed one gave wrong numbers or read past its storage)
     if activation is None:
         y = fn(x, w, w_scale.contiguous(), x_scale, bias, p.out_dtype)
     else:
