@@ -287,7 +287,8 @@ def test_mxfp8_matmul(path, m, fp8_x):
 @pytest.mark.parametrize("mode", ["dynamic", "none"])
 def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
     """One fused GEMM call at small M; one dequantize call per 512-row panel at large M, plus one
-    for the activation. 32 K blocks cost the same number of calls as 1."""
+    for the activation and one for the overflow-edge check. 32 K blocks cost the same number of
+    calls as 1."""
     spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1100, k), (128, 128), E4M3, "fp32")
@@ -299,7 +300,8 @@ def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
         large = spy.names
     assert small == ["fp8_gemm"]  # activation, product, bias and cast in one call
     act = ["fp8_prepare_x"] if mode == "dynamic" else []  # fp32 x is used as it is
-    assert large == [*act, "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]  # cdiv(1100, 512)
+    # cdiv(1100, 512) panels
+    assert large == [*act, "fp8_overflow_edge", "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]
 
 
 def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):
@@ -395,7 +397,8 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert all("compiled (" in out for out in outs), outs
-    assert [f.suffix for f in tmp_path.iterdir()] == [".so"]  # no temporary file left behind
+    # the library and its verification record; no temporary file left behind
+    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".sha256", ".so"]
 
 
 @pytest.mark.parametrize("mode", MODES)

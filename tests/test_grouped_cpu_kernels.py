@@ -125,8 +125,8 @@ def _call_gmm(sizes, n, k, mode, x_dtype=torch.bfloat16):
     [("dynamic", torch.bfloat16, 1), ("fp8", torch.float32, 1), ("none", torch.float32, 0)],
 )
 def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
-    """One activation call for all rows (none for fp32 W8A16 x), then ONE grouped fused GEMM call
-    for all non-empty groups, whatever the number of groups and K blocks: no weight is ever
+    """One activation call for all rows (none for fp32 W8A16 x), one overflow-edge check of all
+    of it, then ONE grouped fused GEMM call for all non-empty groups, whatever the number of groups and K blocks: no weight is ever
     dequantized at decode sizes, and there is one parallel region per call, not one per group."""
     spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
@@ -140,17 +140,18 @@ def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
         spy.calls.clear()
         _call_gmm(DECODE, 136, k, mode, x_dtype)
         assert sum(1 for s in DECODE if s) > 1
-        assert spy.names == ["fp8_prepare_x"] * act + ["fp8_gemm_grouped"], k
+        assert spy.names == ["fp8_prepare_x"] * act + ["fp8_overflow_edge", "fp8_gemm_grouped"], k
 
 
 def test_gmm_c_calls_with_a_large_group(monkeypatch):
     """A 300-row group takes the dense large-M path: cdiv(N, 512) dequantized weight panels (the
-    prepared activation is reused, not prepared again); the decode groups stay fused, in one call."""
+    prepared activation is reused, not prepared again, nor checked for the overflow edge again); the
+    decode groups stay fused, in one call."""
     spy = CallSpy(compiled_or_fail())
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "BF16_PANELS", False)  # bf16 panels would convert the fp32 activation
     _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
-    assert spy.names == ["fp8_prepare_x", *["fp8_dequantize"] * 3, "fp8_gemm_grouped"]
+    assert spy.names == ["fp8_prepare_x", "fp8_overflow_edge", *["fp8_dequantize"] * 3, "fp8_gemm_grouped"]
 
 
 def test_gmm_torch_path_dequantizes_each_used_weight_once(monkeypatch):

@@ -235,3 +235,54 @@ def test_panel_rows(backend):
     assert pr(4608, 7168, 128, 2) == 2304  # 66 MB: two 32 MiB panels of 18 scale blocks
     assert pr(7168, 18432, 128, 2) == 896 and pr(7168, 18432, 256, 2) == 768
     assert pr(1000, 10**7, 128, 2) == 128  # never less than one scale block
+
+
+@pytest.mark.parametrize("swap_ab", [True, False], ids=["swap", "plain"])
+@pytest.mark.parametrize("edge", ["x 1e38", "x_scale 3e38", "w_scale inf"])
+def test_w8a8_overflow_edge_follows_the_reference_order(backend, swap_ab, edge):
+    """At fp32's edge the order of scaling decides between finite and inf: both tile orientations
+    scale a K block's partial sum by x_scale first, then by w_scale, as the reference does (the
+    swapped tile multiplied w_scale first: at M = 1 an element of 1e38 gave finite outputs where
+    the reference gives inf)."""
+    n, k = 256, 384
+    wq, ws = _weight(n, k, (128, 128))
+    x = torch.randn(16, k)
+    xs = None
+    if edge == "x 1e38":
+        x[:, 5] = 1e38
+        x, xs = reference.quantize_activation(x, 128)
+    else:
+        x, xs = reference.quantize_activation(x, 128)
+        if edge == "x_scale 3e38":
+            xs[:, 1] = 3e38
+        else:
+            ws = ws.clone()
+            ws[0, 2] = float("inf")
+    cfg = _cfg(block_m=16, block_n=64, block_k=128, swap_ab=swap_ab)
+    y = _triton().blockwise_matmul(x, wq, ws, (128, 128), xs, None, torch.float32, "dynamic", config=cfg)
+    ref = reference.blockwise_matmul(x, wq, ws, (128, 128), xs, None, torch.float32, "dynamic")
+    for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(fn(y), fn(ref)), (fn.__name__, int(fn(y).sum()), int(fn(ref).sum()))
+    fin = torch.isfinite(ref)
+    assert_kernel_close(y[fin], ref[fin])
+
+
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_strided_and_broadcast_bias(backend, m):
+    """The kernels read bias[n] at bias_ptr + n: a stride-2 view gave 8 % error and an expand()ed
+    bias read past its storage (errors ~1e35 relative) on every Triton path until the op made
+    the bias contiguous."""
+    import torch_fp8_blockwise as tfb
+
+    n, k = 256, 256
+    wq, ws = _weight(n, k, (128, 128))
+    mq, ms = reference.mxfp8_quantize(torch.randn(n, k), E4M3)
+    x = torch.randn(m, k)
+    for bias in (torch.randn(n, 2)[:, 0], torch.tensor([0.5]).expand(n)):
+        with tfb.use_backend("triton"):
+            for act in ("dynamic", "none"):
+                y = tfb.blockwise_matmul(x, wq, ws, bias=bias, out_dtype=torch.float32, activation=act)
+                ref = reference.blockwise_matmul(x, wq, ws, (128, 128), None, bias, torch.float32, act)
+                assert_kernel_close(y, ref, act)
+            y = tfb.mxfp8_matmul(x, mq, ms, bias=bias, out_dtype=torch.float32)
+            assert_kernel_close(y, reference.mxfp8_matmul(x, mq, ms, None, bias, torch.float32), "mxfp8")

@@ -7,6 +7,8 @@ Runs before dispatch, so all backends reject the same inputs with the same words
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +38,8 @@ def tensor(t: object, name: str, *, optional: bool = False) -> None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name}: expected a dense (torch.strided) tensor, got layout {t.layout}")
 
 
 #: Tensor arguments that may be None.
@@ -56,6 +60,43 @@ def dtype_in(t: torch.Tensor, name: str, allowed: Sequence[torch.dtype]) -> None
 def dtype_arg(dtype: object, name: str, allowed: Sequence[torch.dtype]) -> None:
     if dtype not in allowed:
         raise TypeError(f"{name}: expected one of ({_names(allowed)}), got {dtype}")
+
+
+def dtype_kind(value: object, name: str, *, optional: bool = False) -> None:
+    """A dtype argument as the caller passed it (the Python wrappers): a ``torch.dtype`` (or None
+    where optional). torch's op schema would read an int as a ScalarType code (5 -> float16) and
+    reject a string with a RuntimeError; both are refused here, before the op."""
+    if (value is None and optional) or isinstance(value, torch.dtype):
+        return
+    raise TypeError(f"{name}: expected a torch.dtype{' or None' if optional else ''}, got {value!r}")
+
+
+def str_kind(value: object, name: str, allowed: Sequence[str]) -> None:
+    """A string argument as the caller passed it (the Python wrappers)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a str, one of {tuple(allowed)}, got {value!r}")
+
+
+#: The range of a schema ``int``: a larger Python int fails in torch's argument parser.
+_INT64 = 1 << 63
+
+
+def block_ints(value: object, name: str) -> list[int]:
+    """``value`` as the list of two ints an ``int[]`` argument takes, for the Python wrappers.
+
+    A pair (list / tuple) of integers: Python ints or numpy integers (any ``numbers.Integral``
+    converted exactly with ``operator.index``), accepted because torch's schema parser accepts
+    them in ``torch.ops.fp8.*`` too (one rule for the wrappers and the ops). A bool is refused (the
+    schema would read True as 1: block_shape=[True, 128] must not mean [1, 128]), as are floats,
+    tensors and ints outside int64 (the schema parser's range)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{name}: expected a pair [rows, cols], got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value):
+        raise TypeError(f"{name}: expected two ints, got {value!r}")
+    ints = [operator.index(v) for v in value]
+    if any(not -_INT64 <= v < _INT64 for v in ints):
+        raise ValueError(f"{name}: expected two ints within int64, got {value!r}")
+    return ints
 
 
 def min_ndim(t: torch.Tensor, name: str, ndim: int, what: str) -> None:
@@ -83,7 +124,7 @@ def block_shape(value: object, name: str, rows: Sequence[int], cols: Sequence[in
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ValueError(f"{name}: expected a pair [rows, cols], got {value!r}")
     br, bc = value
-    if not isinstance(br, int) or not isinstance(bc, int):
+    if isinstance(br, bool) or isinstance(bc, bool) or not isinstance(br, int) or not isinstance(bc, int):
         raise TypeError(f"{name}: expected two ints, got {value!r}")
     if br not in rows or bc not in cols:
         raise ValueError(
@@ -410,8 +451,9 @@ def grouped_matmul_transposed_args(
     out_dtype: torch.dtype | None,
 ) -> GroupedProblem:
     tensors(x=x, dy=dy, group_sizes=group_sizes)
-    if not isinstance(block_m, int) or isinstance(block_m, bool):
+    if not isinstance(block_m, numbers.Integral) or isinstance(block_m, bool):
         raise TypeError(f"block_m: expected an int, got {block_m!r}")
+    block_m = operator.index(block_m)
     if block_m not in GROUPED_BLOCK_M:
         raise ValueError(f"block_m: expected one of {GROUPED_BLOCK_M}, got {block_m}")
     for name, t, cols in (("x", x, "K"), ("dy", dy, "N")):

@@ -10,6 +10,8 @@ can never be silently zero or wrong.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -99,13 +101,48 @@ def _autograd_kernel(name: str, impl):
     return kernel
 
 
+#: Dispatch keys of tensors that are not dense (sparse COO / CSR, mkldnn) on the devices we serve:
+#: an op call with such an argument lands in ``_not_dense``'s kernel, never in ``impl`` (which
+#: would fail with torch's "Cannot access data pointer" or "unsupported memory format", naming
+#: no argument). A registration per key costs the dense path nothing.
+_NOT_DENSE_KEYS = tuple(
+    k
+    for k in (
+        "SparseCPU",
+        "SparseCUDA",
+        "SparseMeta",
+        "SparseCsrCPU",
+        "SparseCsrCUDA",
+        "SparseCsrMeta",
+        "MkldnnCPU",
+    )
+    if hasattr(torch._C.DispatchKey, k)
+)
+
+
+def _not_dense(name: str):
+    """The kernel of ``fp8::<name>`` at the non-dense keys: a TypeError naming the argument."""
+    arg_names = [a.name for a in getattr(torch.ops.fp8, name).default._schema.arguments]
+
+    def kernel(*args):
+        for arg_name, value in zip(arg_names, args, strict=False):
+            if isinstance(value, torch.Tensor):
+                _validate.tensor(value, arg_name)  # raises for the first non-dense one
+        raise TypeError(f"fp8::{name}: expected dense (torch.strided) tensors")  # (a non-dense kwarg)
+
+    return kernel
+
+
 def _register(name: str, impl, fake) -> None:
     """Define ``fp8::<name>`` with ``SCHEMAS[name]``: ``impl`` for every backend key, ``fake`` for
-    tracing (FakeTensor / torch.compile), and an inference-only autograd kernel."""
+    tracing (FakeTensor / torch.compile), an inference-only autograd kernel, and a kernel that
+    refuses sparse / mkldnn arguments by name."""
     _LIB.define(name + SCHEMAS[name])
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fp8::{name}", fake, lib=_LIB)
     _LIB.impl(name, _autograd_kernel(name, impl), "Autograd", with_keyset=True)
+    for key in _NOT_DENSE_KEYS:
+        _LIB.impl(name, _not_dense(name), key)
 
 
 #: Module-level alias: the empty-result path of the matmul ops skips the ``torch`` attribute lookup.
@@ -207,6 +244,8 @@ def _run_matmul(
             x_scale = x_scale.reshape(p.m, -1)
     if x_scale is not None:
         x_scale = x_scale.contiguous()
+    if bias is not None:  # every kernel reads bias[n] at bias_ptr + n (a stride-2 view or an
+        bias = bias.contiguous()  # expand()ed one gave wrong numbers or read past its storage)
     if activation is None:
         y = fn(x, w, w_scale.contiguous(), x_scale, bias, p.out_dtype)
     else:
@@ -274,28 +313,48 @@ _dequantize_op = torch.ops.fp8.dequantize.default
 
 
 # ----------------------------------------------------------------------------- Python wrappers
+#: Block sizes any op accepts (``_validate`` checks each op's own set); the wrappers' fast check
+#: lets only these through untouched, so that an int the schema cannot hold (1 << 63) or a bool
+#: (True == 1) reaches ``_precheck`` and its named error.
+_BLOCK_SIZES = frozenset({1, 128, 256, 512})
+_DTYPE = torch.dtype
+
+
 def _is_int_pair(block_shape: object) -> bool:
-    """The common block_shape, checked cheaply: a list or tuple of two ints (the schema's int[]
-    takes either as it is)."""
+    """The common block_shape, checked cheaply: a list or tuple of two ints from _BLOCK_SIZES (the
+    schema's int[] takes either as it is)."""
     return (
         type(block_shape) in (list, tuple)
         and len(block_shape) == 2
         and type(block_shape[0]) is int
         and type(block_shape[1]) is int
+        and block_shape[0] in _BLOCK_SIZES
+        and block_shape[1] in _BLOCK_SIZES
     )
 
 
-def _precheck(block_shape: object = None, **tensors: object) -> list[int] | None:
-    """Argument kinds the op schema would otherwise reject with a RuntimeError that does not say
-    which argument was wrong in our terms; the full checks run inside the op."""
+_NO_BLOCK = object()
+
+
+def _precheck(
+    block_shape: object = _NO_BLOCK,
+    *,
+    dtypes: dict[str, tuple[object, bool]] | None = None,
+    strings: dict[str, tuple[object, tuple[str, ...]]] | None = None,
+    **tensors: object,
+) -> list[int] | None:
+    """The wrappers' checks of argument KINDS, which torch's op schema would otherwise reject with
+    a RuntimeError, or accept with a silent conversion (an int as a dtype code, True as 1); the
+    full checks of values run inside the op. dtypes: name -> (value, may be None); strings:
+    name -> (value, allowed values). Returns block_shape as the list of ints the op takes."""
     _validate.tensors(**tensors)
-    if block_shape is None:
+    for name, (value, optional) in (dtypes or {}).items():
+        _validate.dtype_kind(value, name, optional=optional)
+    for name, (value, allowed) in (strings or {}).items():
+        _validate.str_kind(value, name, allowed)
+    if block_shape is _NO_BLOCK:
         return None
-    if not isinstance(block_shape, (list, tuple)) or len(block_shape) != 2:
-        raise ValueError(f"block_shape: expected a pair [rows, cols], got {block_shape!r}")
-    if not all(isinstance(b, int) for b in block_shape):
-        raise TypeError(f"block_shape: expected two ints, got {block_shape!r}")
-    return list(block_shape)
+    return _validate.block_ints(block_shape, "block_shape")
 
 
 def quantize(
@@ -323,8 +382,14 @@ def quantize(
     element; neither changes the block's scale, which comes from the finite values. An all-zero
     block gives q = 0 and scale = 1e-10 / fp8_max. Finite input never produces nan.
     """
-    if not (isinstance(x, torch.Tensor) and _is_int_pair(block_shape)):
-        block_shape = _precheck(block_shape, x=x)  # raises with the argument's name
+    if not (
+        isinstance(x, torch.Tensor) and _is_int_pair(block_shape) and type(dtype) is _DTYPE
+        and type(scale_format) is str
+    ):  # fmt: skip
+        block_shape = _precheck(  # raises with the argument's name
+            block_shape, x=x, dtypes={"dtype": (dtype, False)},
+            strings={"scale_format": (scale_format, _validate.SCALE_FORMATS)},
+        )  # fmt: skip
     return _quantize_op(x, block_shape, dtype, scale_format)
 
 
@@ -344,8 +409,12 @@ def dequantize(
 
     Returns: [..., R, C] ``out_dtype``.
     """
-    if not (isinstance(q, torch.Tensor) and isinstance(scale, torch.Tensor) and _is_int_pair(block_shape)):
-        block_shape = _precheck(block_shape, q=q, scale=scale)  # raises with the argument's name
+    if not (
+        isinstance(q, torch.Tensor) and isinstance(scale, torch.Tensor) and _is_int_pair(block_shape)
+        and type(out_dtype) is _DTYPE
+    ):  # fmt: skip
+        # raises with the argument's name
+        block_shape = _precheck(block_shape, q=q, scale=scale, dtypes={"out_dtype": (out_dtype, False)})
     return _dequantize_op(q, scale, block_shape, out_dtype)
 
 
@@ -380,11 +449,15 @@ def blockwise_matmul(
     if (  # the common call, checked in one expression; anything else gets _precheck's message
         isinstance(x, T) and isinstance(w, T) and isinstance(w_scale, T)
         and (x_scale is None or isinstance(x_scale, T)) and (bias is None or isinstance(bias, T))
-        and _is_int_pair(block_shape)
+        and _is_int_pair(block_shape) and (out_dtype is None or type(out_dtype) is _DTYPE)
+        and type(activation) is str
     ):  # fmt: skip
         block = block_shape  # the schema's int[] takes a list or a tuple as it is
     else:
-        block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
+        block = _precheck(
+            block_shape, x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias,
+            dtypes={"out_dtype": (out_dtype, True)}, strings={"activation": (activation, _validate.ACTIVATIONS)},
+        )  # fmt: skip
     return _blockwise_matmul_op(x, w, w_scale, block, x_scale, bias, out_dtype, activation)
 
 
@@ -405,7 +478,7 @@ def mxfp8_quantize(
             uint8 because torch_xla cannot move float8_e8m0fnu; ``scale_u8.view(torch.float8_e8m0fnu)``
             gives the torch dtype where it exists.
     """
-    _precheck(x=x)
+    _precheck(x=x, dtypes={"dtype": (dtype, False)})
     return torch.ops.fp8.mxfp8_quantize(x, dtype)
 
 
@@ -430,7 +503,7 @@ def mxfp8_matmul(
 
     Returns: [..., N] ``out_dtype``; semantics: W8A8 blockwise with (bn, bk) = (1, 32).
     """
-    _precheck(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias)
+    _precheck(x=x, w=w, w_scale=w_scale, x_scale=x_scale, bias=bias, dtypes={"out_dtype": (out_dtype, True)})
     return torch.ops.fp8.mxfp8_matmul(x, w, w_scale, x_scale, bias, out_dtype)
 
 
@@ -534,7 +607,10 @@ def grouped_matmul(
     Returns: [M, N] ``out_dtype``; row i of group g equals ``blockwise_matmul(x[i], w[g], w_scale[g])``.
     Semantics: :mod:`torch_fp8_blockwise.reference`; design notes: docs/grouped.md.
     """
-    block = _precheck(block_shape, x=x, w=w, w_scale=w_scale, group_sizes=group_sizes, x_scale=x_scale)
+    block = _precheck(
+        block_shape, x=x, w=w, w_scale=w_scale, group_sizes=group_sizes, x_scale=x_scale,
+        dtypes={"out_dtype": (out_dtype, True)}, strings={"activation": (activation, _validate.ACTIVATIONS)},
+    )  # fmt: skip
     return torch.ops.fp8.grouped_matmul.default(
         x, w, w_scale, group_sizes, block, x_scale, out_dtype, activation
     )
@@ -564,7 +640,8 @@ def grouped_matmul_transposed(
     Returns: [G, K, N] ``out_dtype``, fp32-accumulated; an empty group gives zeros.
     Semantics: :mod:`torch_fp8_blockwise.reference`.
     """
-    _precheck(x=x, dy=dy, group_sizes=group_sizes)
-    if not isinstance(block_m, int) or isinstance(block_m, bool):
+    _precheck(x=x, dy=dy, group_sizes=group_sizes, dtypes={"out_dtype": (out_dtype, True)})
+    if not isinstance(block_m, numbers.Integral) or isinstance(block_m, bool):
         raise TypeError(f"block_m: expected an int, got {block_m!r}")
+    block_m = operator.index(block_m)  # as the op's schema parser reads it
     return torch.ops.fp8.grouped_matmul_transposed.default(x, dy, group_sizes, block_m, out_dtype)

@@ -20,6 +20,14 @@ a product term depends on (m, kb) for x and on (n // bn, kb) for w, both constan
 block, so ``sum_kb (sum_k xq*wq) * xs * ws == sum_k (xq*xs)[m, k] * (wq*ws)[n, k]``; each
 dequantized operand is exact up to one fp32 rounding, so the two differ only by fp32 rounding order.
 
+Boundary: every tensor whose pointer goes to C passes :func:`_c` (contiguous, else a copy); a
+C error code becomes MemoryError / RuntimeError (:func:`_raise_c_error`), never abort().
+
+The fp32 overflow edge: the kernels scale the operands before the product, the reference scales
+each K block's partial sum; near fp32's limit the order decides between finite, inf and nan.
+``fp8_overflow_edge`` (C; :func:`at_overflow_edge`, :func:`_at_edge_torch`) flags such inputs, and
+they get :mod:`reference`'s result on every path, so no result depends on M (docs/cpu.md).
+
 Fallback: when the kernels cannot be built or are disabled (``FP8_CPU_KERNELS=0``; the reason is
 in :func:`kernel_status`), the same ops run as vectorized torch code (one fp32 GEMM per matmul,
 no Python loop over blocks), about 50x slower at M = 1 because torch widens fp8 with a scalar
@@ -35,6 +43,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .. import reference
 from ..formats import MX_BLOCK, cdiv, compute_scale, e8m0_to_float, float_to_e8m0, fp8_max
 from . import cpu_kernels
 
@@ -84,6 +93,36 @@ def kernel_status() -> str:
 def _lib():
     lib = cpu_kernels._lib
     return cpu_kernels.library() if lib is cpu_kernels._UNSET else lib
+
+
+# ---------------------------------------------------------------------- the boundary to C
+def _c(t: torch.Tensor) -> torch.Tensor:
+    """THE boundary to the C kernels: every tensor whose ``data_ptr()`` this backend hands to
+    ``fp8_cpu.c`` passes here first. The kernels read each operand as dense row-major memory of its
+    own dtype (element (i, j) of an [R, C] operand at ``ptr + (i * C + j) * itemsize``): a strided
+    view (``t[:, 0]``), a broadcast (``expand``, stride 0) or a transpose read that way gives wrong
+    numbers or reads past the storage. Returns ``t`` itself when it is contiguous (the common case:
+    one check), else a contiguous copy, which the caller must hold until the C call returns.
+    Weights never arrive here strided (the ops refuse them: a per-call weight copy would be slow),
+    activations, scales and bias may (a copy of those is O(M K) or smaller)."""
+    return t.contiguous()
+
+
+def _raise_c_error(rc: int, op: str, nbytes: int) -> None:
+    """A C kernel's error code as the Python exception (the C code never aborts the process)."""
+    if rc == cpu_kernels.ERR_NOMEM:
+        raise MemoryError(f"{op}: the CPU kernel could not allocate {nbytes} bytes of scratch memory")
+    raise RuntimeError(f"{op}: the CPU kernel returned error code {rc}")
+
+
+def _at_edge_torch(xd: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor, kind) -> bool:
+    """fp8_cpu.c's ``fp8_overflow_edge`` in torch (the fallback path's twin; see there): xd the
+    dequantized float32 activation [M, K]."""
+    k = xd.shape[-1]
+    a = xd.abs().nan_to_num(nan=0.0).amax().item() if xd.numel() else 0.0
+    bad = not bool(w_scale.isfinite().all()) or (x_scale is not None and not bool(x_scale.isfinite().all()))
+    wm = w_scale.abs().amax().item() if w_scale.numel() else 0.0
+    return bad or not (k * fp8_max(kind) * a * max(wm, 1.0) < 2.0**124)
 
 
 # ------------------------------------------------------------------------- pure-torch fallback
@@ -160,6 +199,8 @@ def _torch_blockwise_matmul(
         xd = _dequantize_f32(xq.to(torch.float8_e4m3fn), xs, (1, bk))[0]
     else:
         xd = x.float()
+    if _at_edge_torch(xd, x_scale, w_scale, w.dtype):
+        return reference.blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
     wd = _dequantize_weight(w, w_scale, block_shape)
     y = xd @ wd.T if bias is None else torch.addmm(bias.float(), xd, wd.T)
     return y.to(out_dtype)
@@ -173,7 +214,7 @@ def quantize(
     lib = _lib()
     if lib is None:
         return _torch_quantize(x, block_shape, dtype, scale_format)
-    x = x.contiguous()
+    x = _c(x)
     b, rows, cols = x.shape
     br, bc = block_shape
     q = torch.empty(x.shape, dtype=dtype)
@@ -192,7 +233,7 @@ def dequantize(
     lib = _lib()
     if lib is None:
         return _torch_dequantize(q, scale, block_shape, out_dtype)
-    q, scale = q.contiguous(), scale.float().contiguous()
+    q, scale = _c(q), _c(scale.float())
     out = torch.empty(q.shape, dtype=out_dtype)
     b, rows, cols = q.shape
     lib.fp8_dequantize(
@@ -211,28 +252,40 @@ def blockwise_matmul(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     activation: str,
+    *,
+    edge_checked: bool = False,
 ) -> torch.Tensor:
-    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32 -> y [M, N]."""
+    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32 -> y [M, N].
+
+    edge_checked: the caller has already found these operands clear of the overflow edge
+    (:func:`at_overflow_edge`; the grouped op checks all its rows at once), so the panel path
+    does not check again."""
     lib = _lib()
     if lib is None:
         return _torch_blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
     bn, bk = block_shape
     (m, k), n = x.shape, w.shape[0]
-    x = x.contiguous()
+    args = (x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)  # for the edge path
+    x, w = _c(x), _c(w)
     # The activation as the C code reads it: high precision (converted, or quantized to e4m3 and
     # dequantized for dynamic W8A8), or fp8 bytes (codes 3, 4) with their scales.
     xdt = _DT[x.dtype] if x_scale is None else 3 + _KIND[x.dtype]
-    xs = 0 if x_scale is None else x_scale.float().contiguous()
+    xs = 0 if x_scale is None else _c(x_scale.float())
     dynamic = x_scale is None and activation == "dynamic"
-    ws = w_scale.float().contiguous()
+    ws = _c(w_scale.float())
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
     if uses_fused_gemm(m, n, k):
+        bias = None if bias is None else _c(bias)
         y = torch.empty(m, n, dtype=out_dtype)
-        lib.fp8_gemm(
+        rc = lib.fp8_gemm(
             x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, w.data_ptr(), kind,
             ws.data_ptr(), n, k, bn, bk, None if bias is None else bias.data_ptr(),
             0 if bias is None else _DT[bias.dtype], y.data_ptr(), _DT[out_dtype], threads,
         )  # fmt: skip
+        if rc == cpu_kernels.EDGE:
+            return reference.blockwise_matmul(*args)
+        if rc:
+            _raise_c_error(rc, "blockwise_matmul", 4 * m * (k + 4 * threads))
         return y
     # Large M: the GEMM runs in torch, on panels of dequantized weight. bf16 panels only where
     # the CPU multiplies bf16 natively and the output is bf16 (rounding the operands to bf16 costs
@@ -245,7 +298,9 @@ def blockwise_matmul(
         lib.fp8_prepare_x(
             x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, k, bk, xf.data_ptr(), threads
         )  # fmt: skip
-        xf = xf.to(gemm_dtype)
+    if not edge_checked and at_overflow_edge(lib, xf, None if x_scale is None else xs, ws, kind):
+        return reference.blockwise_matmul(*args)
+    xf = xf.to(gemm_dtype)
     # y^T panel by panel (a contiguous slice of y^T is a valid out= for mm), bias fused into addmm,
     # then one pass that transposes and casts.
     panel = max(PANEL, bn)
@@ -263,6 +318,21 @@ def blockwise_matmul(
         else:
             torch.addmm(bias[n0 : n0 + rows, None].to(gemm_dtype), buf[:rows], xf.T, out=yt[n0 : n0 + rows])
     return torch.empty(m, n, dtype=out_dtype).copy_(yt.T)
+
+
+def at_overflow_edge(
+    lib, xf: torch.Tensor, x_scale: torch.Tensor | None, w_scale: torch.Tensor, kind: int
+) -> bool:
+    """``fp8_overflow_edge`` (fp8_cpu.c) on xf [M, K] (the activation as the GEMM multiplies it,
+    float32 / bf16 / fp16, contiguous), x_scale (fp8 x only) and w_scale (float32, contiguous; every
+    scale the product uses): True where only the reference's order of scaling gives the
+    contract's result (then the caller returns ``reference``'s, whatever M is)."""
+    xs, nxs = (0, 0) if x_scale is None else (x_scale.data_ptr(), x_scale.numel())
+    edge = lib.fp8_overflow_edge(
+        xf.data_ptr(), _DT[xf.dtype], xf.numel(), xs, nxs, w_scale.data_ptr(), w_scale.numel(), xf.shape[-1],
+        kind, torch.get_num_threads(),
+    )  # fmt: skip
+    return bool(edge)
 
 
 def mxfp8_quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

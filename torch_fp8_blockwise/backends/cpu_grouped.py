@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from ..reference import group_bounds
 
 
@@ -65,10 +66,11 @@ def _compiled_activation_f32(
     in one ``fp8_prepare_x`` call; fp32 x under W8A16 is already the operand and is returned as is."""
     dynamic = x_scale is None and activation == "dynamic"
     if x.dtype == torch.float32 and not dynamic and x_scale is None:
-        return x
+        return cpu._c(x)
     m, k = x.shape
+    x = cpu._c(x)
     xdt = cpu._DT[x.dtype] if x_scale is None else 3 + cpu._KIND[x.dtype]
-    xs = None if x_scale is None else x_scale.float().contiguous()
+    xs = None if x_scale is None else cpu._c(x_scale.float())
     xf = torch.empty(m, k, dtype=torch.float32)
     lib.fp8_prepare_x(
         x.data_ptr(), xdt, 0 if xs is None else xs.data_ptr(), dynamic, m, k, bk, xf.data_ptr(),
@@ -98,14 +100,20 @@ def grouped_matmul(
     lo, hi = ranges[0][1], ranges[-1][2]  # rows outside [lo, hi) belong to no group
     xs = None if x_scale is None else x_scale[lo:hi]
     lib = cpu._lib()
+    args = (x, w, w_scale, group_sizes, block_shape, x_scale, out_dtype, activation)  # for the edge path
     if lib is None:
         xd = _torch_activation_f32(x[lo:hi], xs, block_shape[1], activation)
+        if cpu._at_edge_torch(xd, xs, w_scale, w.dtype):
+            return reference.grouped_matmul(*args)
         for g, s, e in ranges:
             wd = cpu._dequantize_weight(w[g], w_scale[g], block_shape)
             y[s:e] = (xd[s - lo : e - lo] @ wd.T).to(out_dtype)
         return y
     xf = _compiled_activation_f32(lib, x[lo:hi], xs, block_shape[1], activation)
-    w_scale = w_scale.contiguous()
+    w, w_scale = cpu._c(w), cpu._c(w_scale.float())
+    # One rule for every row, whichever kernel its group gets (cpu.py: the fp32 overflow edge).
+    if cpu.at_overflow_edge(lib, xf, None if xs is None else cpu._c(xs.float()), w_scale, cpu._KIND[w.dtype]):
+        return reference.grouped_matmul(*args)
     # Decode-sized groups go to ONE C call (one parallel region: a barrier per call, not per group,
     # and no per-group Python); larger groups take the dense large-M path on their rows.
     fused = []
@@ -115,15 +123,26 @@ def grouped_matmul(
         else:
             # activation="none": xf is final (already quantized and dequantized where W8A8 asks it).
             y[s:e] = cpu.blockwise_matmul(
-                xf[s - lo : e - lo], w[g], w_scale[g], block_shape, None, None, out_dtype, "none"
+                xf[s - lo : e - lo],
+                w[g],
+                w_scale[g],
+                block_shape,
+                None,
+                None,
+                out_dtype,
+                "none",
+                edge_checked=True,
             )
     if fused:
         gid, x_row, y_row, rows = torch.tensor(fused, dtype=torch.int64).T.contiguous()
-        lib.fp8_gemm_grouped(
+        threads = torch.get_num_threads()
+        rc = lib.fp8_gemm_grouped(
             xf.data_ptr(), len(fused), gid.data_ptr(), x_row.data_ptr(), y_row.data_ptr(), rows.data_ptr(),
             w.data_ptr(), cpu._KIND[w.dtype], w_scale.data_ptr(), n, k, *block_shape,
-            y.data_ptr(), cpu._DT[out_dtype], torch.get_num_threads(),
+            y.data_ptr(), cpu._DT[out_dtype], threads,
         )  # fmt: skip
+        if rc:
+            cpu._raise_c_error(rc, "grouped_matmul", 4 * int(rows.max()) * 4 * threads)
     return y
 
 

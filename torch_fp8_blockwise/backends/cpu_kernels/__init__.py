@@ -5,7 +5,11 @@ The first call of :func:`library` in a process compiles ``fp8_cpu.c`` with the s
 every later call returns the cached handle (one dict-free global lookup). The file name carries a
 hash of the source, the compiler and its flags, so an edit or another compiler builds a new file
 and a stale one is never loaded. Compiling takes ~1 s; concurrent processes each compile to a
-temporary file and rename it into place (atomic), so none sees a half-written library.
+temporary file and rename it into place (atomic), so none sees a half-written library. After a
+successful build a record ``<library>.sha256`` (size and sha256 of the file) is written the same
+way, and a library is loaded only when its size and hash match its record: a cached file that was
+truncated, zeroed or replaced since (``ctypes.CDLL`` of such a file can die of SIGBUS / SIGSEGV)
+is rebuilt instead; if the rebuild fails, the torch path is used with a warning.
 
 Environment:
     FP8_CPU_KERNELS=0         never build or load: the CPU backend uses its pure-torch path.
@@ -34,6 +38,8 @@ CFLAGS: tuple[str, ...] = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", 
 
 #: Codes shared with fp8_cpu.c.
 ISA_NAMES = {0: "scalar", 1: "avx2"}
+#: Return codes of fp8_gemm / fp8_gemm_grouped (0 = done).
+ERR_NOMEM, EDGE = 1, 2
 
 _UNSET = object()
 _lib: object = _UNSET
@@ -62,19 +68,55 @@ def _library_path(cc: str) -> Path:
     return cache_dir() / f"fp8_cpu-{digest.hexdigest()[:16]}.so"
 
 
-def _compile(cc: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
+def record_path(library: Path) -> Path:
+    """The verification record of a built library: ``<size> <sha256>`` of its bytes."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _fingerprint(path: Path | str) -> str:
+    data = Path(path).read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _verified(library: Path) -> bool:
+    """Whether ``library`` exists and its size and sha256 are those its record wrote after the
+    build. Anything else (no file, no record, a truncated, zeroed or replaced file, an unreadable
+    record) is False: ``ctypes.CDLL`` of a damaged shared object can kill the process (SIGBUS,
+    SIGSEGV) before any Python error, so such a file is rebuilt, never loaded."""
+    try:
+        return record_path(library).read_text() == _fingerprint(library)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _replace_atomically(target: Path, write) -> None:
+    """write(tmp_path) into a temporary file beside ``target``, then rename it into place (atomic:
+    another process sees the old file or the whole new one)."""
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _compile(cc: str, target: Path) -> None:
+    """Build the library into ``target``, then write its record (both atomically); a damaged
+    library or record left by anything earlier is replaced."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    built: list[str] = []
+
+    def build(tmp: str) -> None:
         cmd = [cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: another process sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        built.append(_fingerprint(tmp))
+
+    _replace_atomically(target, build)
+    _replace_atomically(record_path(target), lambda tmp: Path(tmp).write_text(built[0]))
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -91,11 +133,16 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fp8_prepare_x.argtypes = [p, i32, p, i32, i64, i64, i64, p, i32]
     lib.fp8_prepare_x.restype = None
     # (x, xdt, xs, dynamic, M, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads)
+    # returns 0, ERR_NOMEM or EDGE
     lib.fp8_gemm.argtypes = [p, i32, p, i32, i64, p, i32, p, i64, i64, i64, i64, p, i32, p, i32, i32]
-    lib.fp8_gemm.restype = None
+    lib.fp8_gemm.restype = i32
     # (xf, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, y, ydt, nthreads)
+    # returns 0 or ERR_NOMEM
     lib.fp8_gemm_grouped.argtypes = [p, i64, p, p, p, p, p, i32, p, i64, i64, i64, i64, p, i32, i32]
-    lib.fp8_gemm_grouped.restype = None
+    lib.fp8_gemm_grouped.restype = i32
+    # (a, adt, na, xs, nxs, ws, nws, K, kind, nthreads) -> 1 at fp32's overflow edge, else 0
+    lib.fp8_overflow_edge.argtypes = [p, i32, i64, p, i64, p, i64, i64, i32, i32]
+    lib.fp8_overflow_edge.restype = i32
 
 
 def _load() -> ctypes.CDLL | None:
@@ -110,7 +157,7 @@ def _load() -> ctypes.CDLL | None:
         path = cache_dir() / "fp8_cpu-<hash>.so"
         try:
             path = _library_path(cc)  # reads the source: a wheel without it lands in the except
-            if not path.exists():
+            if not _verified(path):  # missing, damaged, or from before records existed
                 _compile(cc, path)
             lib = ctypes.CDLL(str(path))
             _declare(lib)

@@ -915,6 +915,22 @@ AVX2_FN static void gemv_tile_avx2(const float *x, const uint8_t *w, int kind, c
     for (int64_t n = n0; n < N; n++) gemv_rows(x, w, kind, ws, K, bn, bk, n, 1, acc + (n - n0));
 }
 
+/* fp8_overflow_edge's scan, 8 lanes at a time: max of the bits of |f[i]| (nan -> 0) into *m over
+ * the first multiple of 8 of n; returns how many elements it covered. */
+AVX2_FN static int64_t absbits_max_avx2(const uint32_t *f, int64_t n, uint32_t *m) {
+    const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(f + i)), mag);
+        acc = _mm256_max_epi32(acc, _mm256_andnot_si256(_mm256_cmpgt_epi32(b, inf), b));
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, acc);
+    for (int j = 0; j < 8; j++) *m = lanes[j] > *m ? lanes[j] : *m;
+    return i;
+}
+
 AVX2_FN static void tile_avx2(const float *x, int64_t M, int64_t K, int64_t k0, int64_t klen,
                               const float *buf, float *acc, int first) {
     int64_t m = 0;
@@ -954,6 +970,75 @@ static void prepare_row(const void *x, int xdt, const float *xs, int dynamic, in
             for (int64_t j = 0; j < n; j++) out[c0 + j] = load_hp(x, xdt, i0 + j);
         }
     }
+}
+
+/* ------------------------------------------------------------- errors and the fp32 edge */
+/* Return codes of fp8_gemm / fp8_gemm_grouped (0 = done); cpu.py turns them into exceptions or
+ * the reference's order of scaling. */
+#define FP8_ERR_NOMEM 1 /* a scratch buffer could not be allocated: nothing was written */
+#define FP8_EDGE 2      /* fp8_overflow_edge said 1: nothing was written */
+
+/* 1 when this product is at fp32's overflow edge, where the order of applying the scales decides
+ * between a finite result, inf and nan, so that only the reference's order (each K block's partial
+ * sum of quantized products times x_scale, then times w_scale: reference.blockwise_matmul) gives
+ * the contract's result; 0 when every order gives it up to rounding. a [na] (dtype adt): the
+ * activation as the kernels multiply it (dequantized; an inf in it counts as the edge, a nan does
+ * not: it propagates in every order), xs [nxs] (or NULL) and ws [nws] float32 scales (a
+ * non-finite one counts), K the reduction length, kind the weight's fp8 format. Every
+ * intermediate of either order is at most K * fp8_max(kind) * max|a| * max(max|ws|, 1): below
+ * 2^124 nothing overflows (2^4 of headroom for rounding). One O(na + nxs + nws) pass, over a
+ * in parallel when it is large. */
+/* max over i < n of the bits of |f[i]| with nan counted as 0 (bits above inf's). */
+static uint32_t absbits_max(const uint32_t *f, int64_t n, int isa) {
+    uint32_t m = 0;
+    int64_t i = 0;
+#if FP8_HAVE_X86
+    if (isa) i = absbits_max_avx2(f, n, &m);
+#else
+    (void)isa;
+#endif
+    for (; i < n; i++) {
+        uint32_t b = f[i] & 0x7FFFFFFFu;
+        b = b > 0x7F800000u ? 0 : b;
+        m = b > m ? b : m;
+    }
+    return m;
+}
+
+int fp8_overflow_edge(const void *a, int adt, int64_t na, const float *xs, int64_t nxs, const float *ws,
+                      int64_t nws, int64_t K, int kind, int nthreads) {
+    ensure_init();
+    const int isa = g_isa;
+    /* On the bits of |v|: a nan activation counts as 0, a nan scale (bits above inf's) as inf. */
+    uint32_t am = 0, wm = 0, sm = 0;
+    if (adt == DT_F32 && nthreads > 1 && na >= PAR_MIN) {
+        const int64_t chunk = 1 << 16;
+#pragma omp parallel for num_threads(nthreads) reduction(max : am) schedule(static)
+        for (int64_t c = 0; c < na; c += chunk) {
+            const uint32_t b = absbits_max((const uint32_t *)a + c, na - c < chunk ? na - c : chunk, isa);
+            am = b > am ? b : am;
+        }
+    } else if (adt == DT_F32) {
+        am = absbits_max((const uint32_t *)a, na, isa);
+    } else {
+        for (int64_t i = 0; i < na; i++) {
+            uint32_t b = f2u(load_hp(a, adt, i)) & 0x7FFFFFFFu;
+            b = b > 0x7F800000u ? 0 : b;
+            am = b > am ? b : am;
+        }
+    }
+    const uint32_t *xb = (const uint32_t *)xs, *wb = (const uint32_t *)ws;
+    for (int64_t i = 0; xs && i < nxs; i++) {
+        const uint32_t b = xb[i] & 0x7FFFFFFFu;
+        sm = b > sm ? b : sm;
+    }
+    for (int64_t i = 0; i < nws; i++) {
+        const uint32_t b = wb[i] & 0x7FFFFFFFu;
+        wm = b > wm ? b : wm;
+    }
+    if (sm >= 0x7F800000u || wm >= 0x7F800000u) return 1; /* a non-finite scale */
+    const float w1 = u2f(wm) > 1.0f ? u2f(wm) : 1.0f;
+    return !((double)K * fp8_max_of(kind) * u2f(am) * w1 < 0x1p124);
 }
 
 /* xf [M, K] float32 from x (see prepare_row), rows in parallel: the activation of the panel path. */
@@ -1004,20 +1089,30 @@ static void store_tile(const float *acc, int64_t M, int64_t N, int64_t n0, const
  * 512 K) is widened once into L1 and used by all M rows: the fp8 weight is streamed once and the
  * dequantized weight never exists in memory. Threads split N; each y element has one owner, so the
  * result does not depend on the thread count. */
-void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, const uint8_t *w, int kind,
-              const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt,
-              void *y, int ydt, int nthreads) {
+int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, const uint8_t *w, int kind,
+             const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt,
+             void *y, int ydt, int nthreads) {
     ensure_init();
     const int64_t tiles = cdiv64(N, NR);
     const int isa = g_isa;
     const int convert = !(xdt == DT_F32 && !dynamic);
     float *xf = convert ? (float *)malloc(sizeof(float) * M * K) : (float *)x;
     float *accs = (float *)malloc(sizeof(float) * M * NR * (nthreads > 0 ? nthreads : 1));
-    if ((convert && xf == NULL) || accs == NULL) abort();
+    if ((convert && xf == NULL) || accs == NULL) {
+        if (convert) free(xf);
+        free(accs);
+        return FP8_ERR_NOMEM;
+    }
     /* O(M K) with M small: done before the parallel region, which then has a single barrier (a
      * barrier waits for the slowest thread, and on a busy machine that is a descheduled one). */
     if (convert)
         for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
+    if (fp8_overflow_edge(xf, DT_F32, M * K, xdt >= 3 ? xs : NULL, M * cdiv64(K, bk), ws,
+                          cdiv64(N, bn) * cdiv64(K, bk), K, kind, 1)) {
+        if (convert) free(xf);
+        free(accs);
+        return FP8_EDGE;
+    }
 #pragma omp parallel num_threads(nthreads) if (tiles > 1 && M * N * K >= 4 * PAR_MIN)
     {
         float buf[NR * KC] __attribute__((aligned(64)));
@@ -1034,6 +1129,7 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
     }
     if (convert) free(xf);
     free(accs);
+    return 0;
 }
 
 /* The fused GEMM of G' groups in ONE parallel region (a barrier per call, not per group): for
@@ -1041,9 +1137,9 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
  * [x_row[i], x_row[i] + rows[i]) (float32, K columns, already prepared) @ (w[gid[i]] [N, K] fp8 *
  * ws[gid[i]] [cdiv(N, bn), cdiv(K, bk)])^T. Tasks are (group, 4-row weight tile) pairs; each y
  * element has one owner and is computed exactly as fp8_gemm computes it. */
-void fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64_t *x_row, const int64_t *y_row,
-                      const int64_t *rows, const uint8_t *w, int kind, const float *ws, int64_t N,
-                      int64_t K, int64_t bn, int64_t bk, void *y, int ydt, int nthreads) {
+int fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64_t *x_row, const int64_t *y_row,
+                     const int64_t *rows, const uint8_t *w, int kind, const float *ws, int64_t N,
+                     int64_t K, int64_t bn, int64_t bk, void *y, int ydt, int nthreads) {
     ensure_init();
     const int64_t tiles = cdiv64(N, NR), tasks = L * tiles;
     const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * cdiv64(K, bk);
@@ -1055,7 +1151,7 @@ void fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int6
         max_rows = rows[i] > max_rows ? rows[i] : max_rows;
     }
     float *accs = (float *)malloc(sizeof(float) * max_rows * NR * (nthreads > 0 ? nthreads : 1));
-    if (accs == NULL) abort();
+    if (accs == NULL) return FP8_ERR_NOMEM;
 #pragma omp parallel num_threads(nthreads) if (tasks > 1 && total * N * K >= 4 * PAR_MIN)
     {
         float buf[NR * KC] __attribute__((aligned(64)));
@@ -1073,4 +1169,5 @@ void fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int6
         }
     }
     free(accs);
+    return 0;
 }

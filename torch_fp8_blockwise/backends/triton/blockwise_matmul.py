@@ -106,7 +106,9 @@ def _blockwise_gemm_kernel(
                 acc += part * ws[:, None]
             else:
                 xs = tl.load(xs_rows + kb, mask=mask_m, other=0.0)
-                acc += part * ws[:, None] * xs[None, :]
+                # x's scale first, as the reference and the unswapped tile: the order decides
+                # between finite and inf at fp32's edge, so it must not depend on SWAP_AB (i.e. M).
+                acc += part * xs[None, :] * ws[:, None]
         else:
             if IEEE_F32:
                 part = tl.dot(a, tl.trans(b), input_precision="ieee")
