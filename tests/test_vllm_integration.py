@@ -1,11 +1,7 @@
 """integrations.vllm: vLLM's argument conventions on our ops, checked against the reference and an
-independent re-statement of vLLM's per-token-group rule; the docs' linear-method example runs."""
+independent re-statement of vLLM's per-token-group rule (the plugin inside vLLM: test_vllm_plugin.py)."""
 
 from __future__ import annotations
-
-import importlib.util
-import pathlib
-import re
 
 import pytest
 import torch
@@ -20,7 +16,6 @@ from torch_fp8_blockwise.integrations.vllm import (
 from torch_fp8_blockwise.testing import assert_kernel_close, sqnr, sqnr_floor
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _vllm_rule(x: torch.Tensor, g: int, dtype: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,29 +204,3 @@ def test_w8a8_rejects_bad_arguments(change, exc, words) -> None:
     with pytest.raises(exc) as info:
         w8a8_block_fp8_matmul(**args)
     assert words in str(info.value)
-
-
-def test_docs_example_is_the_file_and_runs() -> None:
-    example = (ROOT / "examples" / "vllm_linear_method.py").read_text()
-    doc = (ROOT / "docs" / "vllm.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert example in blocks, "docs/vllm.md must show examples/vllm_linear_method.py unchanged"
-
-    spec = importlib.util.spec_from_file_location(
-        "vllm_linear_method", ROOT / "examples" / "vllm_linear_method.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    y = module.main()
-    assert y.shape == (4, 576) and y.dtype == torch.bfloat16
-
-    # The method against the contract on a layer with a bias.
-    method, layer = module.BlockFp8LinearMethod(), torch.nn.Module()
-    method.create_weights(layer, 256, [300], torch.float32)
-    w_q, w_s = reference.quantize(torch.randn(300, 256), (128, 128), E4M3, "fp32")
-    layer.weight.data.copy_(w_q)
-    layer.weight_scale_inv.data.copy_(w_s)
-    method.process_weights_after_loading(layer)
-    x, bias = torch.randn(5, 256), torch.randn(300)
-    ref = reference.blockwise_matmul(x, w_q, w_s, (128, 128), None, bias, torch.float32, "dynamic")
-    assert_kernel_close(method.apply(layer, x, bias), ref, "example linear method")
