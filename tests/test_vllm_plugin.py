@@ -106,6 +106,43 @@ def test_override_claims_block_fp8_only_when_asked() -> None:
         claim({"quant_method": "fp8", "activation_scheme": "dynamic"}, "fp8_blockwise")
 
 
+@pytest.mark.slow
+def test_vllm_model_config_picks_fp8_blockwise_only_when_asked(tmp_path) -> None:
+    """vLLM's own selection (ModelConfig._verify_quantization) on a checkpoint written by our
+    checkpoint.save (quant_method "fp8" + weight_block_size): ours when asked, vLLM's fp8 otherwise."""
+    pytest.importorskip("vllm", reason=SKIP_REASON)
+    transformers = pytest.importorskip("transformers")
+    from vllm.config import ModelConfig
+
+    from torch_fp8_blockwise import checkpoint, quantize_model_
+    from torch_fp8_blockwise.integrations import vllm_plugin
+
+    vllm_plugin.register()
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    quantize_model_(model, progress=False)
+    checkpoint.save(model, tmp_path)
+    asked = ModelConfig(model=str(tmp_path), quantization="fp8_blockwise", skip_tokenizer_init=True)
+    assert asked.quantization == "fp8_blockwise"
+    assert ModelConfig(model=str(tmp_path), skip_tokenizer_init=True).quantization == "fp8"
+
+
+def test_moe_layers_are_refused_naming_the_layer() -> None:
+    pytest.importorskip("vllm", reason=SKIP_REASON)
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    from torch_fp8_blockwise.integrations.vllm_plugin import Fp8BlockwiseConfig
+
+    experts = RoutedExperts.__new__(RoutedExperts)  # only its type matters to get_quant_method
+    torch.nn.Module.__init__(experts)
+    with pytest.raises(NotImplementedError, match="model.layers.3.mlp.experts: MoE"):
+        Fp8BlockwiseConfig().get_quant_method(experts, "model.layers.3.mlp.experts")
+    assert Fp8BlockwiseConfig().get_quant_method(torch.nn.Module(), "model.norm") is None
+
+
 @pytest.mark.parametrize(
     "change, words",
     [
