@@ -171,6 +171,10 @@ def test_config_reads_ignored_layers_and_blocks() -> None:
     )
     assert cfg.weight_block_size == [256, 128] and cfg.ignored_layers == ["lm_head"]
     assert cfg.get_name() == "fp8_blockwise"
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    cfg.apply_vllm_mapper(WeightsMapper(orig_to_new_prefix={"lm_head": "language_model.lm_head"}))
+    assert cfg.ignored_layers == ["language_model.lm_head"]
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,10 @@ class Fp8BlockwiseConfig(QuantizationConfig):
             )
         return NAME
 
+    def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+        """The model renames its modules (HF -> vLLM names): rename the ignored ones with it."""
+        self.ignored_layers = hf_to_vllm_mapper.apply_list(self.ignored_layers)
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
             if is_layer_skipped(prefix, self.ignored_layers, fused_mapping=self.packed_modules_mapping):
