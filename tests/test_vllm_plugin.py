@@ -247,6 +247,14 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
                 layers["ragged"] = ColumnParallelLinear(
                     RAGGED_K, RAGGED_N, bias=True, quant_config=cfg, prefix="ragged"
                 )
+                # A layer whose scales were never loaded is refused after loading, not run.
+                unloaded = ColumnParallelLinear(K, N_COL, bias=False, quant_config=cfg, prefix="unloaded")
+                unloaded.weight.weight_loader(unloaded.weight, tensors["col.weight"])
+                try:
+                    unloaded.quant_method.process_weights_after_loading(unloaded)
+                    results["unloaded_refused"] = torch.tensor(False)
+                except ValueError as e:
+                    results["unloaded_refused"] = torch.tensor("unloaded.weight_scale_inv: 8 of 8" in str(e))
             else:
                 try:
                     ColumnParallelLinear(RAGGED_K, RAGGED_N, quant_config=cfg, prefix="ragged")
@@ -398,6 +406,8 @@ def test_vllm_parallel_linear_layers_match_our_op_per_shard(world, tmp_path) -> 
                 assert torch.equal(res[f"{name}.forward"], ours), f"{name} rank {rank}: forward"
             ref = reference.blockwise_matmul(x, w, s, tuple(BLOCK), None, bias, torch.float32, "dynamic")
             assert_kernel_close(res[f"{name}.y"], ref, f"{name} rank {rank} vs reference")
+    if world == 1:
+        assert bool(results[0]["unloaded_refused"])
     if world == 2:
         assert all(bool(r["ragged_refused"]) for r in results)
         # Row parallel: vLLM's all-reduce (gloo) sums the two ranks' products; the sum meets the
