@@ -39,5 +39,9 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["fp8-blockwise=torch_fp8_blockwise.cli:main"]},
+    entry_points={
+        "console_scripts": ["fp8-blockwise=torch_fp8_blockwise.cli:main"],
+        # vLLM calls this in every process it starts: registers quantization="fp8_blockwise".
+        "vllm.general_plugins": ["fp8_blockwise=torch_fp8_blockwise.integrations.vllm_plugin:register"],
+    },
 )

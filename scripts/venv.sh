@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build (once) and print the path of the virtual environment for one CI environment.
-#   scripts/venv.sh xla|latest
+#   scripts/venv.sh xla|latest|vllm
 # The venv lives outside the clone, keyed by a hash of its requirements file, so a fresh clone on
 # the same machine reuses it and a changed pin builds a new one. FP8_VENV_ROOT overrides the place.
 set -euo pipefail
-name=${1:?usage: scripts/venv.sh xla|latest}
+name=${1:?usage: scripts/venv.sh xla|latest|vllm}
 root=$(cd "$(dirname "$0")/.." && pwd)
 req="$root/requirements/$name.txt"
 [ -f "$req" ] || { echo "no requirements file $req" >&2; exit 2; }

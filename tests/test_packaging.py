@@ -68,6 +68,9 @@ def test_wheel_contains_every_module_and_data_file(tmp_path):
     for dep in ("safetensors", "tqdm"):  # checkpoint / quantize_model_ import them
         assert any(r.startswith(dep) and "extra ==" not in r for r in requires), (dep, requires)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    eps = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "fp8-blockwise = torch_fp8_blockwise.cli:main" in eps
+    # vLLM loads plugins from this group in every process (tests/test_vllm_plugin.py runs it in vLLM).
     assert (
-        "fp8-blockwise = torch_fp8_blockwise.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
-    )
+        "[vllm.general_plugins]\nfp8_blockwise = torch_fp8_blockwise.integrations.vllm_plugin:register" in eps
+    ), eps

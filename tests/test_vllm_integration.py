@@ -1,22 +1,21 @@
 """integrations.vllm: vLLM's argument conventions on our ops, checked against the reference and an
-independent re-statement of vLLM's per-token-group rule; the docs' linear-method example runs."""
+independent re-statement of vLLM's per-token-group rule (the plugin inside vLLM: test_vllm_plugin.py)."""
 
 from __future__ import annotations
-
-import importlib.util
-import pathlib
-import re
 
 import pytest
 import torch
 
 from torch_fp8_blockwise import blockwise_matmul, reference
 from torch_fp8_blockwise.formats import round_scale_ue8m0
-from torch_fp8_blockwise.integrations.vllm import per_token_group_quant_fp8, w8a8_block_fp8_matmul
+from torch_fp8_blockwise.integrations.vllm import (
+    per_token_group_quant_fp8,
+    w8a8_block_fp8_matmul,
+    w8a8_triton_block_scaled_mm,
+)
 from torch_fp8_blockwise.testing import assert_kernel_close, sqnr, sqnr_floor
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _vllm_rule(x: torch.Tensor, g: int, dtype: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +60,69 @@ def test_column_major_scales_same_values_column_major_strides(shape) -> None:
     assert groups > 1  # otherwise the two layouts coincide and the test proves nothing
 
 
+@pytest.mark.parametrize("num_tokens", [7, 33])
+@pytest.mark.parametrize("d", [512, 1536])
+@pytest.mark.parametrize("group_size", [64, 128, 512])
+@pytest.mark.parametrize("column_major", [True, False])
+@pytest.mark.parametrize("tma_aligned", [True, False])
+def test_vllm_test_grid(num_tokens, d, group_size, column_major, tma_aligned) -> None:
+    """vLLM's test_per_token_group_quant_fp8 grid (its group sizes and layout flags, smaller M and K):
+    values equal to vLLM's rule bit for bit, and the strides vLLM's test checks."""
+    torch.manual_seed(0)
+    x = torch.rand(num_tokens, d, dtype=torch.bfloat16)
+    x_q, x_s = per_token_group_quant_fp8(
+        x, group_size, column_major_scales=column_major, tma_aligned_scales=tma_aligned
+    )
+    want_q, want_s = _vllm_rule(x, group_size, E4M3, False)
+    assert torch.equal(x_s, want_s) and torch.equal(x_q.view(torch.uint8), want_q.view(torch.uint8))
+    if column_major:
+        aligned_m = -(-num_tokens // 4) * 4 if tma_aligned else num_tokens  # vLLM get_tma_aligned_size(m, 4)
+        assert x_s.stride() == (1, aligned_m)
+    else:
+        assert x_s.is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 256), (3, 8, 384)])
+def test_tma_aligned_scales_3d_strides_like_vllm(shape) -> None:
+    """vLLM lays a 3-D TMA-aligned x_s [B, M, G] out with strides (G * M4, 1, M4), M4 = M rounded up
+    to 4; the padding rows are zeros."""
+    x = torch.randn(shape)
+    _, row = per_token_group_quant_fp8(x, 128)
+    _, tma = per_token_group_quant_fp8(x, 128, column_major_scales=True, tma_aligned_scales=True)
+    m, groups = shape[1], shape[2] // 128
+    m4 = -(-m // 4) * 4
+    assert torch.equal(tma, row) and tma.stride() == (groups * m4, 1, m4)
+    storage = torch.as_strided(tma, (shape[0], groups, m4), (groups * m4, m4, 1))
+    assert torch.all(storage[..., m:] == 0)
+
+
+@pytest.mark.parametrize("dtype, ue8m0", [(E4M3, True), (E5M2, False)])
+def test_group_64_matches_the_reference_with_ragged_k(dtype, ue8m0) -> None:
+    """Group 64 (each group zero-padded to our 128 quantizer) = the pure-torch reference at (1, 64),
+    ragged last group included."""
+    x = torch.randn(5, 200) * 10
+    x[1, 64:128] = 0  # an all-zero group: scale eps / fp8_max
+    x_q, x_s = per_token_group_quant_fp8(x, 64, dtype=dtype, use_ue8m0=ue8m0)
+    ref_q, ref_s = reference.quantize(x, (1, 64), dtype, "ue8m0" if ue8m0 else "fp32")
+    assert x_s.shape == (5, 4) and torch.equal(x_s, ref_s)
+    assert torch.equal(x_q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_column_major_and_tma_scales_feed_the_matmul() -> None:
+    """The layouts vLLM hands its CUTLASS / DeepGEMM paths give the same product as row-major scales."""
+    B, Bs = reference.quantize(torch.randn(256, 384), (128, 128), E4M3, "fp32")
+    x = torch.randn(7, 384)
+    A, As = per_token_group_quant_fp8(x, 128)
+    want = w8a8_block_fp8_matmul(A, B, As, Bs, [128, 128], torch.float32)
+    for flags in ({"column_major_scales": True}, {"column_major_scales": True, "tma_aligned_scales": True}):
+        A2, As2 = per_token_group_quant_fp8(x, 128, **flags)
+        assert torch.equal(w8a8_block_fp8_matmul(A2, B, As2, Bs, [128, 128], torch.float32), want)
+
+
+def test_w8a8_triton_block_scaled_mm_is_vllms_name_for_the_matmul() -> None:
+    assert w8a8_triton_block_scaled_mm is w8a8_block_fp8_matmul
+
+
 def test_out_q_receives_the_result() -> None:
     x = torch.randn(3, 256)
     out = torch.empty(3, 256, dtype=E4M3)
@@ -83,9 +145,8 @@ def test_ragged_k_is_zero_padded_like_the_matmul() -> None:
 @pytest.mark.parametrize(
     "kwargs, exc, words",
     [
-        ({"group_size": 64}, ValueError, "group_size: expected one of (128, 256, 512)"),
+        ({"group_size": 32}, ValueError, "group_size: expected one of (64, 128, 256, 512)"),
         ({"eps": 1e-6}, ValueError, "eps: our quantizer's floor is fixed at 1e-10"),
-        ({"tma_aligned_scales": True}, ValueError, "tma_aligned_scales"),
         ({"dtype": torch.bfloat16}, TypeError, "dtype: expected float8_e4m3fn or float8_e5m2"),
         ({"out_q": torch.empty(3, 128, dtype=E4M3)}, ValueError, "out_q: expected a (3, 256)"),
     ],
@@ -143,29 +204,3 @@ def test_w8a8_rejects_bad_arguments(change, exc, words) -> None:
     with pytest.raises(exc) as info:
         w8a8_block_fp8_matmul(**args)
     assert words in str(info.value)
-
-
-def test_docs_example_is_the_file_and_runs() -> None:
-    example = (ROOT / "examples" / "vllm_linear_method.py").read_text()
-    doc = (ROOT / "docs" / "vllm.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert example in blocks, "docs/vllm.md must show examples/vllm_linear_method.py unchanged"
-
-    spec = importlib.util.spec_from_file_location(
-        "vllm_linear_method", ROOT / "examples" / "vllm_linear_method.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    y = module.main()
-    assert y.shape == (4, 576) and y.dtype == torch.bfloat16
-
-    # The method against the contract on a layer with a bias.
-    method, layer = module.BlockFp8LinearMethod(), torch.nn.Module()
-    method.create_weights(layer, 256, [300], torch.float32)
-    w_q, w_s = reference.quantize(torch.randn(300, 256), (128, 128), E4M3, "fp32")
-    layer.weight.data.copy_(w_q)
-    layer.weight_scale_inv.data.copy_(w_s)
-    method.process_weights_after_loading(layer)
-    x, bias = torch.randn(5, 256), torch.randn(300)
-    ref = reference.blockwise_matmul(x, w_q, w_s, (128, 128), None, bias, torch.float32, "dynamic")
-    assert_kernel_close(method.apply(layer, x, bias), ref, "example linear method")

@@ -17,7 +17,7 @@ import torch
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.fp8.*)
 from ..formats import BLOCK_COLS, FP8_DTYPES, SCALE_EPS, cdiv
 
-__all__ = ["per_token_group_quant_fp8", "w8a8_block_fp8_matmul"]
+__all__ = ["per_token_group_quant_fp8", "w8a8_block_fp8_matmul", "w8a8_triton_block_scaled_mm"]
 
 
 def w8a8_block_fp8_matmul(
@@ -56,6 +56,18 @@ def w8a8_block_fp8_matmul(
     return torch.ops.fp8.blockwise_matmul(A, B, Bs, list(block_size), As, None, output_dtype, "dynamic")
 
 
+#: The name vLLM's current code and tests import (``fp8_utils.w8a8_triton_block_scaled_mm``); the
+#: same function.
+w8a8_triton_block_scaled_mm = w8a8_block_fp8_matmul
+
+
+#: Group sizes of :func:`per_token_group_quant_fp8`: our quantizer's K blocks plus vLLM's 64.
+GROUP_SIZES: tuple[int, ...] = (64, *BLOCK_COLS)
+
+#: TMA needs 16-byte aligned strides: 4 float32 scales (vLLM's ``get_tma_aligned_size(m, 4)``).
+_TMA_ALIGN = 4
+
+
 def per_token_group_quant_fp8(
     x: torch.Tensor,
     group_size: int,
@@ -78,34 +90,35 @@ def per_token_group_quant_fp8(
         x: [..., K] bfloat16 / float16 / float32, any strides. vLLM requires K to be a multiple of
             ``group_size``; here a ragged last group is allowed (zero-padded, as in the matmul), e.g.
             K = 576 for SmolLM2.
-        group_size: 128, 256 or 512 (the K blocks blockwise_matmul runs).
+        group_size: 64, 128, 256 or 512. 128-512 run ``torch.ops.fp8.quantize`` directly; 64 (a
+            real config, e.g. in vLLM's tests) runs it on each 64-group zero-padded to 128, which
+            gives the same scale and codes (zeros do not change a group's amax) at the cost of
+            one padded copy of x.
         eps: must be 1e-10, the floor our quantizer uses (vLLM's default); any other value raises.
         dtype: float8_e4m3fn (default, as vLLM on CUDA) or float8_e5m2.
         column_major_scales: return x_s with column-major strides over its last two dims (same
-            values), as vLLM does for DeepGEMM / CUTLASS.
-        tma_aligned_scales: not supported (a DeepGEMM-specific padded layout): True raises.
+            values): strides ``(..., 1, M)`` for x_s [..., M, G], as vLLM does for CUTLASS.
+        tma_aligned_scales: with ``column_major_scales``, DeepGEMM's TMA layout: the column stride
+            is M rounded up to a multiple of 4 (16 bytes), strides ``(G * M4, 1, M4)`` for a 3-D
+            x_s, as vLLM's ``per_token_group_quant_fp8``; the padding rows hold zeros. Without
+            ``column_major_scales`` it changes nothing (as in vLLM).
         out_q: optional [..., K] tensor of ``dtype`` that receives x_q (returned).
         use_ue8m0: power-of-two scales (DeepSeek V3.1 / DeepGEMM on Blackwell). None means False
             here (vLLM decides from its DeepGEMM setup, which we do not have).
 
     Returns:
         x_q: [..., K] ``dtype``.
-        x_s: [..., cdiv(K, group_size)] float32 multipliers (x ~= x_q * x_s per group).
+        x_s: [..., cdiv(K, group_size)] float32 multipliers (x ~= x_q * x_s per group), in the
+            layout the two flags ask for (row-major by default).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if group_size not in BLOCK_COLS:
-        raise ValueError(
-            f"group_size: expected one of {BLOCK_COLS} (our quantizer's group sizes), got {group_size!r}"
-        )
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {GROUP_SIZES}, got {group_size!r}")
     if eps != SCALE_EPS:
         raise ValueError(
             f"eps: our quantizer's floor is fixed at {SCALE_EPS:g} (vLLM's default), got {eps!r}; "
             "a different floor would change the scale of near-zero groups"
-        )
-    if tma_aligned_scales:
-        raise ValueError(
-            "tma_aligned_scales: the DeepGEMM TMA-aligned scale layout is not supported; pass False"
         )
     dtype = torch.float8_e4m3fn if dtype is None else dtype
     if dtype not in FP8_DTYPES:
@@ -121,14 +134,33 @@ def per_token_group_quant_fp8(
         raise ValueError(f"out_q: expected a {tuple(x.shape)} {dtype} tensor, got {got}")
 
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)  # quantize's (1, g) blocks tile the last two dims: one row per token
+    groups = cdiv(k, group_size)
     scale_format = "ue8m0" if use_ue8m0 else "fp32"
-    q, s = torch.ops.fp8.quantize(x2, [1, group_size], dtype, scale_format)
+    x2 = x.reshape(-1, k)  # quantize's (1, g) blocks tile the last two dims: one row per token
+    if group_size in BLOCK_COLS:
+        q, s = torch.ops.fp8.quantize(x2, [1, group_size], dtype, scale_format)
+    else:  # one row of 128 per 64-group, its second half zeros
+        padded = torch.nn.functional.pad(x2, (0, groups * group_size - k))
+        wide = torch.nn.functional.pad(padded.reshape(-1, group_size), (0, BLOCK_COLS[0] - group_size))
+        q_wide, s_wide = torch.ops.fp8.quantize(wide, [1, BLOCK_COLS[0]], dtype, scale_format)
+        q = q_wide[:, :group_size].reshape(x2.shape[0], groups * group_size)[:, :k]
+        s = s_wide.reshape(x2.shape[0], groups)
     x_q = q.reshape(x.shape)
-    x_s = s.reshape(*x.shape[:-1], cdiv(k, group_size))
+    x_s = s.reshape(*x.shape[:-1], groups)
     if column_major_scales and x_s.dim() >= 2:
-        x_s = x_s.transpose(-1, -2).contiguous().transpose(-1, -2)
+        x_s = _column_major(x_s, _TMA_ALIGN if tma_aligned_scales else 1)
     if out_q is not None:
         out_q.copy_(x_q)
         x_q = out_q
     return x_q, x_s
+
+
+def _column_major(x_s: torch.Tensor, align: int) -> torch.Tensor:
+    """x_s [..., M, G] with strides (G * Ma, 1, Ma) over its last three dims, Ma = M rounded up to
+    ``align``; rows M..Ma of the storage are zeros."""
+    m, groups = x_s.shape[-2:]
+    m_aligned = cdiv(m, align) * align
+    storage = x_s.new_zeros(*x_s.shape[:-2], groups, m_aligned)
+    out = storage[..., :m].transpose(-1, -2)
+    out.copy_(x_s)
+    return out
