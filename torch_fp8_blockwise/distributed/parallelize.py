@@ -167,6 +167,8 @@ def parallelize(
         else:
             layer = shard_layer_(layer, kind, mesh.get_local_rank(), tp, mesh.get_group())
         local = (layer.out_features, layer.in_features)
+        if _is_xla_mesh(mesh):  # the module holds the global view; each device its shard
+            local = (full[0] // tp, full[1]) if kind == "colwise" else (full[0], full[1] // tp)
         report.sharded[name] = ShardedLayer(kind, full, local, layer.config.block_shape)
     report.rank_bytes = model_bytes(model)
     if _is_xla_mesh(mesh):
