@@ -162,7 +162,7 @@ def test_deepseek_v3_shapes_on_meta_over_8_ranks(fake_world8):
     assert o in report.replicated and "no colwise -> rowwise pair" in report.replicated[o]
     assert "Fp8ExpertParallel" in report.replicated["model.layers.1.mlp.experts"]
     assert report.rank_bytes < report.full_bytes
-    assert "model.layers.0.mlp.down_proj: rowwise [7168, 18432] -> [7168, 2304] per rank" in str(report)
+    assert "model.layers.*.mlp.down_proj: rowwise [7168, 18432] -> [7168, 2304] per rank" in str(report)
 
 
 def test_qwen3_shapes_on_meta_over_8_ranks(fake_world8):
@@ -258,3 +258,40 @@ def test_style_on_a_real_layer_slices_weight_scale_and_bias(fake_world8):
     assert torch.equal(row.bias, full.bias)
     with pytest.raises(TypeError, match="Fp8BlockwiseLinear"):
         parallelize_module(nn.Linear(2048, 1024), fake_world8, Fp8ColwiseParallel())
+
+
+def test_dtensor_rule_offers_partial_only_for_float32_without_bias(fake_world8):
+    """Sharding propagation alone (fake process group): a row-parallel call gives Partial only when
+    the output is float32 and there is no bias; a misaligned colwise weight is redistributed."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    layer = Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 1024))
+    x = torch.randn(4, 2048)
+
+    def dt(t, dim):
+        return distribute_tensor(t, fake_world8, [Shard(dim)], src_data_rank=None)
+
+    xs, ws, ss = dt(x, 1), dt(layer.weight, 1), dt(layer.weight_scale_inv, 1)
+    y = torch.ops.fp8.blockwise_matmul(xs, ws, ss, [128, 128], None, None, torch.float32)
+    assert str(y.placements) == "(Partial(sum),)"
+    y = torch.ops.fp8.blockwise_matmul(xs, ws, ss, [128, 128], None, None, torch.bfloat16)
+    assert "Partial" not in str(y.placements)  # a bf16 Partial would be summed in bf16
+    bias = distribute_tensor(layer.bias, fake_world8, [Shard(0)], src_data_rank=None)
+    y = torch.ops.fp8.blockwise_matmul(xs, ws, ss, [128, 128], None, bias, torch.float32)
+    assert "Partial" not in str(y.placements)  # the bias would be added 8 times
+    # 1024 output rows over 8 ranks = 128: aligned -> Shard(-1); 2048 cols -> colwise needs 1024 % 1024
+    w0, s0 = dt(layer.weight, 0), dt(layer.weight_scale_inv, 0)
+    xr = distribute_tensor(x, fake_world8, [torch.distributed.tensor.Replicate()], src_data_rank=None)
+    assert str(torch.ops.fp8.blockwise_matmul(xr, w0, s0, [128, 128]).placements) == "(Shard(dim=1),)"
+    narrow = Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 512))  # 64 rows per rank: not offered
+    w1, s1 = dt(narrow.weight, 0), dt(narrow.weight_scale_inv, 0)
+    assert "Shard" not in str(torch.ops.fp8.blockwise_matmul(xr, w1, s1, [128, 128]).placements)
+
+
+def test_parallelize_twice_is_refused_before_anything_moves(fake_world8):
+    model = nn.Sequential(_Mlp(1024, 2048))
+    parallelize(model, fake_world8)
+    shapes = {n: tuple(b.shape) for n, b in model.named_buffers()}
+    with pytest.raises(ValueError, match="already split"):
+        parallelize(model, fake_world8)
+    assert shapes == {n: tuple(b.shape) for n, b in model.named_buffers()}

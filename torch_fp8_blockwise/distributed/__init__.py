@@ -12,6 +12,7 @@
 The block-alignment rule lives in :mod:`.alignment` (one function, :func:`shard_problem`).
 """
 
+from . import checkpoint
 from . import sharding_rule as _sharding_rule  # noqa: F401  (registers the DTensor rule)
 from .alignment import BlockShardingError, shard_problem, working_tp_sizes
 from .layers import Fp8ColwiseLinear, Fp8RowwiseLinear
@@ -21,6 +22,7 @@ from .styles import Fp8ColwiseParallel, Fp8RowwiseParallel
 
 __all__ = [
     "DEFAULT_PLAN",
+    "checkpoint",
     "BlockShardingError",
     "Fp8ColwiseLinear",
     "Fp8ColwiseParallel",

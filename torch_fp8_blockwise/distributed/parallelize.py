@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -43,16 +44,28 @@ class ShardingReport:
             f"tensor parallel ({self.engine}, tp={self.tp_size}): {len(self.sharded)} layers sharded, "
             f"{len(self.replicated)} kept replicated"
         ]
+        # Decoder layers repeat: one line per (name with layer indices as *, what happened), counted.
+        entries: dict[tuple[str, str], int] = {}
         for name, s in self.sharded.items():
-            lines.append(
-                f"  {name}: {s.kind} [{s.full_shape[0]}, {s.full_shape[1]}] -> "
+            what = (
+                f"{s.kind} [{s.full_shape[0]}, {s.full_shape[1]}] -> "
                 f"[{s.local_shape[0]}, {s.local_shape[1]}] per rank ({s.block[0]}x{s.block[1]} blocks)"
             )
+            key = (_generic(name), what)
+            entries[key] = entries.get(key, 0) + 1
         for name, reason in self.replicated.items():
-            lines.append(f"  {name}: replicated: {reason}")
+            key = (_generic(name), f"replicated: {_generic(reason)}")
+            entries[key] = entries.get(key, 0) + 1
+        for (name, what), count in entries.items():
+            lines.append(f"  {name}{f' (x{count})' if count > 1 else ''}: {what}")
         ratio = f" ({self.rank_bytes / self.full_bytes:.3f}x)" if self.full_bytes else ""
         lines.append(f"bytes per rank: {self.rank_bytes:,} (one device: {self.full_bytes:,}){ratio}")
         return "\n".join(lines)
+
+
+def _generic(text: str) -> str:
+    """Layer indices in module names as '*' ("model.layers.3.mlp" -> "model.layers.*.mlp")."""
+    return re.sub(r"\.\d+(?=\.)", ".*", text)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -151,7 +164,17 @@ def parallelize(
             )
         tp = mesh.size()
         engine = f"torch.distributed {mesh.get_group().name()}"
+    for name, module in model.named_modules():  # refuse before anything moves
+        if isinstance(module, Fp8BlockwiseLinear) and getattr(module, "kind", "") in ("colwise", "rowwise"):
+            raise ValueError(f"model: {name} is already split ({type(module).__name__}); parallelize once")
     assigned, replicated = _assignment(model, plan, tp, config)
+    for name in assigned:
+        module = model.get_submodule(name)
+        if _is_xla_mesh(mesh) and module.weight.device.type != "xla":
+            raise ValueError(
+                f"model: {name}.weight is on {module.weight.device}; on a torch_xla Mesh the model must "
+                "be on torch_xla's device (meta models: load the checkpoint, then move)"
+            )
 
     report = ShardingReport(engine, tp, replicated=replicated, full_bytes=model_bytes(model))
     for name, kind in assigned.items():
