@@ -1,5 +1,6 @@
 """torch_xla SPMD tensor parallel on 4 virtual CPU devices, in its own process (``xr.use_spmd()``
-is process-global): parallelize(model, xla_mesh) equals one device within the kernel budget, and
+is process-global): parallelize(model, xla_mesh) on an MLP and a tiny transformers Llama equals one
+device within the kernel budget, and
 the partitioned HLO of a column-parallel layer has no collective, a row-parallel one exactly one
 all-reduce (the Pallas kernel runs on local shapes inside manual-sharding regions)."""
 
@@ -16,7 +17,7 @@ from torch_fp8_blockwise.testing import KERNEL_ERROR_BOUND
 
 pytest.importorskip("torch_xla", reason="needs torch_xla (environment 'xla')")
 pytest.importorskip("jax", reason="needs jax (environment 'xla')")
-pytestmark = pytest.mark.slow  # a fresh process with 4 XLA devices and Pallas interpret: ~30 s
+pytestmark = pytest.mark.slow  # a fresh process with 4 XLA devices and Pallas interpret: ~40-70 s
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,9 @@ def test_spmd_hlo_colwise_no_collective_rowwise_one_all_reduce(spmd):
     assert spmd["rowwise_collectives"]["all-reduce"] == 1
     assert sum(spmd["rowwise_collectives"].values()) == 1
     assert spmd["colwise_out_shape"] == [2, 8, 1024] and spmd["rowwise_out_shape"] == [2, 8, 256]
+
+
+def test_spmd_llama_decoder_matches_one_device(spmd):
+    assert spmd["llama_sharded"] == 7  # q/k/v/o and gate/up/down of the one decoder layer
+    assert spmd["llama_rel_vs_xla_one_device"] <= KERNEL_ERROR_BOUND
+    assert spmd["llama_rel_vs_cpu"] <= KERNEL_ERROR_BOUND

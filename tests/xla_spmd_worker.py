@@ -86,6 +86,33 @@ def main() -> None:
                 torch_xla.sync()
                 res[f"{name}_collectives"] = collectives(dump, before)
                 res[f"{name}_out_shape"] = list(out.shape)
+    # The decoder family of the gloo test (transformers Llama, W8A8), sized for 4 devices: every
+    # projection splits (512 = 4 x 128 rows), attention included.
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    quantize_model_(llama, Fp8Config(), progress=False)
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        one = copy.deepcopy(llama).to(dev)(ids.to(dev)).logits.cpu()
+        tp_llama = copy.deepcopy(llama).to(dev)
+        report = parallelize(tp_llama, mesh)
+        out = tp_llama(ids.to(dev)).logits.cpu()
+        res["llama_sharded"] = len(report.sharded)
+        res["llama_rel_vs_xla_one_device"] = rel_error(out, one)
+        res["llama_rel_vs_cpu"] = rel_error(out, llama(ids).logits)
     with open(out_path, "w") as f:
         json.dump(res, f, indent=1)
 
