@@ -150,6 +150,19 @@ def main() -> None:
             meta.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # non-persistent buffer
             res["perrank_load_equal"] = torch.equal(logits(meta, ids), out)
             res["perrank_local_weight_shape"] = list(meta.model.layers[0].mlp.down_proj.weight.shape)
+            # torch.distributed.checkpoint: sharded layers as DTensors, saved and loaded in place
+            import torch.distributed.checkpoint as dcp
+
+            dcp_dir = os.path.join(out_dir, "dcp")
+            dcp.save(dckpt.dtensor_state_dict(tp_model, mesh), checkpoint_id=dcp_dir)
+            fresh = tiny_decoder(family)
+            with torch.no_grad():
+                for p in fresh.parameters():
+                    p.mul_(0.5)  # different values everywhere
+            quantize_model_(fresh, Fp8Config(activation=activation), progress=False)
+            tpd.parallelize(fresh, mesh)
+            dcp.load(dckpt.dtensor_state_dict(fresh, mesh), checkpoint_id=dcp_dir)
+            res["dcp_roundtrip_equal"] = torch.equal(logits(fresh, ids), out)
             save_dir = os.path.join(out_dir, "resaved")
             dckpt.save(tp_model, save_dir)
             if rank == 0:

@@ -10,6 +10,8 @@ on a torch ``DeviceMesh``: the same DeepSeek / HF fp8 safetensors format as
   the tensor and the file, and leaves the model as it was).
 * :func:`save`: gathers each sharded layer (fp8 moved as uint8: gloo rejects float8 tensors) and
   rank 0 writes the format ``checkpoint.save`` writes. Rank 0 holds the full model while writing.
+* :func:`dtensor_state_dict`: the state dict with the sharded tensors as DTensors, for
+  ``torch.distributed.checkpoint`` (each rank writes and reads its own shards).
 """
 
 from __future__ import annotations
@@ -170,3 +172,37 @@ def save(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int | No
             box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group
         )
     return box[0]
+
+
+def dtensor_state_dict(model: nn.Module, mesh: object) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each sharded layer's weight / scale (and a column-parallel bias)
+    as a DTensor over ``mesh`` (Shard(0) column-parallel, Shard(1) row-parallel) sharing this rank's
+    memory, for ``torch.distributed.checkpoint`` (``dcp.save`` / ``dcp.load``): loading into it
+    writes the sharded layers' tensors in place. Plain tensors for everything replicated."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, _Fp8ShardedLinear):
+            continue
+        dim = 0 if isinstance(layer, Fp8ColwiseLinear) else 1
+        keys = ["weight", "weight_scale_inv"] + (["bias"] if dim == 0 and layer.bias is not None else [])
+        for suffix in keys:
+            local = getattr(layer, suffix).detach()
+            full = (layer.full_out_features,) if suffix == "bias" else None
+            if full is None:
+                n, k = layer.full_out_features, layer.full_in_features
+                if suffix == "weight_scale_inv":
+                    bn, bk = layer.config.block_shape
+                    n, k = -(-n // bn), -(-k // bk)
+                full = (n, k)
+            stride = tuple(torch.empty(full, device="meta").stride())
+            state[f"{name}.{suffix}"] = DTensor.from_local(
+                local,
+                mesh,
+                [Shard(0 if suffix == "bias" else dim)],
+                run_check=False,
+                shape=full,
+                stride=stride,
+            )
+    return state
