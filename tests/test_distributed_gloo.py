@@ -107,6 +107,8 @@ def test_per_rank_load_into_meta_model(ranks):
     for res in ranks:
         assert res["perrank_load_equal"] is True
         assert res["perrank_local_weight_shape"] == [256, 256]  # down_proj [256, 512] split by columns
+        rank_bytes, full_bytes = res["meta_rank_bytes"]  # parallelize on the meta model, by shapes
+        assert rank_bytes < full_bytes
 
 
 def test_save_from_sharded_model_writes_the_unsharded_checkpoint(ranks):

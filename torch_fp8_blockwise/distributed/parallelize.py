@@ -176,14 +176,19 @@ def parallelize(
                 "be on torch_xla's device (meta models: load the checkpoint, then move)"
             )
 
-    report = ShardingReport(engine, tp, replicated=replicated, full_bytes=model_bytes(model))
-    for name, kind in assigned.items():
+    layers: dict[str, Fp8BlockwiseLinear] = {}
+    for name in assigned:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, attr)
         if not isinstance(layer, Fp8BlockwiseLinear):  # a meta nn.Linear (checked above)
             layer = _meta_fp8(layer, config)
             setattr(parent, attr, layer)
+        layers[name] = layer
+    # "one device": the fp8 model unsplit (meta nn.Linear layers counted as the fp8 layers they become)
+    report = ShardingReport(engine, tp, replicated=replicated, full_bytes=model_bytes(model))
+    for name, kind in assigned.items():
+        layer = layers[name]
         full = (layer.out_features, layer.in_features)
         if _is_xla_mesh(mesh):
             layer = xla.shard_layer_(layer, kind, mesh)
