@@ -349,14 +349,15 @@ def _device(name: str) -> str | torch.device:
 
 def format_table(rows: list[Row]) -> str:
     fp32_bytes = rows[0].weight_bytes
+    w = max(10, *(len(r.name) for r in rows))
     header = (
-        f"{'variant':<10} {'perplexity':>10} {'KL vs fp32':>11} {'top-1 agree':>11} "
+        f"{'variant':<{w}} {'perplexity':>10} {'KL vs fp32':>11} {'top-1 agree':>11} "
         f"{'weight MB':>10} {'x fp32':>7} {'tokens/s':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.name:<10} {r.perplexity:>10.3f} {r.kl:>11.4f} {r.top1:>11.3f} "
+            f"{r.name:<{w}} {r.perplexity:>10.3f} {r.kl:>11.4f} {r.top1:>11.3f} "
             f"{r.weight_bytes / 1e6:>10.2f} {r.weight_bytes / fp32_bytes:>7.3f} {r.tokens_per_s:>9.1f}"
         )
     return "\n".join(lines)

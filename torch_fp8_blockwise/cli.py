@@ -132,6 +132,8 @@ def model_demo(args: argparse.Namespace) -> int:
     from . import _demo
 
     start = time.perf_counter()
+    if args.tp > 1:
+        return _tp_demo(args, start)
     try:
         result = _demo.run(
             device=args.device,
@@ -147,6 +149,32 @@ def model_demo(args: argparse.Namespace) -> int:
         print(f"fp8-blockwise demo: {e}", file=sys.stderr)
         return 2
     print(_demo.report(result, device=args.device, block=args.block, load=args.load))
+    print(f"\n(wall time {time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _tp_demo(args: argparse.Namespace, start: float) -> int:
+    from . import _demo, _demo_tp
+
+    if args.device != "cpu" or args.save or args.load or args.block != 128:
+        print(
+            "fp8-blockwise demo: --tp runs on CPU processes (gloo) with 128x128 blocks converted in "
+            "each process; --device, --save, --load and --block are not available with it",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        result, sharding, agreement = _demo_tp.run(
+            args.tp,
+            activation=args.activation,
+            tokens=args.tokens,
+            max_new_tokens=args.max_new_tokens,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except _demo.DemoSetupError as e:
+        print(f"fp8-blockwise demo: {e}", file=sys.stderr)
+        return 2
+    print(_demo_tp.report(result, sharding, args.tp, agreement))
     print(f"\n(wall time {time.perf_counter() - start:.0f} s)")
     return 0
 
@@ -205,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="greedy generation length per variant (default 24, but 0 on xla, where every step "
         "recompiles; 0 skips generation)",
+    )
+    p_demo.add_argument(
+        "--tp",
+        type=_positive,
+        default=1,
+        help="split the FP8 model over N CPU processes (gloo tensor parallel, distributed.parallelize); "
+        "adds 'tp=N' rows to the one-process rows",
     )
     io = p_demo.add_mutually_exclusive_group()
     io.add_argument(

@@ -1,0 +1,133 @@
+"""Per-rank checkpoint loading without communication: rank 3 of a fake process group of world size 8
+reads only its slices of each sharded tensor (safetensors get_slice, never get_tensor) and gets
+exactly the rows / columns the unsharded layer holds; bad files raise CheckpointError naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torch_fp8_blockwise import checkpoint as ckpt
+from torch_fp8_blockwise.distributed import Fp8ColwiseLinear, Fp8RowwiseLinear, parallelize
+from torch_fp8_blockwise.distributed import checkpoint as dckpt
+from torch_fp8_blockwise.nn import Fp8Config, quantize_model_
+
+RANK, WORLD = 3, 8
+
+
+class _Mlp(nn.Module):
+    def __init__(self, hidden: int = 1024, inter: int = 2048) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=True)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=True)
+        self.norm = nn.LayerNorm(hidden)
+
+
+@pytest.fixture
+def mesh8():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=RANK, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        yield init_device_mesh("cpu", (WORLD,))
+    finally:
+        dist.destroy_process_group()
+
+
+class _SpyOpen:
+    """safetensors.safe_open that records which keys were read whole and which by slice."""
+
+    whole: list[str] = []
+    sliced: list[str] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._f = _REAL_OPEN(*args, **kwargs)
+
+    def __enter__(self):
+        self._f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    def keys(self):
+        return self._f.keys()
+
+    def get_tensor(self, key):
+        _SpyOpen.whole.append(key)
+        return self._f.get_tensor(key)
+
+    def get_slice(self, key):
+        _SpyOpen.sliced.append(key)
+        return self._f.get_slice(key)
+
+
+_REAL_OPEN = safetensors.safe_open
+
+
+def test_rank_reads_only_its_slices(mesh8, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    full = nn.Sequential()
+    full.add_module("mlp", _Mlp())
+    quantize_model_(full, Fp8Config(), progress=False)
+    ckpt.save(full, tmp_path)
+    with torch.device("meta"):
+        model = nn.Sequential()
+        model.add_module("mlp", _Mlp())
+    parallelize(model, mesh8)
+    _SpyOpen.whole, _SpyOpen.sliced = [], []
+    monkeypatch.setattr(safetensors, "safe_open", _SpyOpen)
+    dckpt.load(model, tmp_path)
+    sharded = {
+        f"mlp.{p}.{t}" for p in ("gate_proj", "up_proj", "down_proj") for t in ("weight", "weight_scale_inv")
+    }
+    sharded.add("mlp.gate_proj.bias")  # a column-parallel bias is split; a row-parallel one is not
+    assert set(_SpyOpen.sliced) == sharded
+    assert not sharded & set(_SpyOpen.whole)
+    assert set(_SpyOpen.whole) == {"mlp.down_proj.bias", "mlp.norm.weight", "mlp.norm.bias"}
+
+    gate, down = model.mlp.gate_proj, model.mlp.down_proj
+    assert isinstance(gate, Fp8ColwiseLinear) and isinstance(down, Fp8RowwiseLinear)
+    rows = slice(RANK * 256, (RANK + 1) * 256)
+    u8 = torch.uint8
+    assert torch.equal(gate.weight.view(u8), full.mlp.gate_proj.weight[rows].view(u8))
+    assert torch.equal(gate.weight_scale_inv, full.mlp.gate_proj.weight_scale_inv[RANK * 2 : RANK * 2 + 2])
+    assert torch.equal(gate.bias, full.mlp.gate_proj.bias[rows])
+    assert torch.equal(down.weight.view(u8), full.mlp.down_proj.weight[:, rows].view(u8))
+    assert torch.equal(down.weight_scale_inv, full.mlp.down_proj.weight_scale_inv[:, RANK * 2 : RANK * 2 + 2])
+    assert torch.equal(down.bias, full.mlp.down_proj.bias)
+    assert torch.equal(model.mlp.norm.weight, full.mlp.norm.weight)
+    assert (
+        tuple(model.mlp.up_proj.weight.shape) == (256, 1024) and model.mlp.up_proj.weight.device.type == "cpu"
+    )
+
+
+def test_load_refuses_a_checkpoint_of_other_shapes_or_blocks(mesh8, tmp_path):
+    torch.manual_seed(0)
+    small = nn.Sequential()
+    small.add_module("mlp", _Mlp(1024, 1024))
+    quantize_model_(small, Fp8Config(), progress=False)
+    ckpt.save(small, tmp_path / "small")
+    with torch.device("meta"):
+        model = nn.Sequential()
+        model.add_module("mlp", _Mlp())
+    parallelize(model, mesh8)
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"mlp.down_proj.weight in .*: expected shape \(1024, 2048\) for the model's layer",
+    ):
+        dckpt.load(model, tmp_path / "small")
+    assert model.mlp.gate_proj.weight.device.type == "meta"  # nothing changed
+
+    big = nn.Sequential()
+    big.add_module("mlp", _Mlp())
+    quantize_model_(big, Fp8Config(block_shape=(256, 256)), progress=False)
+    ckpt.save(big, tmp_path / "b256")
+    with pytest.raises(ckpt.CheckpointError, match=r"sharded at \(128, 128\) blocks, the checkpoint has"):
+        dckpt.load(model, tmp_path / "b256")

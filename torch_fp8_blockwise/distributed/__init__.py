@@ -1,0 +1,36 @@
+"""Tensor-parallel FP8 block-wise layers on torch.distributed (DTensor / DeviceMesh) and torch_xla SPMD.
+
+* :func:`check_plan`: a pure shape check of a plan (no process group); :class:`BlockShardingError`.
+* :func:`parallelize`: apply a plan (or the default one for transformers decoders) to a model on a
+  torch ``DeviceMesh`` or a torch_xla SPMD ``Mesh``; returns a :class:`ShardingReport`.
+* :class:`Fp8ColwiseParallel`, :class:`Fp8RowwiseParallel`: ``ParallelStyle``s for
+  ``parallelize_module``.
+* a DTensor sharding rule for ``torch.ops.fp8.blockwise_matmul`` (registered on import) for users who
+  call the op on DTensors.
+* :mod:`.checkpoint`: per-rank load (each rank reads only its slices) and save of a sharded model.
+
+The block-alignment rule lives in :mod:`.alignment` (one function, :func:`shard_problem`).
+"""
+
+from . import checkpoint
+from . import sharding_rule as _sharding_rule  # noqa: F401  (registers the DTensor rule)
+from .alignment import BlockShardingError, shard_problem, working_tp_sizes
+from .layers import Fp8ColwiseLinear, Fp8RowwiseLinear
+from .parallelize import ShardingReport, parallelize
+from .plan import DEFAULT_PLAN, check_plan
+from .styles import Fp8ColwiseParallel, Fp8RowwiseParallel
+
+__all__ = [
+    "DEFAULT_PLAN",
+    "checkpoint",
+    "BlockShardingError",
+    "Fp8ColwiseLinear",
+    "Fp8ColwiseParallel",
+    "Fp8RowwiseLinear",
+    "Fp8RowwiseParallel",
+    "ShardingReport",
+    "check_plan",
+    "parallelize",
+    "shard_problem",
+    "working_tp_sizes",
+]

@@ -1,0 +1,207 @@
+""":func:`parallelize`: one plan, applied on a torch ``DeviceMesh`` (gloo / NCCL) or a torch_xla SPMD ``Mesh``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..nn import Fp8BlockwiseLinear, Fp8Config
+from .alignment import BlockShardingError
+from .layers import shard_layer_
+from .plan import EXPERT_UNAVAILABLE, check_plan, default_assignment
+
+
+@dataclass(frozen=True)
+class ShardedLayer:
+    """How one layer was split: full and local weight shapes [N, K], block (bn, bk)."""
+
+    kind: str
+    full_shape: tuple[int, int]
+    local_shape: tuple[int, int]
+    block: tuple[int, int]
+
+
+@dataclass
+class ShardingReport:
+    """What :func:`parallelize` did. ``str()`` is a readable table.
+
+    ``rank_bytes``: bytes of every parameter and buffer one rank holds after (meta tensors counted
+    by shape, shared tensors once); ``full_bytes``: the same before (one device's model).
+    """
+
+    engine: str
+    tp_size: int
+    sharded: dict[str, ShardedLayer] = field(default_factory=dict)
+    replicated: dict[str, str] = field(default_factory=dict)
+    full_bytes: int = 0
+    rank_bytes: int = 0
+
+    def __str__(self) -> str:
+        lines = [
+            f"tensor parallel ({self.engine}, tp={self.tp_size}): {len(self.sharded)} layers sharded, "
+            f"{len(self.replicated)} kept replicated"
+        ]
+        # Decoder layers repeat: one line per (name with layer indices as *, what happened), counted.
+        entries: dict[tuple[str, str], int] = {}
+        for name, s in self.sharded.items():
+            what = (
+                f"{s.kind} [{s.full_shape[0]}, {s.full_shape[1]}] -> "
+                f"[{s.local_shape[0]}, {s.local_shape[1]}] per rank ({s.block[0]}x{s.block[1]} blocks)"
+            )
+            key = (_generic(name), what)
+            entries[key] = entries.get(key, 0) + 1
+        for name, reason in self.replicated.items():
+            key = (_generic(name), f"replicated: {_generic(reason)}")
+            entries[key] = entries.get(key, 0) + 1
+        for (name, what), count in entries.items():
+            lines.append(f"  {name}{f' (x{count})' if count > 1 else ''}: {what}")
+        ratio = f" ({self.rank_bytes / self.full_bytes:.3f}x)" if self.full_bytes else ""
+        lines.append(f"bytes per rank: {self.rank_bytes:,} (one device: {self.full_bytes:,}){ratio}")
+        return "\n".join(lines)
+
+
+def _generic(text: str) -> str:
+    """Layer indices in module names as '*' ("model.layers.3.mlp" -> "model.layers.*.mlp")."""
+    return re.sub(r"\.\d+(?=\.)", ".*", text)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each tensor object once; meta counted by shape)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _is_xla_mesh(mesh: object) -> bool:
+    return type(mesh).__module__.startswith("torch_xla")
+
+
+def _meta_fp8(linear: nn.Linear, config: Fp8Config) -> Fp8BlockwiseLinear:
+    return Fp8BlockwiseLinear(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        config=config,
+        device="meta",
+        bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+    )
+
+
+def _assignment(
+    model: nn.Module, plan: dict[str, str | None] | None, tp: int, config: Fp8Config
+) -> tuple[dict[str, str], dict[str, str]]:
+    if plan is None:
+        return default_assignment(model, tp, config.block_shape)
+    assigned = check_plan(model, plan, tp, block_shape=config.block_shape)
+    experts = sorted(name for name, kind in assigned.items() if kind == "expert")
+    if experts:
+        raise NotImplementedError(f"plan: {experts[0]} asks for 'expert': {EXPERT_UNAVAILABLE}")
+    for name in assigned:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
+            raise TypeError(
+                f"plan: {name} is a high-precision nn.Linear with values; convert it with quantize_model_ "
+                "first, or map it to None (replicated)"
+            )
+    return assigned, {}
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: object,
+    plan: dict[str, str | None] | None = None,
+    *,
+    config: Fp8Config | None = None,
+) -> ShardingReport:
+    """Split ``model``'s FP8 layers over the ranks of ``mesh`` in place, and report what was done.
+
+    Args:
+        model: a model whose linear layers are :class:`Fp8BlockwiseLinear` (after quantize_model_),
+            or a model on the meta device (its planned nn.Linear layers become meta
+            Fp8BlockwiseLinear shards of ``config``; fill them with
+            :func:`torch_fp8_blockwise.distributed.checkpoint.load`, so no rank holds the full model).
+            Every rank must call this with the same model (same values where not meta).
+        mesh: a 1-D ``torch.distributed.device_mesh.DeviceMesh`` (this process is one rank: the
+            layers become :class:`Fp8ColwiseLinear` / :class:`Fp8RowwiseLinear` holding local
+            shards, collectives on the mesh's process group), or a 1-D torch_xla SPMD
+            ``torch_xla.distributed.spmd.Mesh`` (one process drives every device: the layers become
+            :class:`~.xla.Fp8XlaColwiseLinear` / ``Fp8XlaRowwiseLinear`` running the kernel on local
+            shapes inside manual-sharding regions).
+        plan: ``{pattern: "colwise" | "rowwise" | "expert" | None}``, checked by :func:`check_plan`
+            (all or nothing: :class:`BlockShardingError` before anything moves). None: the default
+            plan (:data:`DEFAULT_PLAN`), made safe: an attention / MLP block whose layers do not all
+            satisfy the alignment rule (or would split heads) stays replicated, with the reason in the
+            report; experts stay replicated (expert parallelism is not available yet).
+        config: Fp8Config for meta nn.Linear layers (default Fp8Config()).
+
+    Returns: a :class:`ShardingReport` (layers sharded how, layers kept replicated and why, bytes per rank).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    config = Fp8Config() if config is None else config
+    if _is_xla_mesh(mesh):
+        from . import xla
+
+        tp = xla.mesh_size(mesh)
+        engine = "torch_xla SPMD"
+    else:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if not isinstance(mesh, DeviceMesh):
+            raise TypeError(
+                f"mesh: expected a torch DeviceMesh or a torch_xla SPMD Mesh, got {type(mesh).__name__}"
+            )
+        if mesh.ndim != 1:
+            raise ValueError(
+                f"mesh: expected a 1-D mesh, got {mesh.ndim}-D {tuple(mesh.shape)}; pass mesh['tp']"
+            )
+        tp = mesh.size()
+        engine = f"torch.distributed {mesh.get_group().name()}"
+    for name, module in model.named_modules():  # refuse before anything moves
+        if isinstance(module, Fp8BlockwiseLinear) and getattr(module, "kind", "") in ("colwise", "rowwise"):
+            raise ValueError(f"model: {name} is already split ({type(module).__name__}); parallelize once")
+    assigned, replicated = _assignment(model, plan, tp, config)
+    for name in assigned:
+        module = model.get_submodule(name)
+        if _is_xla_mesh(mesh) and module.weight.device.type != "xla":
+            raise ValueError(
+                f"model: {name}.weight is on {module.weight.device}; on a torch_xla Mesh the model must "
+                "be on torch_xla's device (meta models: load the checkpoint, then move)"
+            )
+
+    layers: dict[str, Fp8BlockwiseLinear] = {}
+    for name in assigned:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, attr)
+        if not isinstance(layer, Fp8BlockwiseLinear):  # a meta nn.Linear (checked above)
+            layer = _meta_fp8(layer, config)
+            setattr(parent, attr, layer)
+        layers[name] = layer
+    # "one device": the fp8 model unsplit (meta nn.Linear layers counted as the fp8 layers they become)
+    report = ShardingReport(engine, tp, replicated=replicated, full_bytes=model_bytes(model))
+    for name, kind in assigned.items():
+        layer = layers[name]
+        full = (layer.out_features, layer.in_features)
+        if _is_xla_mesh(mesh):
+            layer = xla.shard_layer_(layer, kind, mesh)
+        else:
+            layer = shard_layer_(layer, kind, mesh.get_local_rank(), tp, mesh.get_group())
+        local = (layer.out_features, layer.in_features)
+        if _is_xla_mesh(mesh):  # the module holds the global view; each device its shard
+            local = (full[0] // tp, full[1]) if kind == "colwise" else (full[0], full[1] // tp)
+        report.sharded[name] = ShardedLayer(kind, full, local, layer.config.block_shape)
+    report.rank_bytes = model_bytes(model)
+    if _is_xla_mesh(mesh):
+        report.rank_bytes = xla.rank_bytes(model)
+    return report
+
+
+__all__ = ["BlockShardingError", "ShardedLayer", "ShardingReport", "model_bytes", "parallelize"]
