@@ -15,6 +15,10 @@ The format (what DeepSeek-V3/R1, transformers' FineGrainedFP8 and vLLM/SGLang re
 :func:`load` reads everything, checks everything, builds the new layers, and only then touches the
 model: a bad file raises (:class:`CheckpointError`, naming the tensor and the file) and leaves the
 model exactly as it was. safetensors is imported by these functions, not by the package.
+
+compressed-tensors (llm-compressor ``FP8_BLOCK``) checkpoints load too, and ``save(...,
+format="compressed-tensors")`` writes them: :mod:`.compressed_tensors` reads and writes their
+``quantization_config`` (``quant_method: "compressed-tensors"``; scales named ``weight_scale``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import compressed_tensors as _ct
 from .formats import E8M0_NAN, FP8_DTYPES, HIGH_PRECISION_DTYPES, MATMUL_BLOCKS, cdiv, e8m0_to_float
 from .nn import (
     DEFAULT_BLOCK,
@@ -47,6 +52,8 @@ CONFIG_FILE = "config.json"
 SCALE_SUFFIX = ".weight_scale_inv"
 
 _FMT_DTYPES: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+#: save(format=...): quant_method of the config.json written.
+FORMATS = ("fp8", _ct.QUANT_METHOD)
 
 
 class CheckpointError(ValueError):
@@ -67,8 +74,9 @@ def save(
     path: str | os.PathLike,
     *,
     max_shard_bytes: int | None = None,
+    format: str = "fp8",
 ) -> list[str]:
-    """Write ``model`` to directory ``path`` in the DeepSeek / HF fp8 format.
+    """Write ``model`` to directory ``path`` in the DeepSeek / HF fp8 format (or compressed-tensors).
 
     Fp8BlockwiseLinear layers become ``weight`` (fp8) + ``weight_scale_inv`` (float32); all other
     state (norms, embeddings, biases, nn.Linear layers left in high precision) is written as it is.
@@ -82,6 +90,11 @@ def save(
     Args:
         max_shard_bytes: split into shards of at most this many bytes (a tensor larger than that
             gets a shard of its own) plus ``model.safetensors.index.json``; None: one file.
+        format: "fp8" (DeepSeek / HF: ``weight_scale_inv``, ``quant_method: "fp8"``) or
+            "compressed-tensors" (llm-compressor's FP8_BLOCK layout, which vLLM's compressed-tensors
+            path reads: scales named ``weight_scale``, written in float32, one config group per
+            block shape and activation; float8_e5m2 layers are refused). Layers left in high
+            precision are listed in ``ignore`` there.
 
     Returns: the names of the files written (relative to ``path``).
     """
@@ -89,8 +102,10 @@ def save(
 
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
         raise ValueError(f"max_shard_bytes: expected a positive int or None, got {max_shard_bytes!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Fp8BlockwiseLinear)}
-    quant = _quantization_config(model, layers)
+    quant = _quantization_config(model, layers) if format == "fp8" else _ct.quantization_config(model, layers)
 
     tensors: dict[str, torch.Tensor] = {}
     ties = _tie_groups(model)
@@ -106,6 +121,8 @@ def save(
             continue
         seen.add(view)
         tensors[key] = t.detach().to("cpu").contiguous()
+    if format == _ct.QUANT_METHOD:
+        tensors = {_ct.checkpoint_key(key, t, layers): t for key, t in tensors.items()}
 
     os.makedirs(path, exist_ok=True)
     shards = _shard(tensors, max_shard_bytes)
@@ -201,12 +218,25 @@ def _shard(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict
 # ------------------------------------------------------------------------------------------ load
 @dataclass(frozen=True)
 class _FileFormat:
+    """The DeepSeek / HF fp8 format: one block shape for the file; a layer is fp8 when the file
+    holds its ``weight_scale_inv`` (not ``explicit``). The compressed-tensors reader
+    (:class:`.compressed_tensors.CompressedTensorsFormat`) has the same interface, with a
+    per-layer scheme that its config, not the file, decides."""
+
     block: tuple[int, int]
     dtype: torch.dtype
     scale_format: str
+    activation: str = "dynamic"
+    scale_suffix: str = SCALE_SUFFIX
+    explicit: bool = False
+
+    def layer(self, name: str, module: nn.Module) -> _FileFormat:
+        return self
 
 
-def _read_config(root: str) -> tuple[_FileFormat, str]:
+def _read_config(
+    root: str, activation: str | None = None
+) -> tuple[_FileFormat | _ct.CompressedTensorsFormat, str]:
     """The checkpoint's fp8 format from config.json (DeepSeek defaults when it has none)."""
     cfg_path = os.path.join(root, CONFIG_FILE)
     if not os.path.exists(cfg_path):
@@ -219,6 +249,11 @@ def _read_config(root: str) -> tuple[_FileFormat, str]:
     if quant is None:
         return _FileFormat(DEFAULT_BLOCK, torch.float8_e4m3fn, "fp32"), cfg_path
     where = f"quantization_config in {cfg_path}"
+    if isinstance(quant, dict) and quant.get("quant_method") == _ct.QUANT_METHOD:
+        try:
+            return _ct.parse_quantization_config(quant, activation), cfg_path
+        except _ct.ConfigError as e:
+            raise CheckpointError(f"{where}: {e}") from e
     if quant.get("quant_method", "fp8") != "fp8":
         raise CheckpointError(f"{where}: quant_method {quant.get('quant_method')!r} is not 'fp8'")
     block = quant.get("weight_block_size", list(DEFAULT_BLOCK))
@@ -345,9 +380,10 @@ def load(
     *,
     requantize_block: int | None = None,
     strict: bool = True,
-    activation: str = "dynamic",
+    activation: str | None = None,
 ) -> QuantizationSummary:
-    """Load a DeepSeek / HF fp8 checkpoint (directory, ``.safetensors`` file or index json) into ``model``.
+    """Load a DeepSeek / HF fp8 or a compressed-tensors FP8 block checkpoint (directory,
+    ``.safetensors`` file or index json) into ``model``.
 
     Each ``nn.Linear`` whose weight has a ``weight_scale_inv`` in the checkpoint becomes an
     :class:`Fp8BlockwiseLinear` holding the file's fp8 tensors as they are (no dequantize, no
@@ -356,6 +392,11 @@ def load(
     assigned when the model's tensors are on the meta device). Layers are created on the device of
     the Linear they replace (CPU for meta).
 
+    compressed-tensors (``quant_method: "compressed-tensors"``, llm-compressor's FP8_BLOCK): the
+    config's ``targets`` / ``ignore`` say which layers are fp8 (their scales are ``weight_scale``,
+    bf16 / fp16 / fp32, upcast exactly); a file whose tensors disagree with it, or a scheme we
+    cannot run (:mod:`.compressed_tensors` lists them), raises naming config.json and the field.
+
     Args:
         requantize_block: 128, 256 or 512: re-quantize every fp8 weight to (b, b) blocks (dequantize
             in float32 at the file's blocks, quantize at the new ones). For TPU, where a 128-deep K
@@ -363,7 +404,9 @@ def load(
             file's weight (``sqnr_vs_128_db``).
         strict: every model tensor must be in the checkpoint and every checkpoint tensor must be used
             (tied tensors count once).
-        activation: "dynamic" (W8A8) or "none" (W8A16) for the fp8 layers.
+        activation: "dynamic" (W8A8) or "none" (W8A16) for every fp8 layer; None: as the
+            checkpoint says (DeepSeek format: "dynamic"; compressed-tensors: each group's
+            ``input_activations``, "none" where it has none).
 
     Returns: a :class:`QuantizationSummary` of the fp8 layers loaded.
 
@@ -375,9 +418,10 @@ def load(
         raise ValueError(
             f"requantize_block: expected one of {MATMUL_BLOCKS} or None, got {requantize_block!r}"
         )
-    Fp8Config(activation=activation)  # validates the name
+    if activation is not None:
+        Fp8Config(activation=activation)  # validates the name
     root, files = _files(path)
-    fmt, _ = _read_config(root)
+    fmt, _ = _read_config(root, activation)
     tensors = _read_tensors(files)
     plan = _plan(model, tensors, fmt, requantize_block, strict, activation)
     _commit(model, plan)
@@ -403,23 +447,25 @@ def _tie_groups(model: nn.Module) -> dict[str, frozenset[str]]:
 def _plan(
     model: nn.Module,
     tensors: dict[str, tuple[torch.Tensor, str]],
-    fmt: _FileFormat,
+    fmt: _FileFormat | _ct.CompressedTensorsFormat,
     requantize_block: int | None,
     strict: bool,
-    activation: str,
+    activation: str | None,
 ) -> _Plan:
     summary = QuantizationSummary()
     used: set[str] = set()
     new_layers: dict[str, Fp8BlockwiseLinear] = {}
     fill_layers: dict[str, Fp8BlockwiseLinear] = {}
-    file_config = Fp8Config(fmt.block, activation, fmt.dtype, fmt.scale_format)
     handled_prefixes: list[str] = []
 
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
             continue
-        w_key, s_key, b_key = f"{name}.weight", f"{name}{SCALE_SUFFIX}", f"{name}.bias"
-        if s_key not in tensors:
+        w_key, s_key, b_key = f"{name}.weight", f"{name}{fmt.scale_suffix}", f"{name}.bias"
+        layer_fmt = fmt.layer(name, module) if fmt.explicit or s_key in tensors else None
+        if fmt.explicit and (layer_fmt is None) == (s_key in tensors):
+            raise CheckpointError(_config_disagrees(name, s_key, tensors, layer_fmt))
+        if layer_fmt is None:
             if w_key in tensors and tensors[w_key][0].dtype in FP8_DTYPES:
                 raise CheckpointError(
                     f"{s_key}: missing, but {w_key} in {tensors[w_key][1]} is {tensors[w_key][0].dtype} "
@@ -435,22 +481,23 @@ def _plan(
             raise CheckpointError(f"{w_key}: missing, but {s_key} is in {tensors[s_key][1]}")
         (weight, w_file), (scale, s_file) = tensors[w_key], tensors[s_key]
         n, k = module.out_features, module.in_features
-        if weight.dtype != fmt.dtype:
+        if weight.dtype != layer_fmt.dtype:
             raise CheckpointDtypeError(
-                f"{w_key} in {w_file}: expected {fmt.dtype} (fmt in config.json), got {weight.dtype}"
+                f"{w_key} in {w_file}: expected {layer_fmt.dtype} (fmt in config.json), got {weight.dtype}"
             )
         if tuple(weight.shape) != (n, k):
             raise CheckpointError(
                 f"{w_key} in {w_file}: expected shape ({n}, {k}) for the model's layer "
                 f"(out_features={n}, in_features={k}), got {tuple(weight.shape)}"
             )
-        scale = _scale_as_float32(s_key, scale, s_file, fmt)
-        bn, bk = fmt.block
+        scale = _scale_as_float32(s_key, scale, s_file, layer_fmt)
+        bn, bk = layer_fmt.block
         grid = (cdiv(n, bn), cdiv(k, bk))
         if tuple(scale.shape) != grid:
             raise CheckpointError(
                 f"{s_key} in {s_file}: expected shape {grid} (weight [{n}, {k}] in {bn}x{bk} blocks, "
-                f"weight_block_size in config.json), got {tuple(scale.shape)}"
+                f"{'block_structure' if fmt.explicit else 'weight_block_size'} in config.json), "
+                f"got {tuple(scale.shape)}"
             )
         bias = None
         if module.bias is not None:
@@ -477,16 +524,19 @@ def _plan(
 
         device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
         bias = None if bias is None else bias.to(device)
+        file_config = Fp8Config(
+            layer_fmt.block, activation or layer_fmt.activation, layer_fmt.dtype, layer_fmt.scale_format
+        )
         layer = Fp8BlockwiseLinear.from_quantized(weight.to(device), scale.to(device), bias, file_config)
         report = LayerReport(
             out_features=n,
             in_features=k,
-            block_shape=fmt.block,
+            block_shape=layer_fmt.block,
             bytes_before=_nbytes(weight, scale, bias),
             bytes_after=_nbytes(weight, scale, bias),
             sqnr_db=None,
         )
-        if requantize_block is not None and fmt.block != (requantize_block, requantize_block):
+        if requantize_block is not None and layer_fmt.block != (requantize_block, requantize_block):
             old = layer
             layer = requantize(old, requantize_block)
             report.block_shape = layer.config.block_shape
@@ -521,7 +571,7 @@ def _plan(
         if t.dtype in FP8_DTYPES and target.dtype not in FP8_DTYPES:
             raise CheckpointDtypeError(
                 f"{key} in {file}: is {t.dtype}, but the model's tensor is {target.dtype} and no "
-                f"{key.rpartition('.')[0]}{SCALE_SUFFIX} says how to scale it"
+                f"{key.rpartition('.')[0]}{fmt.scale_suffix} says how to scale it"
             )
         if t.is_floating_point() != target.is_floating_point():
             raise CheckpointDtypeError(f"{key} in {file}: expected a {target.dtype} tensor, got {t.dtype}")
@@ -537,6 +587,21 @@ def _plan(
     if unexpected:
         logger.warning("checkpoint.load: ignored %d unexpected keys, e.g. %s", len(unexpected), unexpected[0])
     return _Plan(new_layers, fill_layers, rest, summary, assign=any_meta)
+
+
+def _config_disagrees(
+    name: str, s_key: str, tensors: dict[str, tuple[torch.Tensor, str]], scheme: _ct.LayerScheme | None
+) -> str:
+    """The message when config.json's targets / ignore and the file's tensors disagree on ``name``."""
+    if scheme is None:
+        return (
+            f"{s_key} in {tensors[s_key][1]}: the quantization_config in config.json keeps {name} in "
+            "high precision (no target matches it, or ignore does), but the file holds its fp8 scales"
+        )
+    return (
+        f"{s_key}: missing, but the quantization_config in config.json targets {name} "
+        f"(config_groups.{scheme.group}) (files: {sorted({f for _, f in tensors.values()})})"
+    )
 
 
 def _commit(model: nn.Module, plan: _Plan) -> None:
