@@ -161,7 +161,9 @@ def test_targets_regex_exact_names_and_ignore(tmp_path) -> None:
         # an exact name beats a regex (compressed-tensors' order), whichever group comes first
         "group_2": {"targets": ["model.layers.1.up_proj"], "weights": WEIGHTS, "input_activations": ACTS},
     }
-    quant = _config(groups, ignore=["model.layers.1.down_proj"])  # lm_head: matched by no target
+    # lm_head: matched by no target; "re:" is re.match, anchored at the start of the name, so
+    # "re:layers\.1\.q_proj" does not ignore model.layers.1.q_proj
+    quant = _config(groups, ignore=["model.layers.1.down_proj", r"re:layers\.1\.q_proj"])
     fp8 = set(PROJ) - {"model.layers.1.down_proj"}
     tensors = _write(_bf16_model(), tmp_path, quant, fp8)
     model = _bf16_model()
@@ -209,6 +211,18 @@ def test_fp8_block_preset_name_in_config_groups(tmp_path) -> None:
     model = _bf16_model()
     checkpoint.load(model, tmp_path)
     _assert_loaded_exactly(model, tensors, "model.layers.1.down_proj", "dynamic")
+
+
+def test_a_target_repeated_in_a_later_group_belongs_to_that_group(tmp_path) -> None:
+    groups = {
+        "group_0": {"targets": ["Linear"], "weights": WEIGHTS, "input_activations": ACTS},
+        "group_1": {"targets": ["Linear"], "weights": WEIGHTS},
+    }
+    tensors = _write(_bf16_model(), tmp_path, _config(groups), set(PROJ))
+    model = _bf16_model()
+    checkpoint.load(model, tmp_path)
+    for name in PROJ:
+        _assert_loaded_exactly(model, tensors, name, "none")
 
 
 def test_load_into_meta_model(tmp_path) -> None:
@@ -352,6 +366,23 @@ def test_save_load_round_trip(tmp_path, tie, mixed, shard) -> None:
     for name, layer in model.named_modules():
         if isinstance(layer, Fp8BlockwiseLinear):
             assert fresh.get_submodule(name).config == layer.config, name
+    ids = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+def test_save_ue8m0_layers_as_plain_multipliers(tmp_path) -> None:
+    """compressed-tensors has no power-of-two flag: the scales are written as they are (float32
+    powers of two) and load back as scale_format "fp32", with the same outputs."""
+    model = TinyLM().to(torch.bfloat16)
+    quantize_model_(model, Fp8Config(scale_format="ue8m0"), lambda m, fqn: fqn != "lm_head", progress=False)
+    checkpoint.save(model, tmp_path, format="compressed-tensors")
+    fresh = TinyLM().to(torch.bfloat16)
+    checkpoint.load(fresh, tmp_path)
+    layer = fresh.model.layers[0].up_proj
+    assert layer.config.scale_format == "fp32"
+    assert torch.equal(layer.weight_scale_inv, model.model.layers[0].up_proj.weight_scale_inv)
+    assert not (layer.weight_scale_inv.view(torch.int32) & 0x7FFFFF).any()
     ids = torch.randint(0, 300, (2, 7))
     with torch.no_grad():
         assert torch.equal(fresh(ids), model(ids))

@@ -217,8 +217,7 @@ def parse_quantization_config(
             raise ConfigError(f"{field}: expected an object, got {type(scheme).__name__}")
         parsed = _parse_scheme(group, scheme, top_format, activation)
         for target in _string_list(scheme.get("targets"), f"{field}.targets", nonempty=True):
-            targets.pop(target, None)  # a later group's target wins, as in compressed-tensors
-            targets[target] = parsed
+            targets[target] = parsed  # a later group's target wins, as in compressed-tensors
     return CompressedTensorsFormat(tuple(targets.items()), tuple(ignore))
 
 
@@ -361,7 +360,8 @@ def quantization_config(model: nn.Module, layers: Mapping[str, Fp8BlockwiseLinea
     ``ignore`` (vLLM needs each of its linear layers to match a target or ``ignore``).
 
     Raises ValueError for layers the format cannot express (float8_e5m2 weights: compressed-tensors'
-    8-bit float is e4m3).
+    8-bit float is e4m3). ``scale_format="ue8m0"`` layers are written as the float32 powers of two
+    they hold (the format has no flag for it: they load back as "fp32", same numbers).
     """
     if not layers:
         return None
