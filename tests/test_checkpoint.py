@@ -386,7 +386,10 @@ def test_index_naming_a_key_the_shard_lacks(tmp_path) -> None:
         ({"weight_block_size": [64, 64]}, "weight_block_size: list [64, 64] is not supported"),
         ({"fmt": "int8"}, "quantization_config.fmt: expected one of 'e4m3', 'e5m2', got str 'int8'"),
         ({"activation_scheme": "static"}, "activation_scheme: expected one of 'dynamic', got str 'static'"),
-        ({"quant_method": "gptq"}, "quant_method: expected one of 'fp8', got str 'gptq'"),
+        (
+            {"quant_method": "gptq"},
+            "quant_method: expected one of 'fp8', 'compressed-tensors', got str 'gptq'",
+        ),
         ({"scale_fmt": "ue8m0"}, "not powers of two"),  # the file's scales are amax/448, not 2^k
     ],
 )

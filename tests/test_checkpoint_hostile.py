@@ -292,7 +292,10 @@ def _config(**quant) -> bytes:
         (b'{"quantization_config": [1]}', "quantization_config: expected an object, got list"),
         (_config(fmt=["e4m3"]), "quantization_config.fmt: expected one of 'e4m3', 'e5m2', got list ['e4m3']"),
         (_config(fmt={"a": 1}), "quantization_config.fmt: expected one of"),
-        (_config(quant_method=None), "quantization_config.quant_method: expected one of 'fp8', got NoneType"),
+        (
+            _config(quant_method=None),
+            "quantization_config.quant_method: expected one of 'fp8', 'compressed-tensors', got NoneType",
+        ),
         (_config(scale_fmt=["ue8m0"]), "quantization_config.scale_fmt: expected one of"),
         (_config(activation_scheme={"x": 1}), "quantization_config.activation_scheme: expected one of"),
         (_config(weight_block_size=[128, True]), "quantization_config.weight_block_size: list [128, True]"),

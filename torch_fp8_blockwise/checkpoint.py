@@ -15,6 +15,10 @@ The format (what DeepSeek-V3/R1, transformers' FineGrainedFP8 and vLLM/SGLang re
 :func:`load` reads everything, checks everything, builds the new layers, and only then touches the
 model: a bad file raises (:class:`CheckpointError`, naming the tensor and the file) and leaves the
 model exactly as it was. safetensors is imported by these functions, not by the package.
+
+compressed-tensors (llm-compressor ``FP8_BLOCK``) checkpoints load too, and ``save(...,
+format="compressed-tensors")`` writes them: :mod:`.compressed_tensors` reads and writes their
+``quantization_config`` (``quant_method: "compressed-tensors"``; scales named ``weight_scale``).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import os
 import re
 import reprlib
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import torch
 from torch import nn
 
+from . import compressed_tensors as _ct
 from . import experts as _experts
 from .formats import (
     E8M0_NAN,
@@ -66,6 +72,8 @@ MAX_HEADER_BYTES = 100_000_000
 MAX_JSON_BYTES = 64 << 20
 
 _FMT_DTYPES: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+#: save(format=...): quant_method of the config.json written.
+FORMATS = ("fp8", _ct.QUANT_METHOD)
 
 
 class CheckpointError(ValueError):
@@ -86,8 +94,9 @@ def save(
     path: str | os.PathLike,
     *,
     max_shard_bytes: int | None = None,
+    format: str = "fp8",
 ) -> list[str]:
-    """Write ``model`` to directory ``path`` in the DeepSeek / HF fp8 format.
+    """Write ``model`` to directory ``path`` in the DeepSeek / HF fp8 format (or compressed-tensors).
 
     Fp8BlockwiseLinear layers become ``weight`` (fp8) + ``weight_scale_inv`` (float32); all other
     state (norms, embeddings, biases, nn.Linear layers left in high precision) is written as it is.
@@ -101,6 +110,11 @@ def save(
     Args:
         max_shard_bytes: split into shards of at most this many bytes (a tensor larger than that
             gets a shard of its own) plus ``model.safetensors.index.json``; None: one file.
+        format: "fp8" (DeepSeek / HF: ``weight_scale_inv``, ``quant_method: "fp8"``) or
+            "compressed-tensors" (llm-compressor's FP8_BLOCK layout, which vLLM's compressed-tensors
+            path reads: scales named ``weight_scale``, written in float32, one config group per
+            block shape and activation; float8_e5m2 layers and Fp8Experts are refused). Layers left
+            in high precision are listed in ``ignore`` there.
 
     Returns: the names of the files written (relative to ``path``).
     """
@@ -108,9 +122,21 @@ def save(
 
     if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0):
         raise ValueError(f"max_shard_bytes: expected a positive int or None, got {max_shard_bytes!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     fp8_types = (Fp8BlockwiseLinear, _experts.Fp8Experts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, fp8_types)}
-    quant = _quantization_config(model, layers)
+    linears = {name: m for name, m in layers.items() if isinstance(m, Fp8BlockwiseLinear)}
+    if format == _ct.QUANT_METHOD:
+        experts = sorted(set(layers) - set(linears))
+        if experts:
+            raise ValueError(
+                f"save(format='compressed-tensors'): {experts[0]} is an Fp8Experts; MoE experts are "
+                "written in the 'fp8' (DeepSeek) format only for now"
+            )
+        quant = _ct.quantization_config(model, linears)
+    else:
+        quant = _quantization_config(model, layers)
 
     tensors: dict[str, torch.Tensor] = {}
     ties = _tie_groups(model)
@@ -132,6 +158,8 @@ def save(
             for k in _experts.FUSED_KEYS:
                 tensors.pop(f"{name}.{k}", None)
             tensors.update(_experts.split_per_expert(name, m))
+    if format == _ct.QUANT_METHOD:
+        tensors = {_ct.checkpoint_key(key, t, linears): t for key, t in tensors.items()}
 
     os.makedirs(path, exist_ok=True)
     shards = _shard(tensors, max_shard_bytes)
@@ -401,9 +429,20 @@ def _index(index: str, root: str) -> dict[str, list[str]]:
 
 @dataclass(frozen=True)
 class _FileFormat:
+    """The DeepSeek / HF fp8 format: one block shape for the file; a layer is fp8 when the file
+    holds its ``weight_scale_inv`` (not ``explicit``). The compressed-tensors reader
+    (:class:`.compressed_tensors.CompressedTensorsFormat`) has the same interface, with a
+    per-layer scheme that its config, not the file, decides."""
+
     block: tuple[int, int]
     dtype: torch.dtype
     scale_format: str
+    activation: str = "dynamic"
+    scale_suffix: str = SCALE_SUFFIX
+    explicit: bool = False
+
+    def layer(self, name: str, module: nn.Module) -> _FileFormat:
+        return self
 
 
 _DEFAULT_FORMAT = _FileFormat(DEFAULT_BLOCK, torch.float8_e4m3fn, "fp32")
@@ -419,8 +458,9 @@ def _choice(quant: dict, name: str, default: str | None, allowed: tuple, where: 
     return value
 
 
-def _read_config(root: str) -> _FileFormat:
-    """The checkpoint's fp8 format from config.json (DeepSeek defaults when it has none)."""
+def _read_config(root: str, activation: str | None = None) -> _FileFormat | _ct.CompressedTensorsFormat:
+    """The checkpoint's fp8 format from config.json (DeepSeek defaults when it has none);
+    ``activation`` (None: the file's) is what compressed-tensors' activation checks allow."""
     cfg_path = os.path.join(root, CONFIG_FILE)
     if not os.path.lexists(cfg_path):
         return _DEFAULT_FORMAT
@@ -431,7 +471,12 @@ def _read_config(root: str) -> _FileFormat:
     where = f"{cfg_path}: quantization_config"
     if not isinstance(quant, dict):
         raise CheckpointError(f"{where}: expected an object, got {_show(quant)}")
-    _choice(quant, "quant_method", "fp8", ("fp8",), where)
+    if quant.get("quant_method") == _ct.QUANT_METHOD:
+        try:
+            return _ct.parse_quantization_config(quant, activation)
+        except _ct.ConfigError as e:
+            raise CheckpointError(f"{where}.{e}") from e
+    _choice(quant, "quant_method", "fp8", FORMATS, where)
     block = quant.get("weight_block_size", list(DEFAULT_BLOCK))
     if (
         not isinstance(block, list)
@@ -474,8 +519,12 @@ def _header_keys(file: str) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def _read_tensors(files: dict[str, list[str]]) -> dict[str, tuple[torch.Tensor, str]]:
-    """key -> (tensor on CPU, file), every read error wrapped with the file's name."""
+def _read_tensors(
+    files: dict[str, list[str]], read: Callable[[object, str, str], torch.Tensor] | None = None
+) -> dict[str, tuple[torch.Tensor, str]]:
+    """key -> (tensor on CPU, file), every read error wrapped with the file's name. ``read(f, key,
+    file)`` reads one tensor from the open safetensors file ``f`` (default: all of it;
+    distributed.checkpoint reads a rank's slice)."""
     from safetensors import safe_open
 
     out: dict[str, tuple[torch.Tensor, str]] = {}
@@ -497,7 +546,7 @@ def _read_tensors(files: dict[str, list[str]]) -> dict[str, tuple[torch.Tensor, 
                 for key in keys:
                     if key in out:
                         raise CheckpointError(f"{key}: in both {out[key][1]} and {file}")
-                    out[key] = (f.get_tensor(key), file)
+                    out[key] = (f.get_tensor(key) if read is None else read(f, key, file), file)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises SafetensorError / OSError for bad files
@@ -590,7 +639,7 @@ def load(
     *,
     requantize_block: int | None = None,
     strict: bool = True,
-    activation: str = "dynamic",
+    activation: str | None = None,
 ) -> QuantizationSummary:
     """Load a DeepSeek / HF fp8 checkpoint (directory, ``.safetensors`` file or index json) into ``model``.
 
@@ -621,7 +670,9 @@ def load(
             file's weight (``sqnr_vs_128_db``).
         strict: every model tensor must be in the checkpoint and every checkpoint tensor must be used
             (tied tensors count once).
-        activation: "dynamic" (W8A8) or "none" (W8A16) for the fp8 layers.
+        activation: "dynamic" (W8A8) or "none" (W8A16) for every fp8 layer; None: as the
+            checkpoint says (DeepSeek format: "dynamic"; compressed-tensors: each group's
+            ``input_activations``, "none" where it has none).
 
     Returns: a :class:`QuantizationSummary` of the fp8 layers loaded.
 
@@ -633,10 +684,11 @@ def load(
         raise ValueError(
             f"requantize_block: expected one of {MATMUL_BLOCKS} or None, got {requantize_block!r}"
         )
-    Fp8Config(activation=activation)  # validates the name
+    if activation is not None:
+        Fp8Config(activation=activation)  # validates the name
     # Validation: read and check everything, build the new layers.
     root, files = _files(path)
-    fmt = _read_config(root)
+    fmt = _read_config(root, activation)
     tensors = _read_tensors(files)
     plan = _plan(model, tensors, fmt, requantize_block, strict, activation)
     # Commit: only steps that cannot fail on checked input.
@@ -663,16 +715,15 @@ def _tie_groups(model: nn.Module) -> dict[str, frozenset[str]]:
 def _plan(
     model: nn.Module,
     tensors: dict[str, tuple[torch.Tensor, str]],
-    fmt: _FileFormat,
+    fmt: _FileFormat | _ct.CompressedTensorsFormat,
     requantize_block: int | None,
     strict: bool,
-    activation: str,
+    activation: str | None,
 ) -> _Plan:
     summary = QuantizationSummary()
     used: set[str] = set()
     new_layers: dict[str, nn.Module] = {}
     fill_layers: dict[str, Fp8BlockwiseLinear] = {}
-    file_config = Fp8Config(fmt.block, activation, fmt.dtype, fmt.scale_format)
     parents = module_parents(model)
     handled_prefixes: list[str] = []  # experts modules: their keys are planned by experts.py
 
@@ -680,7 +731,13 @@ def _plan(
         if _experts.is_fused_experts(module):  # MoE experts: per-expert or fused fp8 keys (experts.py)
             for key, (t, file) in tensors.items():  # the same value checks as a Linear's weight
                 if key.startswith(name + ".") and t.dtype in FP8_DTYPES:
+                    if fmt.explicit:
+                        raise CheckpointError(
+                            f"{key} in {file}: MoE experts in a compressed-tensors checkpoint are not "
+                            "supported yet (the 'fp8' / DeepSeek format's per-expert keys are)"
+                        )
                     _check_fp8_codes(key, t, file)
+            file_config = Fp8Config(fmt.block, activation or fmt.activation, fmt.dtype, fmt.scale_format)
             layer, keys, reports = _experts.plan_load(
                 name, module, tensors, file_config, requantize_block,
                 lambda key, t, file: _scale_as_float32(key, t, file, fmt), CheckpointError, CheckpointDtypeError,
@@ -693,10 +750,14 @@ def _plan(
             continue
         if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
             continue
-        if not _has_fp8_weight(name, module, tensors, parents.get(id(module), [])):
+        layer_fmt = _layer_format(name, module, tensors, fmt, parents.get(id(module), []))
+        if layer_fmt is None:
             continue  # a Linear kept in high precision: loaded with the rest
-        layer, report, keys = _plan_layer(name, module, tensors, fmt, file_config, strict)
-        if requantize_block is not None and fmt.block != (requantize_block, requantize_block):
+        file_config = Fp8Config(
+            layer_fmt.block, activation or layer_fmt.activation, layer_fmt.dtype, layer_fmt.scale_format
+        )
+        layer, report, keys = _plan_layer(name, module, tensors, layer_fmt, file_config, strict, fmt)
+        if requantize_block is not None and layer_fmt.block != (requantize_block, requantize_block):
             old = layer
             layer = requantize(old, requantize_block)
             report.block_shape = layer.config.block_shape
@@ -717,6 +778,55 @@ def _plan(
     if unexpected:
         logger.warning("checkpoint.load: ignored %d unexpected keys, e.g. %s", len(unexpected), unexpected[0])
     return _Plan(new_layers, fill_layers, rest, summary, assign=any_meta)
+
+
+def _layer_format(
+    name: str,
+    module: nn.Module,
+    tensors: dict[str, tuple[torch.Tensor, str]],
+    fmt: _FileFormat | _ct.CompressedTensorsFormat,
+    parents: list[nn.Module],
+) -> _FileFormat | _ct.LayerScheme | None:
+    """How Linear ``name`` is stored (None: in high precision). DeepSeek format: fp8 when its
+    weight_scale_inv is in the file. compressed-tensors: as config.json's targets / ignore say,
+    and the file must agree."""
+    if not fmt.explicit:
+        return fmt if _has_fp8_weight(name, module, tensors, parents) else None
+    s_key = f"{name}{fmt.scale_suffix}"
+    scheme = fmt.layer(name, module)
+    if (scheme is None) == (s_key in tensors):
+        raise CheckpointError(_config_disagrees(name, s_key, tensors, scheme))
+    if scheme is None:
+        if isinstance(module, Fp8BlockwiseLinear):
+            raise CheckpointError(
+                f"{name}: an Fp8BlockwiseLinear, but the quantization_config in config.json keeps it "
+                "in high precision (no target matches it, or ignore does)"
+            )
+        return None
+    reason = fp8_ineligible_reason(module, parents)
+    if reason is not None:
+        raise CheckpointError(
+            f"{name}: {tensors[s_key][1]} stores it in fp8 ({s_key}), but it cannot be an "
+            f"Fp8BlockwiseLinear: it is {reason}"
+        )
+    if f"{name}.weight" not in tensors:
+        raise CheckpointError(f"{name}.weight: missing, but {s_key} is in {tensors[s_key][1]}")
+    return scheme
+
+
+def _config_disagrees(
+    name: str, s_key: str, tensors: dict[str, tuple[torch.Tensor, str]], scheme: _ct.LayerScheme | None
+) -> str:
+    """The message when config.json's targets / ignore and the file's tensors disagree on ``name``."""
+    if scheme is None:
+        return (
+            f"{s_key} in {tensors[s_key][1]}: the quantization_config in config.json keeps {name} in "
+            "high precision (no target matches it, or ignore does), but the file holds its fp8 scales"
+        )
+    return (
+        f"{s_key}: missing, but the quantization_config in config.json targets {name} "
+        f"(config_groups.{scheme.group}) (files: {sorted({f for _, f in tensors.values()})})"
+    )
 
 
 def _has_fp8_weight(
@@ -764,13 +874,14 @@ def _plan_layer(
     name: str,
     module: nn.Module,
     tensors: dict[str, tuple[torch.Tensor, str]],
-    fmt: _FileFormat,
+    fmt: _FileFormat | _ct.LayerScheme,
     file_config: Fp8Config,
     strict: bool,
+    file_fmt: _FileFormat | _ct.CompressedTensorsFormat,
 ) -> tuple[Fp8BlockwiseLinear, LayerReport, list[str]]:
     """The Fp8BlockwiseLinear for layer ``name`` from its checked weight, scales and bias; its
     report; the checkpoint keys it used."""
-    w_key, s_key, b_key = f"{name}.weight", f"{name}{SCALE_SUFFIX}", f"{name}.bias"
+    w_key, s_key, b_key = f"{name}.weight", f"{name}{file_fmt.scale_suffix}", f"{name}.bias"
     (weight, w_file), (scale, s_file) = tensors[w_key], tensors[s_key]
     n, k = module.out_features, module.in_features
     if weight.dtype != fmt.dtype:
@@ -789,7 +900,8 @@ def _plan_layer(
     if tuple(scale.shape) != grid:
         raise CheckpointError(
             f"{s_key} in {s_file}: expected shape {grid} (weight [{n}, {k}] in {bn}x{bk} blocks, "
-            f"weight_block_size in config.json), got {tuple(scale.shape)}"
+            f"{'block_structure' if file_fmt.explicit else 'weight_block_size'} in config.json), "
+            f"got {tuple(scale.shape)}"
         )
     keys = [w_key, s_key]
     bias = None

@@ -17,7 +17,6 @@ on a torch ``DeviceMesh``: the same DeepSeek / HF fp8 safetensors format as
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
@@ -50,7 +49,7 @@ def _local_slices(layer: _Fp8ShardedLinear) -> dict[str, tuple[slice, slice]]:
 
 
 def load(
-    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, activation: str = "dynamic"
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, activation: str | None = None
 ) -> QuantizationSummary:
     """Load a DeepSeek / HF fp8 checkpoint into a parallelized ``model`` (each rank calls it).
 
@@ -65,12 +64,17 @@ def load(
     Returns: the QuantizationSummary of ``checkpoint.load`` (local shapes for sharded layers).
     Raises: CheckpointError (a ValueError) naming the tensor and the file; the model is unchanged.
     """
-    from safetensors import safe_open
-
-    _ckpt.Fp8Config(activation=activation)  # validates the name
+    if activation is not None:
+        _ckpt.Fp8Config(activation=activation)  # validates the name
     root, files = _ckpt._files(path)
-    fmt, cfg_path = _ckpt._read_config(root)
+    fmt = _ckpt._read_config(root, activation)
+    cfg_path = os.path.join(root, _ckpt.CONFIG_FILE)
     sharded = {name: m for name, m in model.named_modules() if isinstance(m, _Fp8ShardedLinear)}
+    if sharded and fmt.explicit:
+        raise _ckpt.CheckpointError(
+            f"{cfg_path}: a compressed-tensors checkpoint; loading it into a parallelized model is not "
+            "supported yet (load it into one process, or save it in the 'fp8' format)"
+        )
     slices = {
         f"{name}.{suffix}": (layer, sl)
         for name, layer in sharded.items()
@@ -84,32 +88,26 @@ def load(
                 "with config=Fp8Config(block_shape=...) matching the file"
             )
 
-    tensors: dict[str, tuple[torch.Tensor, str]] = {}
-    with ExitStack() as stack:
-        for file in files:
-            try:
-                f = stack.enter_context(safe_open(file, framework="pt", device="cpu"))
-                for key in f.keys():
-                    if key in tensors:
-                        raise _ckpt.CheckpointError(f"{key}: in both {tensors[key][1]} and {file}")
-                    if key not in slices:
-                        tensors[key] = (f.get_tensor(key), file)
-                        continue
-                    layer, (rows, cols) = slices[key]
-                    part = f.get_slice(key)
-                    shape = tuple(part.get_shape())
-                    full = _full_shape(key, layer)
-                    if shape != full:
-                        raise _ckpt.CheckpointError(
-                            f"{key} in {file}: expected shape {full} for the model's layer "
-                            f"([{layer.full_out_features}, {layer.full_in_features}] in "
-                            f"{fmt.block[0]}x{fmt.block[1]} blocks), got {shape}"
-                        )
-                    tensors[key] = ((part[rows, cols] if len(shape) == 2 else part[rows]).contiguous(), file)
-            except _ckpt.CheckpointError:
-                raise
-            except Exception as e:  # SafetensorError / OSError for bad files
-                raise _ckpt.CorruptCheckpointError(f"cannot read {file} (truncated or corrupt?): {e}") from e
+    def read(f, key: str, file: str) -> torch.Tensor:
+        """This rank's slice of a sharded layer's tensor (get_slice reads only those rows); every
+        other tensor whole."""
+        if key not in slices:
+            return f.get_tensor(key)
+        layer, (rows, cols) = slices[key]
+        part = f.get_slice(key)
+        shape = tuple(part.get_shape())
+        full = _full_shape(key, layer)
+        if shape != full:
+            raise _ckpt.CheckpointError(
+                f"{key} in {file}: expected shape {full} for the model's layer "
+                f"([{layer.full_out_features}, {layer.full_in_features}] in "
+                f"{fmt.block[0]}x{fmt.block[1]} blocks), got {shape}"
+            )
+        return (part[rows, cols] if len(shape) == 2 else part[rows]).contiguous()
+
+    # The same hardened reader as checkpoint.load (files inside the directory, headers parsed and
+    # checked, every error naming the file), with this rank's slices.
+    tensors = _ckpt._read_tensors(files, read)
     plan = _ckpt._plan(model, tensors, fmt, None, strict, activation)
     _ckpt._commit(model, plan)
     return plan.summary
