@@ -45,6 +45,11 @@
  * work, against ~5-10 us to wake a thread team, and a barrier that waits for a descheduled
  * thread for milliseconds on a busy machine (e.g. SmolLM2's 576 x 576 projections at M = 1). */
 #define PAR_MIN (1 << 18)
+/* The same bound for a GEMV (every row of the product one weight row's dot product: M = 1, or one
+ * row per group), in weight bytes: 256 KB is ~25 us on one core at ~10 GB/s against a few us to
+ * wake a warm team, so SmolLM2's 576 x 576 and 1536 x 576 projections at decode use both cores
+ * and its 192 x 576 ones (110 KB) stay on one. */
+#define GEMV_PAR_MIN (1 << 18)
 
 static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
 
@@ -1104,7 +1109,7 @@ void fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, c
      * barrier waits for the slowest thread, and on a busy machine that is a descheduled one). */
     if (convert)
         for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
-#pragma omp parallel num_threads(nthreads) if (tiles > 1 && M * N * K >= 4 * PAR_MIN)
+#pragma omp parallel num_threads(nthreads) if (tiles > 1 && (M == 1 ? N * K >= GEMV_PAR_MIN : M * N * K >= 4 * PAR_MIN))
     {
         float buf[NR * KC] __attribute__((aligned(64)));
 #ifdef _OPENMP
@@ -1142,7 +1147,8 @@ void fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int6
     }
     float *accs = (float *)malloc(sizeof(float) * max_rows * NR * (nthreads > 0 ? nthreads : 1));
     if (accs == NULL) abort();
-#pragma omp parallel num_threads(nthreads) if (tasks > 1 && total * N * K >= 4 * PAR_MIN)
+#pragma omp parallel num_threads(nthreads) \
+    if (tasks > 1 && (max_rows == 1 ? total * N * K >= GEMV_PAR_MIN : total * N * K >= 4 * PAR_MIN))
     {
         float buf[NR * KC] __attribute__((aligned(64)));
 #ifdef _OPENMP
