@@ -212,7 +212,9 @@ def blockwise_matmul(
     out_dtype: torch.dtype,
     activation: str,
 ) -> torch.Tensor:
-    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32 -> y [M, N]."""
+    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32 contiguous,
+    x_scale [M, cdiv(K, bk)] float32 contiguous or None -> y [M, N] (the op checked dtypes and shapes
+    and made the scales contiguous: no per-call cast or copy of them here)."""
     lib = _lib()
     if lib is None:
         return _torch_blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
@@ -222,9 +224,9 @@ def blockwise_matmul(
     # The activation as the C code reads it: high precision (converted, or quantized to e4m3 and
     # dequantized for dynamic W8A8), or fp8 bytes (codes 3, 4) with their scales.
     xdt = _DT[x.dtype] if x_scale is None else 3 + _KIND[x.dtype]
-    xs = 0 if x_scale is None else x_scale.float().contiguous()
+    xs = 0 if x_scale is None else x_scale
     dynamic = x_scale is None and activation == "dynamic"
-    ws = w_scale.float().contiguous()
+    ws = w_scale
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
     if uses_fused_gemm(m, n, k):
         y = torch.empty(m, n, dtype=out_dtype)
