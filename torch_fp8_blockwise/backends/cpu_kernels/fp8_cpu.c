@@ -46,10 +46,12 @@
  * thread for milliseconds on a busy machine (e.g. SmolLM2's 576 x 576 projections at M = 1). */
 #define PAR_MIN (1 << 18)
 /* The same bound for a GEMV (every row of the product one weight row's dot product: M = 1, or one
- * row per group), in weight bytes: 256 KB is ~25 us on one core at ~10 GB/s against a few us to
- * wake a warm team, so SmolLM2's 576 x 576 and 1536 x 576 projections at decode use both cores
- * and its 192 x 576 ones (110 KB) stay on one. */
-#define GEMV_PAR_MIN (1 << 18)
+ * row per group), in weight bytes. Best of 60 interleaved rounds on a loaded 2-core VM, one thread
+ * -> two: SmolLM2's 1536 x 576 80 -> 68 us, 576 x 1536 70 -> 53 us, but 576 x 576 only 30.6 -> 29.4
+ * us, while the medians with two threads were 3-70x worse (a descheduled thread holds the
+ * barrier). So from 512 KB up (SmolLM2's MLP projections) both cores share a GEMV; its attention
+ * projections (576 x 576, 192 x 576) stay on one. */
+#define GEMV_PAR_MIN (1 << 19)
 
 static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
 
