@@ -13,6 +13,18 @@ through the public op, plus W8A16fn: the backend function called directly (the d
 torch.ops dispatch and argument checks, ~70-100 us today); ratios are time / bf16 time (lower is
 better) and W8A8 / W8A16.
 
+GEMV bandwidth (M = 1, W8A16, bf16 x, through the op): the fp8 weight's bytes per second, against
+a copy of the same bytes into a preallocated tensor (read + written, the issue's definition: the
+weight is read once per call, a copy moves each byte twice), in the same run; torch's bf16 GEMV
+(x @ w_bf16.T, 2 bytes per weight) beside it. N = K = 4096 (16.8 MB: with its copy's 33.6 MB it
+fits a 32 MB L3 in part, as the quantize row of the same size) and 12288 x 4096 (50 MB: DRAM).
+
+Per-call cost at SmolLM2's shapes: microseconds per call (each case a loop of calls, interleaved
+rounds, median) of an M = 0 call of ``torch.ops.fp8.blockwise_matmul`` against ``torch.mm`` of the
+same empty bf16 x (the op's fixed cost: dispatch, validation, backend choice, no kernel), and of an
+M = 1 call (W8A16 and W8A8) against torch's bf16 ``F.linear`` (what the bf16 model runs per layer
+at decode).
+
 Quantize: GB/s (bytes read + written) of 1 x 128 activation groups and 128 x 128 weight blocks
 from bf16, against a copy of the same bf16 tensor into a preallocated one (``dst.copy_(x)``: the
 machine's copy bandwidth), in the same run; a clone (copy into a fresh allocation) is shown too.
@@ -125,6 +137,88 @@ def bench_matmul(m: int, n: int, k: int) -> None:
     print(f"{m:>5} {n:>5} {k:>5} {row} | {ratios} {ms['W8A8'] / ms['W8A16']:9.2f}", flush=True)
 
 
+def bench_gemv() -> None:
+    print(
+        "\nGEMV M = 1 (W8A16, bf16 x, through the op): fp8 weight GB/s vs copy of the same bytes"
+        " (read + written) in the same run; bf16 = torch's x @ w_bf16.T in bf16 weight bytes"
+    )
+    print(
+        f"{'N':>6} {'K':>5} {'MB':>6} {'ms':>7} {'GB/s':>7} {'copy GB/s':>10} {'of copy':>8} "
+        f"{'bf16 ms':>8} {'bf16 GB/s':>10}"
+    )
+    for n, k in ((4096, 4096), (12288, 4096)):
+        _gemv_row(n, k)
+
+
+def _gemv_row(n: int, k: int) -> None:
+    bits = torch.randint(0, 0x7E, (n, k), dtype=torch.uint8)  # finite e4m3 codes
+    wq, ws = bits.view(torch.float8_e4m3fn), torch.rand(n // 128, k // 128) + 0.5
+    w_bf16 = torch.randn(n, k, dtype=torch.bfloat16)
+    dst = torch.empty_like(bits)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    ms = interleaved_ms(
+        {
+            "copy": lambda: dst.copy_(bits),
+            "gemv": lambda: tfb.blockwise_matmul(x, wq, ws, activation="none"),
+            "bf16": lambda: x @ w_bf16.T,
+        }
+    )
+    gbs, copy_gbs, bf16_gbs = (
+        n * k / ms["gemv"] / 1e6,
+        2 * n * k / ms["copy"] / 1e6,
+        2 * n * k / ms["bf16"] / 1e6,
+    )
+    print(
+        f"{n:>6} {k:>5} {n * k / 1e6:6.1f} {ms['gemv']:7.2f} {gbs:7.2f} {copy_gbs:10.2f} {gbs / copy_gbs:8.0%} "
+        f"{ms['bf16']:8.2f} {bf16_gbs:10.2f}",
+        flush=True,
+    )
+
+
+def bench_call_cost(calls: int = 200) -> None:
+    print(
+        f"\nper-call cost at SmolLM2's shapes (us per call, loops of {calls} calls, interleaved rounds, median):"
+        " M = 0 op vs torch.mm of the same; M = 1 op vs torch's bf16 F.linear"
+    )
+    print(
+        f"{'N':>5} {'K':>5} | {'mm M=0':>7} {'op M=0':>7} {'x mm':>5} | {'bf16 M=1':>8} {'W8A16':>7} {'W8A8':>7} "
+        f"{'W8A16 x':>8} {'W8A8 x':>7}"
+    )
+    for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
+        _call_cost_row(n, k, calls)
+
+
+def _call_cost_row(n: int, k: int, calls: int) -> None:
+    op = torch.ops.fp8.blockwise_matmul.default
+    linear = torch.nn.functional.linear
+    w = torch.randn(n, k)
+    wq, ws = tfb.quantize(w, (128, 128))
+    w_bf16 = w.bfloat16()
+    w_t = w_bf16.t()
+    x0, x1 = torch.empty(0, k, dtype=torch.bfloat16), torch.randn(1, k, dtype=torch.bfloat16)
+
+    def loop(fn: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                fn()
+
+        return run
+
+    cases = {
+        "mm0": loop(lambda: torch.mm(x0, w_t)),
+        "op0": loop(lambda: op(x0, wq, ws, [128, 128], None, None, None, "none")),
+        "bf16": loop(lambda: linear(x1, w_bf16)),
+        "W8A16": loop(lambda: op(x1, wq, ws, [128, 128], None, None, None, "none")),
+        "W8A8": loop(lambda: op(x1, wq, ws, [128, 128], None, None, None, "dynamic")),
+    }
+    us = {name: t * 1e3 / calls for name, t in interleaved_ms(cases, budget_s=3.0).items()}
+    print(
+        f"{n:>5} {k:>5} | {us['mm0']:7.2f} {us['op0']:7.2f} {us['op0'] / us['mm0']:5.2f} | {us['bf16']:8.2f} "
+        f"{us['W8A16']:7.2f} {us['W8A8']:7.2f} {us['W8A16'] / us['bf16']:8.2f} {us['W8A8'] / us['bf16']:7.2f}",
+        flush=True,
+    )
+
+
 def bench_quantize() -> None:
     print(
         "\nquantize from bf16 (GB/s = bytes read + written; copy = dst.copy_(x) of the same bf16 tensor into"
@@ -233,6 +327,8 @@ def main() -> int:
     shapes = BIG[:2] if args.quick else BIG + SMOL
     for m, n, k in shapes:
         bench_matmul(m, n, k)
+    bench_gemv()
+    bench_call_cost()
     bench_quantize()
     bench_peak_memory([(1, 4096, 4096)] if args.quick else [(1, 4096, 4096), (256, 4096, 4096)])
     return 0

@@ -56,6 +56,8 @@ def demo_run(smollm2, tmp_path_factory):
     result = _demo.run(
         tokens=EVAL_TOKENS,
         max_new_tokens=3,
+        decode_tokens=2,
+        decode_rounds=1,
         save=str(save),
         progress=False,
         log=lambda _: None,
@@ -78,9 +80,11 @@ def test_fp8_variants_stay_close_to_fp32(smollm2, demo_run):
         assert row.top1 > TOP1_MIN[name], f"{name}: top-1 agreement {row.top1:.3f} <= {TOP1_MIN[name]}"
         assert row.kl > 0  # the variant really ran something else than the fp32 model
         assert row.generation, f"{name}: empty greedy generation"
+    assert all(r.decode_tokens_per_s > 0 for r in result.rows)  # every row decoded
     # Every decoder Linear converted (30 layers x 7), lm_head skipped because it is the embedding.
     assert result.conversion.startswith("converted 210 Linear layers at 128x128 blocks")
     assert "lm_head" in result.conversion and "tied" in result.conversion
+    assert _demo.UNCONVERTED in result.conversion
     # Bytes: fp8 weight (1 B/elem) + one float32 scale per 128x128 block, ragged edges included.
     _, model = smollm2
     shapes = [m.weight.shape for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
@@ -92,6 +96,65 @@ def test_fp8_variants_stay_close_to_fp32(smollm2, demo_run):
     print(table)  # pytest -s shows the measured numbers the bounds above come from
     for name in rows:
         assert name in table
+    assert "decode tok/s" in table and "x bf16" in table
+
+
+def _tiny_llama():
+    """A 2-layer Llama with tied embeddings (SmolLM2's architecture, random weights, 128-wide)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_fp8_rows_keep_the_unconverted_modules_in_bf16():
+    """The FP8 rows are what a real FP8 checkpoint holds: fp8 Linear weights with float32 scales,
+    every other floating tensor (embedding = tied lm_head, norms) bf16; and they decode."""
+    variant, note = _demo.make_variant(_tiny_llama(), "FP8 W8A16", progress=False)
+    assert note.endswith(_demo.UNCONVERTED)
+    fp8 = {id(t) for layer in _demo.fp8_linears(variant) for t in (layer.weight, layer.weight_scale_inv)}
+    others = {t.dtype for t in (*variant.parameters(), *variant.buffers()) if id(t) not in fp8}
+    assert others <= {torch.bfloat16, torch.int64}, others  # (int64: e.g. position ids)
+    assert {layer.weight.dtype for layer in _demo.fp8_linears(variant)} == {torch.float8_e4m3fn}
+    assert {layer.weight_scale_inv.dtype for layer in _demo.fp8_linears(variant)} == {torch.float32}
+    assert variant.lm_head.weight is variant.model.embed_tokens.weight  # still tied
+
+    class Tok:
+        chat_template = None
+
+        def __call__(self, text, return_tensors):
+            return type("Enc", (), {"input_ids": torch.tensor([[1, 2, 3, 4]])})()
+
+    assert _demo.decode_tokens_per_s(variant, Tok(), torch.device("cpu"), new_tokens=3, warmup=1) > 0
+
+
+def test_decode_rate_generates_the_same_number_of_tokens_whatever_the_model_says(monkeypatch):
+    """decode_tokens_per_s runs warm-up + new_tokens one-token forwards after the prefill, with the
+    cache each time, and never stops early (an end-of-sequence token does not end it)."""
+    calls = []
+
+    class Tok:
+        chat_template = None
+
+        def __call__(self, text, return_tensors):
+            return type("Enc", (), {"input_ids": torch.tensor([[5, 6, 7]])})()
+
+    class Model(torch.nn.Module):
+        def forward(self, ids, past_key_values=None, use_cache=False):
+            calls.append((ids.shape[1], past_key_values))
+            logits = torch.zeros(1, ids.shape[1], 10)
+            logits[..., 0] = 1.0  # token 0, e.g. an end-of-sequence token, every time
+            return type("Out", (), {"logits": logits, "past_key_values": len(calls)})()
+
+    rate = _demo.decode_tokens_per_s(Model(), Tok(), torch.device("cpu"), new_tokens=5, warmup=2)
+    assert rate > 0
+    assert [n for n, _ in calls] == [3] + [1] * 7  # prefill, then 2 + 5 single tokens
+    assert [p for _, p in calls] == [None, 1, 2, 3, 4, 5, 6, 7]  # each step gets the last cache
+    with pytest.raises(ValueError, match="new_tokens: expected at least 1"):
+        _demo.decode_tokens_per_s(Model(), Tok(), torch.device("cpu"), new_tokens=0)
 
 
 @needs_model
@@ -171,6 +234,9 @@ def test_demo_flags_parse():
         None,
     )
     assert (args.save, args.load, args.layer) == (None, None, False)
+    assert (args.decode_tokens, args.decode_rounds) == (None, 3)
+    args = parse(["demo", "--decode-tokens", "0", "--decode-rounds", "5"])
+    assert (args.decode_tokens, args.decode_rounds) == (0, 5)
     args = parse(
         [
             "demo",
@@ -208,6 +274,8 @@ def test_demo_flags_parse():
         ["demo", "--activation", "static"],
         ["demo", "--tokens", "0"],
         ["demo", "--max-new-tokens", "-1"],
+        ["demo", "--decode-tokens", "-1"],
+        ["demo", "--decode-rounds", "0"],
         ["demo", "--save", "a", "--load", "b"],
     ],
 )

@@ -126,6 +126,58 @@ def test_a_real_call_adds_only_the_dispatch_lookups_and_the_backend():
     ], ops_layer
 
 
+def test_a_decode_call_on_cpu_runs_a_fixed_list_of_python_steps():
+    """M = 1 on the CPU backend, x [1, 1, K] as a transformers model passes it at decode: the whole
+    Python path from the op to the C kernel, pinned (functions entered, and every built-in our code
+    calls). 210 of these run per SmolLM2 token, so a new step on this path (a lookup, a copy, a
+    cast of the scales) is a cost per token: it must show up here, not only in a timing."""
+    from cpu_kernel_helpers import compiled_or_fail
+
+    compiled_or_fail()
+    w, ws = _weights(576, 576)
+    x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
+    op = torch.ops.fp8.blockwise_matmul.default
+    for activation in ("none", "dynamic"):
+        op(x, w, ws, [128, 128], None, None, None, activation)  # fill the caches
+        calls, builtins = _calls(lambda a=activation: op(x, w, ws, [128, 128], None, None, None, a))
+        assert calls == [
+            "_ops.py:__call__",
+            "ops.py:kernel",
+            "ops.py:_blockwise_matmul_impl",
+            "_validate.py:matmul_args_cached",
+            "ops.py:_run_matmul",
+            "_dispatch.py:implementation",
+            "cpu.py:blockwise_matmul",
+            "cpu.py:_lib",
+            "cpu.py:_c",  # x, w, w_scale: the one layout boundary to C (issue 17), one check each
+            "cpu.py:_c",
+            "cpu.py:_c",
+            "cpu.py:uses_fused_gemm",
+        ], calls
+        assert builtins == [
+            "ops.py:is_grad_enabled",
+            "ops.py:_any_requires_grad",
+            "ops.py:raw_repr",
+            "ops.py:get",
+            "_validate.py:is_contiguous",
+            "_validate.py:get",
+            "_dispatch.py:get",
+            "_dispatch.py:get",
+            "ops.py:reshape",  # [1, 1, K] -> [1, K]
+            "ops.py:contiguous",  # w_scale (a no-op for a contiguous one)
+            "cpu.py:contiguous",  # x, w, w_scale in _c (no-ops for contiguous tensors)
+            "cpu.py:contiguous",
+            "cpu.py:contiguous",
+            "cpu.py:get_num_threads",
+            "cpu.py:empty",  # y
+            "cpu.py:data_ptr",  # x, w, w_scale, y: then the one C call
+            "cpu.py:data_ptr",
+            "cpu.py:data_ptr",
+            "cpu.py:data_ptr",
+            "ops.py:reshape",  # y [1, N] -> [1, 1, N]
+        ], builtins
+
+
 def test_validation_runs_once_per_argument_metadata(monkeypatch):
     w, ws = _weights()
     full = []

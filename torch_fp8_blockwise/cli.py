@@ -141,6 +141,8 @@ def model_demo(args: argparse.Namespace) -> int:
             block=args.block,
             tokens=args.tokens,
             max_new_tokens=args.max_new_tokens,
+            decode_tokens=args.decode_tokens,
+            decode_rounds=args.decode_rounds,
             save=args.save,
             load=args.load,
             log=lambda line: print(line, file=sys.stderr, flush=True),
@@ -240,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="split the FP8 model over N CPU processes (gloo tensor parallel, distributed.parallelize); "
         "adds 'tp=N' rows to the one-process rows",
+    )
+    p_demo.add_argument(
+        "--decode-tokens",
+        type=_non_negative,
+        default=None,
+        help="timed greedy decode steps (KV cache) per variant and round, after 4 warm-up steps "
+        "(default 32, but 0 on xla, where every step recompiles; 0 skips the decode column)",
+    )
+    p_demo.add_argument(
+        "--decode-rounds",
+        type=_positive,
+        default=3,
+        help="rounds in which the variants take turns decoding; each row shows its median (default 3)",
     )
     io = p_demo.add_mutually_exclusive_group()
     io.add_argument(

@@ -255,7 +255,9 @@ def blockwise_matmul(
     *,
     edge_checked: bool = False,
 ) -> torch.Tensor:
-    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32 -> y [M, N].
+    """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32,
+    x_scale [M, cdiv(K, bk)] float32 or None -> y [M, N] (the op checked dtypes and shapes: no
+    per-call cast of the scales here; ``_c`` only checks their layout).
 
     edge_checked: the caller has already found these operands clear of the overflow edge
     (:func:`at_overflow_edge`; the grouped op checks all its rows at once), so the panel path
@@ -270,9 +272,9 @@ def blockwise_matmul(
     # The activation as the C code reads it: high precision (converted, or quantized to e4m3 and
     # dequantized for dynamic W8A8), or fp8 bytes (codes 3, 4) with their scales.
     xdt = _DT[x.dtype] if x_scale is None else 3 + _KIND[x.dtype]
-    xs = 0 if x_scale is None else _c(x_scale.float())
+    xs = 0 if x_scale is None else _c(x_scale)
     dynamic = x_scale is None and activation == "dynamic"
-    ws = _c(w_scale.float())
+    ws = _c(w_scale)
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
     if uses_fused_gemm(m, n, k):
         bias = None if bias is None else _c(bias)

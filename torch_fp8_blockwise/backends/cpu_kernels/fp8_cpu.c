@@ -45,6 +45,13 @@
  * work, against ~5-10 us to wake a thread team, and a barrier that waits for a descheduled
  * thread for milliseconds on a busy machine (e.g. SmolLM2's 576 x 576 projections at M = 1). */
 #define PAR_MIN (1 << 18)
+/* The same bound for a GEMV (every row of the product one weight row's dot product: M = 1, or one
+ * row per group), in weight bytes. Best of 60 interleaved rounds on a loaded 2-core VM, one thread
+ * -> two: SmolLM2's 1536 x 576 80 -> 68 us, 576 x 1536 70 -> 53 us, but 576 x 576 only 30.6 -> 29.4
+ * us, while the medians with two threads were 3-70x worse (a descheduled thread holds the
+ * barrier). So from 512 KB up (SmolLM2's MLP projections) both cores share a GEMV; its attention
+ * projections (576 x 576, 192 x 576) stay on one. */
+#define GEMV_PAR_MIN (1 << 19)
 
 static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
 
@@ -861,58 +868,144 @@ TILE_MR(2)
 
 /* M = 1 (decode): no widened buffer. Each 16-element step widens ROWS weight rows in registers
  * and multiplies them with x; the block scale (times 2**8 for e4m3) is applied once per block
- * and row to the block's partial sum, so the scale costs nothing per element. */
-AVX2_FN static inline __attribute__((always_inline)) void gemv_rows(const float *x, const uint8_t *w, int kind,
-                                                                    const float *ws, int64_t K, int64_t bn,
-                                                                    int64_t bk, int64_t n0, const int ROWS,
-                                                                    float *out) {
-    const int64_t KB = cdiv64(K, bk);
+ * and row to the block's partial sum, so the scale costs nothing per element.
+ *
+ * e4m3 takes 3 integer ops per 16 codes instead of 8 (callgrind, N = 512, K = 4096, one thread:
+ * see docs/cpu.md): sign-extending the byte to 16 bits puts copies of the sign in bits 8-15, a
+ * shift by 7 moves the magnitude into the fp16 exponent/mantissa (value * 2**-8, subnormals
+ * included) and the sign to bit 15, and clearing bit 14 (the other copy of the sign) gives the
+ * same fp16 bits as widen16. Only a nan code (s.1111.111) comes out wrong (a finite 1.875), so
+ * each row's block is checked for one (one and + one unsigned max per 32 codes); a block that
+ * holds a nan is summed again with widen16's exact widening, so every result is bit for bit the
+ * same as with widen16, in the same summation order. */
+AVX2_FN static ALWAYS_INLINE __m256i e4m3_h_nonan(const uint8_t *p) {
+    const __m256i u = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_slli_epi16(u, 7), _mm256_set1_epi16((short)0xBFFF));
+}
+
+AVX2_FN static ALWAYS_INLINE __m256i fp8_h_exact(const uint8_t *p, const int kind) {
+    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    if (kind != KIND_E4M3) return _mm256_slli_epi16(u, 8);
+    const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7F));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
+                                      _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8));
+    const __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
+    return _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
+}
+
+AVX2_FN static ALWAYS_INLINE __m256 fma_h(__m256i h, __m256 x0, __m256 x1, __m256 acc) {
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), x0, acc);
+    return _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), x1, acc);
+}
+
+static int has_nan_e4m3(const uint8_t *p, int64_t n) {
+    for (int64_t j = 0; j < n; j++)
+        if ((p[j] & 0x7F) == 0x7F) return 1;
+    return 0;
+}
+
+/* The partial sum of one row over [c0, end16) (a multiple of 16 long) with the exact widening. */
+AVX2_FN static __m256 gemv_part_exact(const float *x, const uint8_t *row, const int kind, int64_t c0,
+                                      int64_t end16) {
+    __m256 part = _mm256_setzero_ps();
+    for (int64_t k = c0; k < end16; k += 16)
+        part = fma_h(fp8_h_exact(row + k, kind), _mm256_loadu_ps(x + k), _mm256_loadu_ps(x + k + 8), part);
+    return part;
+}
+
+/* Block kb ([c0, end) of K) of ROWS rows: total[r] += (partial sum * unit) * scale, and the codes
+ * past the block's last multiple of 16 go to tail[r] in scalar code. FULL: the block is bk long
+ * and bk a multiple of 32 (every block but a ragged last one): no remainder code in the loop. */
+AVX2_FN static ALWAYS_INLINE void gemv_block(const float *x, const uint8_t *const *row, const float *const *srow,
+                                             const int kind, int64_t kb, int64_t c0, int64_t end, const int FULL,
+                                             const int ROWS, __m256 *total, float *tail) {
     const float *table = kind == KIND_E4M3 ? g_e4m3 : g_e5m2;
-    const float unit = kind == KIND_E4M3 ? 256.0f : 1.0f;
-    __m256 total[4];
-    float tail[4];
-    for (int r = 0; r < ROWS; r++) total[r] = _mm256_setzero_ps(), tail[r] = 0.0f;
-    for (int64_t kb = 0; kb < KB; kb++) {
-        const int64_t c0 = kb * bk, end = c0 + bk < K ? c0 + bk : K;
-        __m256 part[4];
-        for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps();
-        int64_t k = c0;
-        for (; k + 16 <= end; k += 16) {
+    const __m256 unit = _mm256_set1_ps(kind == KIND_E4M3 ? 256.0f : 1.0f);
+    const __m256i low7 = _mm256_set1_epi8(0x7F);
+    const int64_t end16 = FULL ? end : c0 + ((end - c0) & ~(int64_t)15);
+    __m256 part[4];
+    __m256i big = _mm256_setzero_si256(); /* e4m3: lane-wise max of the magnitudes of all ROWS rows */
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++) part[r] = _mm256_setzero_ps();
+    int64_t k = c0;
+    if (kind == KIND_E4M3) {
+        for (; k + 32 <= end16; k += 32) {
             const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            const __m256 x2 = _mm256_loadu_ps(x + k + 16), x3 = _mm256_loadu_ps(x + k + 24);
+#pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) {
-                __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + (n0 + r) * K + k)));
-                __m256i h;
-                if (kind == KIND_E4M3) {
-                    __m256i mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7F));
-                    h = _mm256_or_si256(_mm256_slli_epi16(mag, 7),
-                                        _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8));
-                    __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
-                    h = _mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
-                } else {
-                    h = _mm256_slli_epi16(u, 8);
-                }
-                part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), x0, part[r]);
-                part[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), x1, part[r]);
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + k));
+                big = _mm256_max_epu8(big, _mm256_and_si256(b, low7));
+                part[r] = fma_h(e4m3_h_nonan(row[r] + k), x0, x1, part[r]);
+                part[r] = fma_h(e4m3_h_nonan(row[r] + k + 16), x2, x3, part[r]);
             }
         }
-        for (int r = 0; r < ROWS; r++) {
-            const float s = ws[((n0 + r) / bn) * KB + kb];
-            float t = 0.0f;
-            for (int64_t j = k; j < end; j++) t += table[w[(n0 + r) * K + j]] * x[j];
-            total[r] = _mm256_fmadd_ps(_mm256_mul_ps(part[r], _mm256_set1_ps(unit)), _mm256_set1_ps(s), total[r]);
-            tail[r] += t * s;
+        if (!FULL && k < end16) { /* 16 more (a ragged last block) */
+            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+            for (int r = 0; r < ROWS; r++) {
+                const __m128i b = _mm_and_si128(_mm_loadu_si128((const __m128i *)(row[r] + k)), _mm256_castsi256_si128(low7));
+                big = _mm256_max_epu8(big, _mm256_zextsi128_si256(b));
+                part[r] = fma_h(e4m3_h_nonan(row[r] + k), x0, x1, part[r]);
+            }
+            k += 16;
+        }
+        if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(big, low7))) /* a nan code in one of the rows */
+            for (int r = 0; r < ROWS; r++)
+                if (has_nan_e4m3(row[r] + c0, end16 - c0)) part[r] = gemv_part_exact(x, row[r], KIND_E4M3, c0, end16);
+    } else {
+        for (; k < end16; k += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS; r++) part[r] = fma_h(fp8_h_exact(row[r] + k, kind), x0, x1, part[r]);
         }
     }
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++) {
+        const float s = srow[r][kb];
+        total[r] = _mm256_fmadd_ps(_mm256_mul_ps(part[r], unit), _mm256_set1_ps(s), total[r]);
+        float t = 0.0f; /* added even when empty: 0 * an inf or nan scale is nan, as before */
+        if (!FULL)
+            for (int64_t j = k; j < end; j++) t += table[row[r][j]] * x[j];
+        tail[r] += t * s;
+    }
+}
+
+AVX2_FN static ALWAYS_INLINE void gemv_rows(const float *x, const uint8_t *w, const int kind, const float *ws,
+                                            int64_t K, int64_t bn, int64_t bk, int64_t n0, const int ROWS,
+                                            float *out) {
+    const int64_t KB = cdiv64(K, bk), full = bk % 32 == 0 ? K / bk : 0;
+    const uint8_t *row[4];
+    const float *srow[4];
+    __m256 total[4];
+    float tail[4];
+    for (int r = 0; r < ROWS; r++) {
+        row[r] = w + (n0 + r) * K, srow[r] = ws + ((n0 + r) / bn) * KB;
+        total[r] = _mm256_setzero_ps(), tail[r] = 0.0f;
+    }
+    for (int64_t kb = 0; kb < full; kb++) gemv_block(x, row, srow, kind, kb, kb * bk, kb * bk + bk, 1, ROWS, total, tail);
+    for (int64_t kb = full; kb < KB; kb++)
+        gemv_block(x, row, srow, kind, kb, kb * bk, kb * bk + bk < K ? kb * bk + bk : K, 0, ROWS, total, tail);
     for (int r = 0; r < ROWS; r++) out[r] = hsum8(total[r]) + tail[r];
 }
 
+/* One instance per fp8 format: the format is a constant inside the loops. */
+#define GEMV_TILE(NAME, KIND)                                                                          \
+    AVX2_FN static void NAME(const float *x, const uint8_t *w, const float *ws, int64_t N, int64_t K,  \
+                             int64_t bn, int64_t bk, int64_t n0, float *acc) {                         \
+        if (n0 + NR <= N) {                                                                            \
+            gemv_rows(x, w, KIND, ws, K, bn, bk, n0, NR, acc);                                         \
+            return;                                                                                    \
+        }                                                                                              \
+        for (int64_t n = n0; n < N; n++) gemv_rows(x, w, KIND, ws, K, bn, bk, n, 1, acc + (n - n0));   \
+    }
+GEMV_TILE(gemv_tile_e4m3, KIND_E4M3)
+GEMV_TILE(gemv_tile_e5m2, KIND_E5M2)
+#undef GEMV_TILE
+
 AVX2_FN static void gemv_tile_avx2(const float *x, const uint8_t *w, int kind, const float *ws, int64_t N,
                                    int64_t K, int64_t bn, int64_t bk, int64_t n0, float *acc) {
-    if (n0 + NR <= N) {
-        gemv_rows(x, w, kind, ws, K, bn, bk, n0, NR, acc);
-        return;
-    }
-    for (int64_t n = n0; n < N; n++) gemv_rows(x, w, kind, ws, K, bn, bk, n, 1, acc + (n - n0));
+    if (kind == KIND_E4M3) gemv_tile_e4m3(x, w, ws, N, K, bn, bk, n0, acc);
+    else gemv_tile_e5m2(x, w, ws, N, K, bn, bk, n0, acc);
 }
 
 /* fp8_overflow_edge's scan, 8 lanes at a time: max of the bits of |f[i]| (nan -> 0) into *m over
@@ -1113,7 +1206,7 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
         free(accs);
         return FP8_EDGE;
     }
-#pragma omp parallel num_threads(nthreads) if (tiles > 1 && M * N * K >= 4 * PAR_MIN)
+#pragma omp parallel num_threads(nthreads) if (tiles > 1 && (M == 1 ? N * K >= GEMV_PAR_MIN : M * N * K >= 4 * PAR_MIN))
     {
         float buf[NR * KC] __attribute__((aligned(64)));
 #ifdef _OPENMP
@@ -1152,7 +1245,8 @@ int fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64
     }
     float *accs = (float *)malloc(sizeof(float) * max_rows * NR * (nthreads > 0 ? nthreads : 1));
     if (accs == NULL) return FP8_ERR_NOMEM;
-#pragma omp parallel num_threads(nthreads) if (tasks > 1 && total * N * K >= 4 * PAR_MIN)
+#pragma omp parallel num_threads(nthreads) \
+    if (tasks > 1 && (max_rows == 1 ? total * N * K >= GEMV_PAR_MIN : total * N * K >= 4 * PAR_MIN))
     {
         float buf[NR * KC] __attribute__((aligned(64)));
 #ifdef _OPENMP
