@@ -5,7 +5,12 @@ are built with our config, loaded through vLLM's weight_loader_v2 from a checkpo
 checkpoint.save, at tensor parallel 1 and 2 (two processes, gloo on loopback, distributed state as
 vLLM's tests/conftest.py dist_init sets it up). Each rank's weights equal its shard of the file bit for
 bit and its output equals torch.ops.fp8.blockwise_matmul on that shard bit for bit; the gathered
-result meets the reference's kernel-error bound. Skipped (with the reason) where vLLM is not installed.
+result meets the reference's kernel-error bound. In the same processes (vLLM's import dominates the
+time), vLLM's routed experts (FusedMoEFactory: its router, RoutedExperts, MoERunner) with our MoE
+method, loaded through vLLM's expert weight loader from the per-expert tensors checkpoint.save wrote
+for an Fp8Experts: each rank's output equals an Fp8Experts on that rank's shard bit for bit (same
+routing), the all-reduced sum meets the kernel-error bound against the whole Fp8Experts. Skipped
+(with the reason) where vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ SKIP_REASON = "needs vLLM (environment 'vllm': scripts/venv.sh vllm; scripts/tes
 BLOCK = [128, 128]
 K, N_COL, INTER, HEADS, KV_HEADS, HEAD = 256, 512, 256, 4, 2, 128
 RAGGED_K, RAGGED_N = 200, 300  # TP 1 only: at TP 2 a rank's 150 rows would cut a 128-row block
+MOE_E, MOE_TOPK, MOE_I, MOE_T = 4, 2, 256, 9  # routed experts: hidden size K; I_p = 128 at TP 2
 
 
 class _Source(torch.nn.Module):
@@ -42,13 +48,20 @@ class _Source(torch.nn.Module):
         self.down_proj = L(2 * INTER, K)
 
 
-def _save_checkpoint(path: pathlib.Path) -> None:
+def _save_checkpoint(path: pathlib.Path) -> torch.nn.Module:
+    """Our Linear layers plus an Fp8Experts at ``experts`` (written per expert: experts.<e>.gate_proj /
+    up_proj / down_proj .weight + .weight_scale_inv, DeepSeek's names); returns the saved model."""
     from torch_fp8_blockwise import checkpoint, quantize_model_
+    from torch_fp8_blockwise.experts import Fp8Experts
 
     torch.manual_seed(0)
     model = _Source()
     quantize_model_(model, progress=False)
+    gate_up, down = torch.randn(MOE_E, 2 * MOE_I, K) / 16, torch.randn(MOE_E, K, MOE_I) / 16
+    q = [torch.ops.fp8.quantize(w, BLOCK, torch.float8_e4m3fn, "fp32") for w in (gate_up, down)]
+    model.experts = Fp8Experts.from_quantized(*q[0], *q[1])
     checkpoint.save(model, path)
+    return model
 
 
 # ----------------------------------------------------------------------------- in one process
@@ -130,17 +143,31 @@ def test_vllm_model_config_picks_fp8_blockwise_only_when_asked(tmp_path) -> None
     assert ModelConfig(model=str(tmp_path), skip_tokenizer_init=True).quantization == "fp8"
 
 
-def test_moe_layers_are_refused_naming_the_layer() -> None:
+def test_other_layers_get_no_method() -> None:
     pytest.importorskip("vllm", reason=SKIP_REASON)
-    from vllm.model_executor.layers.fused_moe import RoutedExperts
-
     from torch_fp8_blockwise.integrations.vllm_plugin import Fp8BlockwiseConfig
 
-    experts = RoutedExperts.__new__(RoutedExperts)  # only its type matters to get_quant_method
-    torch.nn.Module.__init__(experts)
-    with pytest.raises(NotImplementedError, match="model.layers.3.mlp.experts: MoE"):
-        Fp8BlockwiseConfig().get_quant_method(experts, "model.layers.3.mlp.experts")
     assert Fp8BlockwiseConfig().get_quant_method(torch.nn.Module(), "model.norm") is None
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ((192, 1, [128, 128]), "intermediate_size_per_partition = 192 (tensor parallel 1) is not a multiple of block_n = 128"),
+        ((64, 2, [128, 128]), "straddle tensor-parallel ranks"),
+        ((256, 2, [128, 512]), "is not a multiple of block_k = 512: the down projection's K split"),
+    ],
+)  # fmt: skip
+def test_moe_partitions_that_cut_blocks_are_refused(args, words) -> None:
+    pytest.importorskip("vllm", reason=SKIP_REASON)
+    from torch_fp8_blockwise.integrations.vllm_plugin import validate_moe_partition
+
+    with pytest.raises(ValueError) as info:
+        validate_moe_partition("model.layers.3.mlp.experts", *args)
+    assert words in str(info.value) and "model.layers.3.mlp.experts" in str(info.value)
+    # Allowed: I_p a multiple of bn (and of bk at TP > 1); at TP 1 a ragged K of down is fine.
+    validate_moe_partition("ok", 256, 2, [128, 128])
+    validate_moe_partition("ok", 256, 1, [256, 512])
 
 
 @pytest.mark.parametrize(
@@ -225,7 +252,8 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
     tensors = load_file(os.path.join(ckpt, "model.safetensors"))
     quant = json.load(open(os.path.join(ckpt, "config.json")))["quantization_config"]
     results: dict[str, torch.Tensor] = {}
-    with set_current_vllm_config(VllmConfig()):
+    vllm_config = VllmConfig()
+    with set_current_vllm_config(vllm_config):
         init_distributed_environment(
             world_size=world,
             rank=rank,
@@ -297,9 +325,103 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
                 results[f"{name}.y_bf16"] = method.apply(
                     layer, x.bfloat16(), None if bias is None else bias.bfloat16()
                 )
+            _moe_cases(world, cfg, tensors, vllm_config, results)
         finally:
             cleanup_dist_env_and_memory()
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def _moe_cases(world: int, cfg, tensors: dict, vllm_config, results: dict) -> None:
+    """vLLM's routed experts with our method at this rank; what it holds and computes go to results."""
+    from vllm.forward_context import set_forward_context
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+
+    def build(prefix: str, intermediate: int = MOE_I, **kw):
+        kw = {"top_k": MOE_TOPK, "quant_config": cfg, **kw}
+        return FusedMoEFactory(
+            num_experts=MOE_E, hidden_size=K, intermediate_size=intermediate, params_dtype=torch.float32,
+            renormalize=True, prefix=prefix, **kw,
+        )  # fmt: skip
+
+    def checkpoint_weights(
+        prefix: str, skip: str = ""
+    ):  # names relative to the layer, as vLLM's loader passes them
+        return (
+            (n.removeprefix("experts."), t)
+            for n, t in tensors.items()
+            if n.startswith("experts.") and n != skip
+        )
+
+    runner = build("experts")
+    experts, method = runner.routed_experts, runner.routed_experts.quant_method
+    assert type(method).__name__ == "Fp8BlockwiseMoEMethod", type(method)
+    names = ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")
+    loaded = set(runner.load_weights(checkpoint_weights("experts")))
+    assert loaded == {f"routed_experts.{n}" for n in names}, loaded
+    params = {n: getattr(experts, n) for n in names}
+    method.process_weights_after_loading(experts)
+    assert all(getattr(experts, n) is p for n, p in params.items())  # vLLM's parameters kept
+    x, logits = torch.randn(MOE_T, K), torch.randn(MOE_T, MOE_E)
+    topk_weights, topk_ids = runner.router.select_experts(hidden_states=x, router_logits=logits)
+    results.update(
+        {"moe.x": x, "moe.logits": logits, "moe.topk_weights": topk_weights, "moe.topk_ids": topk_ids}
+    )
+    results["moe.y"] = method.apply(experts, x, topk_weights, topk_ids, None, None)
+    results["moe.y_bf16"] = method.apply(experts, x.bfloat16(), topk_weights, topk_ids, None, None)
+    with set_forward_context(None, vllm_config):
+        results["moe.forward"] = runner(x, logits)  # router, our apply, the TP all-reduce
+    for n in names:
+        t = getattr(experts, n).data
+        results[f"moe.{n}"] = t.view(torch.uint8).clone() if t.dtype == torch.float8_e4m3fn else t.clone()
+
+    def refusal(key: str, words: list[str], fn) -> None:
+        try:
+            fn()
+            results[key] = torch.tensor(False)
+        except (ValueError, NotImplementedError) as e:
+            results[key] = torch.tensor(all(w in str(e) for w in words))
+            if not bool(results[key]):
+                print(f"{key}: {e}")
+
+    if world == 1:
+        refusals = {
+            "gelu": ({"activation": "gelu"}, "activation 'gelu' is not supported"),
+            "bias": ({"has_bias": True}, "has_bias: expert biases"),
+            "limit": ({"swiglu_limit": 7.0}, "swiglu_limit: a clamped SwiGLU"),
+            "on_input": ({"apply_router_weight_on_input": True, "top_k": 1}, "apply_router_weight_on_input"),
+        }
+        for name, (kw, words) in refusals.items():
+            results[f"moe.refused.{name}"] = torch.tensor(False)
+            refusal(
+                f"moe.refused.{name}",
+                [f"{name}.experts", words],
+                lambda kw=kw, name=name: build(f"{name}.experts", **kw),
+            )
+        ignored_cfg = type(cfg)(ignored_layers=["model.ignored.experts"])
+        ignored = build("model.ignored.experts", quant_config=ignored_cfg)
+        results["moe.ignored_unquantized"] = torch.tensor(
+            type(ignored.routed_experts.quant_method).__name__ == "UnquantizedFusedMoEMethod"
+        )
+
+        def partial() -> None:  # expert 3's down scales never loaded
+            r = build("partial.experts")
+            list(
+                r.load_weights(
+                    checkpoint_weights("partial.experts", skip="experts.3.down_proj.weight_scale_inv")
+                )
+            )
+            r.routed_experts.quant_method.process_weights_after_loading(r.routed_experts)
+
+        refusal("moe.unloaded_refused", ["partial.experts.w2_weight_scale_inv: 4 of 16"], partial)
+    else:
+        refusal(
+            "moe.narrow_refused", ["narrow.experts", "block_n = 128"], lambda: build("narrow.experts", 128)
+        )
+        vllm_config.parallel_config.enable_expert_parallel = True  # experts split across the 2 ranks
+        try:
+            refusal("moe.ep_refused", ["ep.experts", "expert parallelism"], lambda: build("ep.experts"))
+        finally:
+            vllm_config.parallel_config.enable_expert_parallel = False
 
 
 # ----------------------------------------------------------------------------- what each rank must hold
@@ -340,10 +462,23 @@ def _bias_shard(tensors: dict, name: str, rank: int, world: int) -> torch.Tensor
     return tensors["down_proj.bias"] if name == "down" else None
 
 
-def _run(world: int, tmp_path: pathlib.Path) -> list[dict]:
+_RUNS: dict[int, tuple[list[dict], pathlib.Path, torch.nn.Module]] = {}
+
+
+def _run_once(world: int, tmp_path_factory) -> tuple[list[dict], pathlib.Path, torch.nn.Module]:
+    """The ranks' results, the checkpoint directory and the saved model, computed once per world
+    size for the Linear and the MoE test (the workers' time is mostly vLLM's import)."""
+    if world not in _RUNS:
+        tmp = tmp_path_factory.mktemp(f"vllm_tp{world}")
+        results, model = _run(world, tmp)
+        _RUNS[world] = results, tmp / "ckpt", model
+    return _RUNS[world]
+
+
+def _run(world: int, tmp_path: pathlib.Path) -> tuple[list[dict], torch.nn.Module]:
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
-    _save_checkpoint(ckpt)
+    model = _save_checkpoint(ckpt)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -369,20 +504,20 @@ def _run(world: int, tmp_path: pathlib.Path) -> list[dict]:
                 p.wait()
     for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
         assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)], model
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
-def test_vllm_parallel_linear_layers_match_our_op_per_shard(world, tmp_path) -> None:
+def test_vllm_parallel_linear_layers_match_our_op_per_shard(world, tmp_path_factory) -> None:
     pytest.importorskip("vllm", reason=SKIP_REASON)
     from safetensors.torch import load_file
 
     from torch_fp8_blockwise import reference
     from torch_fp8_blockwise.testing import assert_kernel_close
 
-    results = _run(world, tmp_path)
-    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    results, ckpt, _ = _run_once(world, tmp_path_factory)
+    tensors = load_file(ckpt / "model.safetensors")
     names = ["col", "gate_up", "qkv", "down"] + (["ragged"] if world == 1 else [])
     for rank, res in enumerate(results):
         for name in names:
@@ -418,6 +553,75 @@ def test_vllm_parallel_linear_layers_match_our_op_per_shard(world, tmp_path) -> 
         w, s = tensors["down_proj.weight"], tensors["down_proj.weight_scale_inv"]
         full = reference.blockwise_matmul(x_full, w, s, tuple(BLOCK), None, tensors["down_proj.bias"], torch.float32, "dynamic")  # fmt: skip
         assert_kernel_close(partial_sum, full, "row parallel sum vs reference")
+
+
+def _experts_shard(tensors: dict, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's w13 / w2 weights and scales, cut by hand from the per-expert checkpoint tensors:
+    gate and up rows [r I_p, (r+1) I_p) stacked (gate first), down columns [r I_p, (r+1) I_p)."""
+    i_p, (bn, bk) = MOE_I // world, BLOCK
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")}  # fmt: skip
+    for e in range(MOE_E):
+        t = {p: (tensors[f"experts.{e}.{p}.weight"], tensors[f"experts.{e}.{p}.weight_scale_inv"])
+             for p in ("gate_proj", "up_proj", "down_proj")}  # fmt: skip
+        rows, srows = slice(rank * i_p, (rank + 1) * i_p), slice(rank * i_p // bn, (rank + 1) * i_p // bn)
+        out["w13_weight"].append(
+            torch.cat([t["gate_proj"][0][rows], t["up_proj"][0][rows]]).view(torch.uint8)
+        )
+        out["w13_weight_scale_inv"].append(torch.cat([t["gate_proj"][1][srows], t["up_proj"][1][srows]]))
+        out["w2_weight"].append(t["down_proj"][0][:, rows].view(torch.uint8))
+        out["w2_weight_scale_inv"].append(t["down_proj"][1][:, rank * i_p // bk : (rank + 1) * i_p // bk])
+    return {n: torch.stack(v).contiguous() for n, v in out.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_vllm_routed_experts_match_fp8experts_per_shard(world, tmp_path_factory) -> None:
+    """vLLM's FusedMoEFactory layer with our method: each rank holds its shard of the per-expert
+    checkpoint bit for bit, its output equals an Fp8Experts on that shard bit for bit (the same
+    computation: sort, gather, one grouped_matmul per projection, fp32 weighted sum), fp32 and bf16
+    activations; vLLM's forward (its router, our apply, its all-reduce) equals the sum of the ranks'
+    outputs; at TP 1 that is the saved Fp8Experts' output bit for bit, at TP 2 within the kernel-error
+    bound of it (the down projection's K is summed in two parts)."""
+    pytest.importorskip("vllm", reason=SKIP_REASON)
+    from safetensors.torch import load_file
+
+    from torch_fp8_blockwise.experts import Fp8Experts
+    from torch_fp8_blockwise.testing import assert_kernel_close
+
+    results, ckpt, model = _run_once(world, tmp_path_factory)
+    tensors = load_file(ckpt / "model.safetensors")
+    x, ids, w = (results[0][f"moe.{n}"] for n in ("x", "topk_ids", "topk_weights"))
+    assert ids.shape == (MOE_T, MOE_TOPK) and w.dtype == torch.float32
+    # vLLM's router chose the top-k logits, weighted by their softmax (renormalize=True).
+    top = torch.topk(results[0]["moe.logits"], MOE_TOPK, dim=-1)
+    by_id, top_by_id = ids.long().argsort(-1), top.indices.argsort(-1)
+    assert torch.equal(ids.long().gather(1, by_id), top.indices.gather(1, top_by_id))
+    torch.testing.assert_close(w.gather(1, by_id), torch.softmax(top.values, -1).gather(1, top_by_id))
+    for rank, res in enumerate(results):
+        assert all(
+            torch.equal(res[f"moe.{n}"], results[0][f"moe.{n}"])
+            for n in ("x", "logits", "topk_ids", "topk_weights")
+        )
+        shard = _experts_shard(tensors, rank, world)
+        for name, t in shard.items():
+            assert torch.equal(res[f"moe.{name}"], t), f"rank {rank}: {name} is not the checkpoint's shard"
+        f8 = torch.float8_e4m3fn
+        ours = Fp8Experts.from_quantized(shard["w13_weight"].view(f8), shard["w13_weight_scale_inv"],
+                                         shard["w2_weight"].view(f8), shard["w2_weight_scale_inv"])  # fmt: skip
+        assert torch.equal(res["moe.y"], ours(x, ids, w)), f"rank {rank}: output differs from Fp8Experts"
+        y16 = ours(x.bfloat16(), ids, w)
+        assert res["moe.y_bf16"].dtype == torch.bfloat16 and torch.equal(res["moe.y_bf16"], y16)
+    total = sum(r["moe.y"] for r in results[1:]) + results[0]["moe.y"]
+    assert all(torch.equal(r["moe.forward"], total) for r in results), "forward != sum of the ranks' outputs"
+    whole = model.experts(x, ids, w)
+    if world == 1:
+        assert torch.equal(total, whole)
+        assert bool(results[0]["moe.unloaded_refused"]) and bool(results[0]["moe.ignored_unquantized"])
+        refused = [k for k in results[0] if k.startswith("moe.refused.")]
+        assert len(refused) == 4 and all(bool(results[0][k]) for k in refused), refused
+    else:
+        assert_kernel_close(total, whole, "TP 2 sum vs the whole Fp8Experts")
+        assert all(bool(r["moe.narrow_refused"]) and bool(r["moe.ep_refused"]) for r in results)
 
 
 if __name__ == "__main__":  # a rank of the test above: RANK WORLD PORT CHECKPOINT OUT

@@ -13,8 +13,11 @@ What it registers (checked against vLLM 0.33.0's own classes, tests/test_vllm_pl
 * :class:`Fp8BlockwiseLinearMethod` for every vLLM linear layer (column / merged / QKV / row
   parallel, replicated): the checkpoint's tensors kept as they are, one
   ``torch.ops.fp8.blockwise_matmul`` per forward (W8A8, activations quantized per 1 x bk group).
-* MoE layers: not yet (the fused-experts method waits for the library's MoE layer); a model with
-  routed experts is refused when vLLM builds the layer, naming it.
+* :class:`Fp8BlockwiseMoEMethod` for vLLM's routed experts (``RoutedExperts``, built by
+  ``FusedMoEFactory``): the per-expert checkpoint tensors loaded by vLLM's expert weight loader into
+  fused ``w13`` / ``w2`` parameters, and the forward of the library's MoE layer
+  (:mod:`torch_fp8_blockwise.experts`: sort by expert, one ``grouped_matmul`` per projection,
+  weighted sum in float32) on the routing vLLM's router computed. SiLU-gated experts only.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe import (
+    FusedMoEMethodBase,
+    FusedMoeWeightScaleSupported,
+    MoEActivation,
+    RoutedExperts,
+    UnquantizedFusedMoEMethod,
+)
 from vllm.model_executor.layers.linear import (
     LinearBase,
     LinearMethodBase,
@@ -36,7 +45,9 @@ from vllm.model_executor.parameter import BlockQuantScaleParameter, ModelWeightP
 from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.fp8.*)
+from ..experts import combine, experts_mlp, gather_rows, sort_by_expert
 from ..formats import MATMUL_BLOCKS, cdiv
+from ..nn import Fp8Config
 
 #: The name users pass: ``vllm serve MODEL --quantization fp8_blockwise`` / ``LLM(..., quantization=...)``.
 NAME = "fp8_blockwise"
@@ -151,10 +162,9 @@ class Fp8BlockwiseConfig(QuantizationConfig):
                 return UnquantizedLinearMethod()
             return Fp8BlockwiseLinearMethod(self)
         if isinstance(layer, RoutedExperts):
-            raise NotImplementedError(
-                f"fp8_blockwise: {prefix}: MoE (routed experts) layers are not supported yet; "
-                "only linear layers are"
-            )
+            if is_layer_skipped(prefix, self.ignored_layers, fused_mapping=self.packed_modules_mapping):
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            return Fp8BlockwiseMoEMethod(self, layer)
         return None
 
 
@@ -276,3 +286,179 @@ class Fp8BlockwiseLinearMethod(LinearMethodBase):
         return torch.ops.fp8.blockwise_matmul(
             x, layer.weight, layer.weight_scale_inv, self.block, None, bias, None, "dynamic"
         )
+
+
+def validate_moe_partition(
+    prefix: str, intermediate_size_per_partition: int, tp_size: int, block: list[int]
+) -> None:
+    """Refuse routed experts whose per-rank intermediate size cuts weight blocks (vLLM's
+    ``validate_fp8_block_shape_moe`` rules).
+
+    * I_p % bn == 0 always: gate and up rows are fused in one ``w13`` per expert, and each rank's
+      gate / up rows must start on a scale-block row (the gate's last block must not hold up rows).
+    * I_p % bk == 0 at tensor parallel > 1: ``w2`` (down) is split along its K = I, and a rank's
+      slice must start on a scale-block column.
+    """
+    bn, bk = block
+    where = f"fp8_blockwise: {prefix or 'experts'}"
+    if intermediate_size_per_partition % bn:
+        raise ValueError(
+            f"{where}: intermediate_size_per_partition = {intermediate_size_per_partition} (tensor parallel "
+            f"{tp_size}) is not a multiple of block_n = {bn}: gate / up scale blocks would straddle "
+            + ("tensor-parallel ranks and " if tp_size > 1 else "")
+            + "the fused gate / up rows"
+        )
+    if tp_size > 1 and intermediate_size_per_partition % bk:
+        raise ValueError(
+            f"{where}: intermediate_size_per_partition = {intermediate_size_per_partition} (tensor parallel "
+            f"{tp_size}) is not a multiple of block_k = {bk}: the down projection's K split would cut "
+            "scale blocks"
+        )
+
+
+class Fp8BlockwiseMoEMethod(FusedMoEMethodBase):
+    """A vLLM fused-MoE method for routed experts with DeepSeek-layout FP8 block weights, computed
+    by the library's grouped path (``torch.ops.fp8.grouped_matmul``, as :class:`..experts.Fp8Experts`).
+
+    Parameters it creates on the ``RoutedExperts`` layer (vLLM's fp8 MoE names, so vLLM's expert
+    weight loader fills them per expert and per shard w1 / w3 / w2, split for tensor parallelism):
+
+    * ``w13_weight``: [E, 2 I_p, H] float8_e4m3fn, gate rows (w1) 0..I_p-1 then up rows (w3);
+      I_p = intermediate size / TP.
+    * ``w13_weight_scale_inv``: [E, 2 I_p / bn, cdiv(H, bk)] float32 multipliers, NaN until loaded.
+    * ``w2_weight``: [E, H, I_p] float8_e4m3fn (down; this rank's K slice).
+    * ``w2_weight_scale_inv``: [E, cdiv(H, bn), I_p / bk] float32 (cdiv at TP 1), NaN until loaded.
+
+    Forward (:meth:`apply`): x [T, H] bf16 / fp16 / fp32, vLLM's router output topk_weights [T, k]
+    float32 and topk_ids [T, k] int -> [T, H] in x.dtype: this rank's partial sum over its I_p
+    slice (vLLM's MoE runner all-reduces across ranks). W8A8: each projection's input quantized per
+    1 x bk group; gate / up product in x.dtype, down product and the weighted sum in float32.
+
+    Refused when vLLM builds the layer, naming it: activations other than SiLU-gated ("silu"),
+    expert biases, clamped / scaled SwiGLU (swiglu_limit / alpha / beta), router weights applied on
+    the input, expert parallelism, and partitions that cut blocks (:func:`validate_moe_partition`).
+    """
+
+    def __init__(self, quant_config: Fp8BlockwiseConfig, layer: RoutedExperts) -> None:
+        super().__init__(layer.moe_config)
+        self.quant_config = quant_config
+        self.block = list(quant_config.weight_block_size)
+        self.config = Fp8Config(tuple(self.block), "dynamic")
+        where = f"fp8_blockwise: {getattr(layer, 'layer_name', '') or 'experts'}"
+        moe = layer.moe_config
+        if moe.activation != MoEActivation.SILU:
+            raise NotImplementedError(
+                f"{where}: activation {moe.activation.value!r} is not supported: the grouped experts "
+                "compute silu(gate) * up only ('silu')"
+            )
+        refused = {
+            "has_bias": (moe.has_bias, "expert biases"),
+            "swiglu_limit": (getattr(layer, "swiglu_limit", None) is not None, "a clamped SwiGLU"),
+            "swiglu_alpha": (getattr(layer, "swiglu_alpha", None) is not None, "a scaled SwiGLU"),
+            "swiglu_beta": (getattr(layer, "swiglu_beta", None) is not None, "a shifted SwiGLU"),
+            "apply_router_weight_on_input": (
+                bool(getattr(layer, "apply_router_weight_on_input", False)),
+                "router weights applied to the input",
+            ),
+            "expert parallelism": (moe.moe_parallel_config.use_ep, "experts split across ranks"),
+        }
+        for name, (bad, what) in refused.items():
+            if bad:
+                raise NotImplementedError(f"{where}: {name}: {what} is not supported")
+
+    def maybe_roundup_sizes(
+        self,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        act_dtype: torch.dtype,
+        moe_parallel_config: Any,
+    ) -> tuple[int, int]:
+        """No padding: the parameters keep the checkpoint's H and I_p (a padded H would need
+        padded scale grids; the padding serves all-to-all kernels this method does not use)."""
+        return hidden_size, intermediate_size_per_partition
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        tp_size = self.moe.moe_parallel_config.tp_size
+        validate_moe_partition(
+            getattr(layer, "layer_name", ""), intermediate_size_per_partition, tp_size, self.block
+        )
+        bn, bk = self.block
+        e, h, i = num_experts, hidden_size, intermediate_size_per_partition
+        layer.num_experts = num_experts
+        layer.orig_dtype = params_dtype
+        layer.weight_block_size = self.block
+        attrs = {k: v for k, v in extra_weight_attrs.items() if k == "weight_loader"}
+        for name, shape in (("w13_weight", (e, 2 * i, h)), ("w2_weight", (e, h, i))):
+            param = torch.nn.Parameter(torch.empty(shape, dtype=torch.float8_e4m3fn), requires_grad=False)
+            layer.register_parameter(name, param)
+            set_weight_attrs(param, attrs)
+        scale_attrs = {**attrs, "quant_method": FusedMoeWeightScaleSupported.BLOCK.value}
+        for name, shape in (
+            ("w13_weight_scale_inv", (e, 2 * (i // bn), cdiv(h, bk))),
+            ("w2_weight_scale_inv", (e, cdiv(h, bn), cdiv(i, bk))),
+        ):
+            param = torch.nn.Parameter(
+                torch.full(shape, float("nan"), dtype=torch.float32), requires_grad=False
+            )
+            layer.register_parameter(name, param)
+            set_weight_attrs(param, scale_attrs)
+        layer.w13_input_scale = None
+        layer.w2_input_scale = None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Check every block scale was loaded (NaN until then); weights and scales stay vLLM's
+        parameters, made contiguous float32 scales only where they are not."""
+        for name in ("w13_weight_scale_inv", "w2_weight_scale_inv"):
+            scale = getattr(layer, name).data
+            bad = ~(scale.float() > 0) | ~torch.isfinite(scale.float())
+            if bool(bad.any()):
+                raise ValueError(
+                    f"fp8_blockwise: {getattr(layer, 'layer_name', '') or 'experts'}.{name}: "
+                    f"{int(bad.sum())} of {scale.numel()} block scales are not positive finite numbers "
+                    "(never loaded, or a corrupt checkpoint)"
+                )
+            if scale.dtype != torch.float32 or not scale.is_contiguous():
+                replace_parameter(layer, name, scale.float().contiguous())
+        for name in ("w13_weight", "w2_weight"):
+            if not getattr(layer, name).data.is_contiguous():
+                replace_parameter(layer, name, getattr(layer, name).data.contiguous())
+
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> None:
+        """None: no vLLM modular kernel runs these experts (:meth:`apply` computes them)."""
+        return None
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Any,
+        shared_experts_input: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x [T, H], topk_weights [T, k] float, topk_ids [T, k] int (vLLM's router) -> [T, H] in
+        x.dtype, this rank's partial (see the class docstring). Shared experts, if any, are run by
+        vLLM's MoE runner (this method has no kernel that overlaps them)."""
+        if x.shape[0] == 0 or topk_ids.shape[1] == 0:
+            return torch.zeros_like(x)
+        order, group_sizes = sort_by_expert(topk_ids, layer.w13_weight.shape[0])
+        rows = gather_rows(x, order, topk_ids.shape[1])
+        y = experts_mlp(
+            rows,
+            layer.w13_weight,
+            layer.w13_weight_scale_inv,
+            layer.w2_weight,
+            layer.w2_weight_scale_inv,
+            group_sizes,
+            self.config,
+            torch.nn.functional.silu,
+        )
+        return combine(y, order, topk_weights, group_sizes).to(x.dtype)
