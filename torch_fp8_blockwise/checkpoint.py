@@ -110,6 +110,12 @@ def save(
         raise ValueError(f"max_shard_bytes: expected a positive int or None, got {max_shard_bytes!r}")
     fp8_types = (Fp8BlockwiseLinear, _experts.Fp8Experts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, fp8_types)}
+    for name, m in layers.items():  # a torch.distributed shard holds a slice: this file would be wrong
+        if getattr(m, "kind", "") in ("colwise", "rowwise", "expert") and hasattr(m, "tp_rank"):
+            raise ValueError(
+                f"save: {name} is this rank's {m.kind} shard ({type(m).__name__}); save a parallelized "
+                "model with torch_fp8_blockwise.distributed.checkpoint.save (every rank calls it)"
+            )
     quant = _quantization_config(model, layers)
 
     tensors: dict[str, torch.Tensor] = {}
