@@ -123,3 +123,29 @@ def test_token_shares_cover_every_token_once():
             assert spans[0][0] == 0 and spans[-1][1] == t
             assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
             assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
+
+
+@pytest.mark.slow  # one torch.compile: ~16 s on our shared 2-core machines
+def test_allreduce_style_compiles_fullgraph_so_it_reads_nothing_on_the_host():
+    """A host read (``.tolist()``, ``.item()``, a data-dependent shape) breaks a fullgraph compile:
+    the all-reduce style compiles whole (rank 1 of a fake process group of 2: the all-reduce is a
+    no-op there, so eager and compiled agree exactly)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torch_fp8_blockwise.distributed import Fp8ExpertParallel
+    from torch_fp8_blockwise.experts import Fp8Experts
+
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        torch.manual_seed(0)
+        gu = torch.ops.fp8.quantize(torch.randn(8, 256, 128), [128, 128])
+        dn = torch.ops.fp8.quantize(torch.randn(8, 128, 128), [128, 128])
+        ep = parallelize_module(Fp8Experts.from_quantized(*gu, *dn), mesh, Fp8ExpertParallel())
+        x, idx, w = torch.randn(5, 128), torch.randint(0, 9, (5, 2)), torch.rand(5, 2)
+        assert torch.equal(torch.compile(ep, fullgraph=True)(x, idx, w), ep(x, idx, w))
+    finally:
+        dist.destroy_process_group()
