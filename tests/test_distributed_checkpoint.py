@@ -132,3 +132,85 @@ def test_load_refuses_a_checkpoint_of_other_shapes_or_blocks(mesh8, tmp_path):
     ckpt.save(big, tmp_path / "b256")
     with pytest.raises(ckpt.CheckpointError, match=r"sharded at \(128, 128\) blocks, the checkpoint has"):
         dckpt.load(model, tmp_path / "b256")
+
+
+def _moe(device: str | None = None) -> nn.Module:
+    """``experts``: a transformers Qwen3MoeExperts with 16 experts of [H 256, I 128]."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=16)
+    model = nn.Sequential()
+    with torch.device(device or "cpu"):
+        model.add_module("experts", transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(cfg))
+    if device is None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_expert_parallel_rank_reads_only_its_experts(mesh8, tmp_path, monkeypatch):
+    """Rank 3 of 8 holds experts 6 and 7 of 16: it opens only their per-expert keys (other ranks'
+    keys are never read, and may even be missing), or the rows 6:8 of fused fp8 keys."""
+    from safetensors.torch import load_file, save_file
+
+    from torch_fp8_blockwise.distributed import Fp8ShardedExperts
+
+    torch.manual_seed(0)
+    full = _moe()
+    quantize_model_(full, Fp8Config(), progress=False)
+    ckpt.save(full, tmp_path / "per_expert")
+    file = tmp_path / "per_expert" / "model.safetensors"
+    model = _moe("meta")
+    report = parallelize(model, mesh8, expert_dispatch="alltoall")
+    assert report.sharded["experts"].experts == (16, 2)
+    _SpyOpen.whole, _SpyOpen.sliced = [], []
+    monkeypatch.setattr(safetensors, "safe_open", _SpyOpen)
+    dckpt.load(model, tmp_path / "per_expert")
+    local = {f"experts.{e}.{p}.{t}" for e in (6, 7) for p in ("gate_proj", "up_proj", "down_proj")
+             for t in ("weight", "weight_scale_inv")}  # fmt: skip
+    assert set(_SpyOpen.whole) == local and not _SpyOpen.sliced
+    ep, ref = model.experts, full.experts
+    assert isinstance(ep, Fp8ShardedExperts)
+    assert (ep.expert_offset, ep.num_experts, ep.full_num_experts, ep.dispatch) == (6, 2, 16, "alltoall")
+    for key in ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv"):
+        got, want = getattr(ep, key), getattr(ref, key)[6:8]
+        assert (
+            torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+            if got.dtype != torch.float32
+            else (torch.equal(got, want))
+        )
+
+    with pytest.raises(
+        ValueError, match=r"save: experts is this rank's expert shard .*distributed.checkpoint.save"
+    ):
+        ckpt.save(model, tmp_path / "wrong")  # would write experts 6, 7 as experts 0, 1
+
+    # other ranks' experts may be missing: never needed here; a local one missing names its global key
+    tensors = load_file(file)
+    del tensors["experts.0.up_proj.weight"]
+    save_file(tensors, file)
+    model = _moe("meta")
+    parallelize(model, mesh8)
+    dckpt.load(model, tmp_path / "per_expert")
+    del tensors["experts.7.down_proj.weight_scale_inv"]
+    save_file(tensors, file)
+    model = _moe("meta")
+    parallelize(model, mesh8)
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"experts.7.down_proj.weight_scale_inv: missing .* \[6, 8\) of 16"
+    ):
+        dckpt.load(model, tmp_path / "per_expert")
+    assert model.experts.gate_up_proj.device.type == "meta"  # nothing changed
+
+    # fused fp8 keys (transformers' FP8Experts format): rows 6:8 by get_slice
+    fused = {f"experts.{k}": getattr(ref, k).contiguous() for k in ("gate_up_proj", "gate_up_proj_scale_inv",
+                                                                       "down_proj", "down_proj_scale_inv")}  # fmt: skip
+    save_file(fused, file)
+    model = _moe("meta")
+    parallelize(model, mesh8)
+    _SpyOpen.whole, _SpyOpen.sliced = [], []
+    dckpt.load(model, tmp_path / "per_expert")
+    assert set(_SpyOpen.sliced) == set(fused) and not _SpyOpen.whole
+    assert torch.equal(model.experts.down_proj_scale_inv, ref.down_proj_scale_inv[6:8])
+    assert torch.equal(model.experts.gate_up_proj.view(torch.uint8), ref.gate_up_proj[6:8].view(torch.uint8))

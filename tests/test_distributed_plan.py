@@ -16,6 +16,7 @@ from torch_fp8_blockwise.distributed import (
     BlockShardingError,
     Fp8ColwiseLinear,
     Fp8RowwiseLinear,
+    Fp8ShardedExperts,
     check_plan,
     parallelize,
     shard_problem,
@@ -136,8 +137,8 @@ def test_deepseek_v3_shapes_on_meta_over_8_ranks(fake_world8):
         moe_intermediate_size=2048,
         num_hidden_layers=2,
         first_k_dense_replace=1,
-        n_routed_experts=16,
-        num_experts_per_tok=2,
+        n_routed_experts=256,
+        num_experts_per_tok=8,
         n_shared_experts=1,
         num_attention_heads=128,
         num_key_value_heads=128,
@@ -149,6 +150,9 @@ def test_deepseek_v3_shapes_on_meta_over_8_ranks(fake_world8):
         vocab_size=1024,
     )
     model = _meta_model(cfg)
+    assert check_plan(model, {"*.experts": "expert"}, 8) == {"model.layers.1.mlp.experts": "expert"}
+    with pytest.raises(BlockShardingError, match=r"unequal shares of 256 experts \(42.6667 each\)"):
+        check_plan(model, {"*.experts": "expert"}, 6)
     report = parallelize(model, fake_world8)
     dense = model.model.layers[0].mlp
     assert isinstance(dense.gate_proj, Fp8ColwiseLinear) and isinstance(dense.down_proj, Fp8RowwiseLinear)
@@ -160,8 +164,18 @@ def test_deepseek_v3_shapes_on_meta_over_8_ranks(fake_world8):
     # MLA: only o_proj matches the default plan, so the attention block stays replicated, and says why
     o = "model.layers.0.self_attn.o_proj"
     assert o in report.replicated and "no colwise -> rowwise pair" in report.replicated[o]
-    assert "Fp8ExpertParallel" in report.replicated["model.layers.1.mlp.experts"]
+    # 256 routed experts over 8 ranks: rank 3 holds experts [96, 128), meta, as Fp8Experts shards
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, Fp8ShardedExperts) and experts.gate_up_proj.device.type == "meta"
+    assert (experts.num_experts, experts.expert_offset, experts.full_num_experts) == (32, 96, 256)
+    assert tuple(experts.gate_up_proj.shape) == (32, 4096, 7168)
+    assert tuple(experts.down_proj_scale_inv.shape) == (32, 56, 16)
+    assert report.sharded["model.layers.1.mlp.experts"].experts == (256, 32)
+    assert "mlp.experts: expert (allreduce) 256 experts of [4096, 7168] -> 32 per rank" in str(report)
     assert report.rank_bytes < report.full_bytes
+    # the experts' fp8 bytes per rank are 1/8 of one device's (7168 x 2048 x 3 per expert + scales)
+    per_expert = 3 * 7168 * 2048 + 4 * (2 * 16 * 56 + 56 * 16)
+    assert report.full_bytes - report.rank_bytes >= 224 * per_expert
     assert "model.layers.*.mlp.down_proj: rowwise [7168, 18432] -> [7168, 2304] per rank" in str(report)
 
 
@@ -182,7 +196,7 @@ def test_qwen3_shapes_on_meta_over_8_ranks(fake_world8):
     assert len(report.sharded) == 7 and not report.replicated
     assert tuple(model.model.layers[0].self_attn.k_proj.weight.shape) == (128, 4096)  # one kv head per rank
 
-    moe = transformers.Qwen3MoeConfig(
+    moe_kw = dict(
         hidden_size=4096,
         intermediate_size=12288,
         moe_intermediate_size=1536,
@@ -190,18 +204,29 @@ def test_qwen3_shapes_on_meta_over_8_ranks(fake_world8):
         num_attention_heads=64,
         num_key_value_heads=4,
         head_dim=128,
-        num_experts=8,
         num_experts_per_tok=2,
         vocab_size=1024,
     )
+    moe = transformers.Qwen3MoeConfig(num_experts=8, **moe_kw)
     model = _meta_model(moe)
-    report = parallelize(model, fake_world8)
+    report = parallelize(model, fake_world8, expert_dispatch="alltoall")
+    experts = model.model.layers[0].mlp.experts
+    assert (experts.num_experts, experts.expert_offset, experts.dispatch) == (1, 3, "alltoall")
+    assert tuple(experts.down_proj.shape) == (1, 4096, 1536)
     k = "model.layers.0.self_attn.k_proj"
     # 4 kv heads over 8 ranks: 512 rows give each rank 64, not whole 128-row blocks -> replicated
     assert "64 of 512 output rows" in report.replicated[k]
     assert "model.layers.0.self_attn.q_proj" in report.replicated
     with pytest.raises(BlockShardingError, match="k_proj"):
         check_plan(model, {"*.k_proj": "colwise"}, 8)
+    # 60 experts (Qwen1.5-MoE's count) over 8 ranks: the default plan keeps them replicated and says
+    # why; an explicit plan is refused, naming the tp sizes that work
+    odd = _meta_model(transformers.Qwen3MoeConfig(num_experts=60, **moe_kw))
+    report = parallelize(odd, fake_world8)
+    why = report.replicated["model.layers.0.mlp.experts"]
+    assert "unequal shares of 60 experts (7.5 each)" in why and "[2, 4]" in why
+    with pytest.raises(BlockShardingError, match=r"60 experts of \[3072, 4096\] in 128x128 blocks"):
+        check_plan(odd, {"*.experts": "expert"}, 8)
 
 
 def test_explicit_plan_is_all_or_nothing_and_expert_refused(fake_world8):
@@ -218,8 +243,9 @@ def test_explicit_plan_is_all_or_nothing_and_expert_refused(fake_world8):
     assert check_plan(moe, {"experts": "expert"}, 8) == {"experts": "expert"}
     with pytest.raises(BlockShardingError, match="unequal shares of 8 experts"):
         check_plan(moe, {"experts": "expert"}, 16)
-    with pytest.raises(NotImplementedError, match="not available yet"):
+    with pytest.raises(TypeError, match="not a fused experts module"):
         parallelize(moe, fake_world8, {"experts": "expert"})
+    assert experts.gate_up_proj.shape == (8, 4096, 1024)  # nothing moved
     real = nn.Sequential(_Mlp(1024, 2048, device="cpu"))
     with pytest.raises(TypeError, match="quantize_model_"):
         parallelize(real, fake_world8, {"*.gate_proj": "colwise"})
@@ -232,6 +258,20 @@ def test_default_plan_keeps_unconverted_blocks_replicated(fake_world8):
     report = parallelize(model, fake_world8)
     assert not report.sharded
     assert "high-precision nn.Linear" in report.replicated["0.gate_proj"]
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=8)
+    moe = nn.Sequential()
+    moe.add_module("experts", transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(cfg))
+    report = parallelize(moe, fake_world8)
+    assert "high-precision Qwen3MoeExperts" in report.replicated["experts"]
+    with pytest.raises(TypeError, match="quantize_model_"):
+        parallelize(moe, fake_world8, {"experts": "expert"})
+    cfg.moe_intermediate_size = 192  # I not a multiple of bn: no Fp8Experts (gate / up blocks straddle)
+    with torch.device("meta"):
+        moe.experts = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(cfg)
+    report = parallelize(moe, fake_world8)
+    assert "intermediate size I=192 is not a multiple of bn=128" in report.replicated["experts"]
 
 
 def test_style_on_a_real_layer_slices_weight_scale_and_bias(fake_world8):
@@ -295,3 +335,62 @@ def test_parallelize_twice_is_refused_before_anything_moves(fake_world8):
     with pytest.raises(ValueError, match="already split"):
         parallelize(model, fake_world8)
     assert shapes == {n: tuple(b.shape) for n, b in model.named_buffers()}
+
+
+def test_expert_style_keeps_a_contiguous_expert_range_and_refuses_before_moving(fake_world8):
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from torch_fp8_blockwise.distributed import Fp8ExpertParallel
+    from torch_fp8_blockwise.experts import Fp8Experts
+
+    def experts(e: int) -> Fp8Experts:
+        torch.manual_seed(0)
+        gu = torch.ops.fp8.quantize(torch.randn(e, 256, 128), [128, 128])
+        dn = torch.ops.fp8.quantize(torch.randn(e, 128, 128), [128, 128])
+        return Fp8Experts.from_quantized(*gu, *dn)
+
+    full = experts(16)
+    ep = parallelize_module(experts(16), fake_world8, Fp8ExpertParallel("alltoall"))
+    assert isinstance(ep, Fp8ShardedExperts) and (ep.expert_offset, ep.num_experts) == (6, 2)
+    assert torch.equal(ep.down_proj.view(torch.uint8), full.down_proj[6:8].view(torch.uint8))
+    assert torch.equal(ep.gate_up_proj_scale_inv, full.gate_up_proj_scale_inv[6:8])
+    assert "experts [6, 8) of 16, dispatch='alltoall'" in repr(ep)
+    odd = experts(12)
+    with pytest.raises(
+        BlockShardingError, match=r"unequal shares of 12 experts \(1.5 each\); tp sizes that work"
+    ):
+        parallelize_module(odd, fake_world8, Fp8ExpertParallel())
+    assert odd.num_experts == 12 and type(odd) is Fp8Experts  # nothing moved
+    with pytest.raises(TypeError, match="unsplit Fp8Experts"):
+        parallelize_module(ep, fake_world8, Fp8ExpertParallel())
+    with pytest.raises(TypeError, match="unsplit Fp8Experts"):
+        parallelize_module(nn.Linear(256, 256), fake_world8, Fp8ExpertParallel())
+    with pytest.raises(ValueError, match="dispatch: expected one of"):
+        Fp8ExpertParallel("broadcast")
+    with pytest.raises(ValueError, match="dispatch: expected one of"):
+        parallelize(nn.Sequential(_Mlp(1024, 2048)), fake_world8, expert_dispatch="all2all")
+
+
+def test_explicit_expert_plan_on_meta_and_torch_xla_keeps_experts_replicated(fake_world8):
+    """An explicit "expert" plan makes a meta transformers experts module a meta Fp8Experts shard;
+    on a torch_xla Mesh (no expert parallelism there) the default plan keeps experts replicated and
+    says why, an explicit "expert" is refused before anything moves."""
+    import transformers
+
+    from torch_fp8_blockwise.distributed.parallelize import _assignment
+    from torch_fp8_blockwise.nn import Fp8Config
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=16)
+    moe = nn.Sequential()
+    with torch.device("meta"):
+        moe.add_module("experts", transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(cfg))
+    assigned, replicated = _assignment(moe, None, 8, Fp8Config(), True)
+    assert not assigned and "torch_xla SPMD Mesh experts stay replicated" in replicated["experts"]
+    with pytest.raises(
+        ValueError, match="asks for 'expert', but expert parallelism runs on a torch DeviceMesh"
+    ):
+        _assignment(moe, {"experts": "expert"}, 8, Fp8Config(), True)
+    report = parallelize(moe, fake_world8, {"experts": "expert"}, config=Fp8Config(activation="none"))
+    assert isinstance(moe.experts, Fp8ShardedExperts) and moe.experts.config.activation == "none"
+    assert (moe.experts.expert_offset, moe.experts.num_experts) == (6, 2)
+    assert report.rank_bytes * 7 < report.full_bytes  # experts are (nearly) the whole model

@@ -126,6 +126,12 @@ def save(
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     fp8_types = (Fp8BlockwiseLinear, _experts.Fp8Experts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, fp8_types)}
+    for name, m in layers.items():  # a torch.distributed shard holds a slice: this file would be wrong
+        if getattr(m, "kind", "") in ("colwise", "rowwise", "expert") and hasattr(m, "tp_rank"):
+            raise ValueError(
+                f"save: {name} is this rank's {m.kind} shard ({type(m).__name__}); save a parallelized "
+                "model with torch_fp8_blockwise.distributed.checkpoint.save (every rank calls it)"
+            )
     linears = {name: m for name, m in layers.items() if isinstance(m, Fp8BlockwiseLinear)}
     if format == _ct.QUANT_METHOD:
         experts = sorted(set(layers) - set(linears))
@@ -520,11 +526,12 @@ def _header_keys(file: str) -> list[str]:
 
 
 def _read_tensors(
-    files: dict[str, list[str]], read: Callable[[object, str, str], torch.Tensor] | None = None
+    files: dict[str, list[str]],
+    read: Callable[[object, str, str], tuple[str, torch.Tensor] | None] | None = None,
 ) -> dict[str, tuple[torch.Tensor, str]]:
     """key -> (tensor on CPU, file), every read error wrapped with the file's name. ``read(f, key,
-    file)`` reads one tensor from the open safetensors file ``f`` (default: all of it;
-    distributed.checkpoint reads a rank's slice)."""
+    file)`` reads one tensor from the open safetensors file ``f`` as (key, tensor), or None to skip
+    it (default: (key, all of it); distributed.checkpoint reads a rank's slices and experts)."""
     from safetensors import safe_open
 
     out: dict[str, tuple[torch.Tensor, str]] = {}
@@ -544,9 +551,12 @@ def _read_tensors(
                         f"{file}: safetensors reads other keys than its header lists"
                     )
                 for key in keys:
-                    if key in out:
-                        raise CheckpointError(f"{key}: in both {out[key][1]} and {file}")
-                    out[key] = (f.get_tensor(key) if read is None else read(f, key, file), file)
+                    got = (key, f.get_tensor(key)) if read is None else read(f, key, file)
+                    if got is None:  # not this rank's (distributed.checkpoint): never read
+                        continue
+                    if got[0] in out:
+                        raise CheckpointError(f"{got[0]}: in both {out[got[0]][1]} and {file}")
+                    out[got[0]] = (got[1], file)
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises SafetensorError / OSError for bad files

@@ -106,16 +106,22 @@ def experts_mlp(
     group_sizes: torch.Tensor,
     config: Fp8Config,
     act_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    x_scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``down(act_fn(gate(x)) * up(x))`` per expert: two ``grouped_matmul`` calls.
 
-    x: [M, H] rows sorted by expert (bf16 / fp16 / fp32); weights and scales as in :class:`Fp8Experts`;
-    group_sizes: [E] int32. The gate / up product is in x.dtype (as transformers computes it), the
-    down projection in float32. Returns [M, H] float32; rows of no group are 0.
+    x: [M, H] rows sorted by expert (bf16 / fp16 / fp32), or already quantized: float8_e4m3fn with
+    ``x_scale`` [M, cdiv(H, bk)] float32 (the 1 x bk groups W8A8 would compute: expert parallelism
+    moves activations as fp8); weights and scales as in :class:`Fp8Experts`; group_sizes: [E] int32.
+    The gate / up product is in ``dtype`` (default x.dtype: as transformers computes it), the down
+    projection in float32. Returns [M, H] float32; rows of no group are 0.
     """
     block, act = list(config.block_shape), config.activation
+    dtype = x.dtype if dtype is None else dtype
     gate_up = torch.ops.fp8.grouped_matmul.default(
-        x, gate_up_proj, gate_up_proj_scale_inv, group_sizes, block, None, x.dtype, act
+        x, gate_up_proj, gate_up_proj_scale_inv, group_sizes, block, x_scale, dtype, act
     )
     gate, up = gate_up.chunk(2, dim=-1)
     h = act_fn(gate) * up
@@ -167,11 +173,12 @@ def _default_gate() -> object | None:
     return _default_apply_gate
 
 
-def experts_skip_reason(module: nn.Module, config: Fp8Config) -> str | None:
+def experts_skip_reason(module: nn.Module, config: Fp8Config, *, allow_meta: bool = False) -> str | None:
     """Why a fused experts module (:func:`is_fused_experts`) cannot become an :class:`Fp8Experts`
     with ``config``, or None. Checked: layout flags of transformers' ``use_experts_implementation``
     (transposed, interleaved gate/up, no gate, biases, post-expert norm), the gate function (only
-    ``act_fn(gate) * up``), shapes, dtype, meta device, and I % bn == 0."""
+    ``act_fn(gate) * up``), shapes, dtype, meta device (unless ``allow_meta``: the structure of a
+    meta module that a checkpoint will fill), and I % bn == 0."""
     flags = {
         "is_transposed": (True, "weights are stored transposed ([E, H, 2I])"),
         "is_concatenated": (False, "gate and up rows are interleaved, not concatenated"),
@@ -196,7 +203,7 @@ def experts_skip_reason(module: nn.Module, config: Fp8Config) -> str | None:
     if not callable(getattr(module, "act_fn", None)):
         return "it has no act_fn"
     gu, down = module.gate_up_proj, module.down_proj
-    if gu.device.type == "meta" or down.device.type == "meta":
+    if not allow_meta and (gu.device.type == "meta" or down.device.type == "meta"):
         return "weights are on the meta device (no values to quantize)"
     for name, t in (("gate_up_proj", gu), ("down_proj", down)):
         if t.dtype not in HIGH_PRECISION_DTYPES:
@@ -358,6 +365,27 @@ class Fp8Experts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self._check_inputs(hidden_states, top_k_index, top_k_weights):
+            return torch.zeros_like(hidden_states)
+        order, group_sizes = sort_by_expert(top_k_index, self.num_experts)
+        x = gather_rows(hidden_states, order, top_k_index.shape[1])
+        y = experts_mlp(
+            x,
+            self.gate_up_proj,
+            self.gate_up_proj_scale_inv,
+            self.down_proj,
+            self.down_proj_scale_inv,
+            group_sizes,
+            self.config,
+            self.act_fn,
+        )
+        return combine(y, order, top_k_weights, group_sizes).to(hidden_states.dtype)
+
+    def _check_inputs(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> bool:
+        """Validate the forward's arguments (shapes and dtypes only, no host read of values);
+        True when there is nothing to compute (no token or k = 0)."""
         if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_dim:
             raise ValueError(
                 f"hidden_states: expected [T, {self.hidden_dim}], got {tuple(hidden_states.shape)}"
@@ -373,21 +401,7 @@ class Fp8Experts(nn.Module):
                 f"top_k_weights: expected shape {tuple(top_k_index.shape)} (as top_k_index), "
                 f"got {tuple(top_k_weights.shape)}"
             )
-        if hidden_states.shape[0] == 0 or top_k_index.shape[1] == 0:
-            return torch.zeros_like(hidden_states)
-        order, group_sizes = sort_by_expert(top_k_index, self.num_experts)
-        x = gather_rows(hidden_states, order, top_k_index.shape[1])
-        y = experts_mlp(
-            x,
-            self.gate_up_proj,
-            self.gate_up_proj_scale_inv,
-            self.down_proj,
-            self.down_proj_scale_inv,
-            group_sizes,
-            self.config,
-            self.act_fn,
-        )
-        return combine(y, order, top_k_weights, group_sizes).to(hidden_states.dtype)
+        return hidden_states.shape[0] == 0 or top_k_index.shape[1] == 0
 
     def dequantized_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2I, H], [E, H, I]) ``dtype`` copies of the weights (inspection, SQNR; not used in forward)."""

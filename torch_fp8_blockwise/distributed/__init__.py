@@ -3,8 +3,9 @@
 * :func:`check_plan`: a pure shape check of a plan (no process group); :class:`BlockShardingError`.
 * :func:`parallelize`: apply a plan (or the default one for transformers decoders) to a model on a
   torch ``DeviceMesh`` or a torch_xla SPMD ``Mesh``; returns a :class:`ShardingReport`.
-* :class:`Fp8ColwiseParallel`, :class:`Fp8RowwiseParallel`: ``ParallelStyle``s for
-  ``parallelize_module``.
+* :class:`Fp8ColwiseParallel`, :class:`Fp8RowwiseParallel`, :class:`Fp8ExpertParallel`:
+  ``ParallelStyle``s for ``parallelize_module`` (:mod:`.experts`: whole experts per rank,
+  "allreduce" or "alltoall" dispatch).
 * a DTensor sharding rule for ``torch.ops.fp8.blockwise_matmul`` (registered on import) for users who
   call the op on DTensors.
 * :mod:`.checkpoint`: per-rank load (each rank reads only its slices) and save of a sharded model.
@@ -15,19 +16,23 @@ The block-alignment rule lives in :mod:`.alignment` (one function, :func:`shard_
 from . import checkpoint
 from . import sharding_rule as _sharding_rule  # noqa: F401  (registers the DTensor rule)
 from .alignment import BlockShardingError, shard_problem, working_tp_sizes
+from .experts import DISPATCH_STYLES, Fp8ShardedExperts
 from .layers import Fp8ColwiseLinear, Fp8RowwiseLinear
 from .parallelize import ShardingReport, parallelize
 from .plan import DEFAULT_PLAN, check_plan
-from .styles import Fp8ColwiseParallel, Fp8RowwiseParallel
+from .styles import Fp8ColwiseParallel, Fp8ExpertParallel, Fp8RowwiseParallel
 
 __all__ = [
     "DEFAULT_PLAN",
+    "DISPATCH_STYLES",
     "checkpoint",
     "BlockShardingError",
     "Fp8ColwiseLinear",
     "Fp8ColwiseParallel",
+    "Fp8ExpertParallel",
     "Fp8RowwiseLinear",
     "Fp8RowwiseParallel",
+    "Fp8ShardedExperts",
     "ShardingReport",
     "check_plan",
     "parallelize",

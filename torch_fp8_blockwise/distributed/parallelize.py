@@ -8,20 +8,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..experts import Fp8Experts
 from ..nn import Fp8BlockwiseLinear, Fp8Config
 from .alignment import BlockShardingError
+from .experts import Fp8ShardedExperts, check_dispatch, meta_experts, shard_experts_
 from .layers import shard_layer_
-from .plan import EXPERT_UNAVAILABLE, check_plan, default_assignment
+from .plan import check_plan, default_assignment, expert_problem, planned_layers
 
 
 @dataclass(frozen=True)
 class ShardedLayer:
-    """How one layer was split: full and local weight shapes [N, K], block (bn, bk)."""
+    """How one layer was split: full and local weight shapes [N, K] (for "expert": one expert's
+    gate_up_proj [2I, H], the same on every rank), block (bn, bk); for "expert" also
+    ``experts`` = (all experts, experts per rank) and the ``dispatch`` style."""
 
     kind: str
     full_shape: tuple[int, int]
     local_shape: tuple[int, int]
     block: tuple[int, int]
+    experts: tuple[int, int] | None = None
+    dispatch: str | None = None
 
 
 @dataclass
@@ -51,6 +57,11 @@ class ShardingReport:
                 f"{s.kind} [{s.full_shape[0]}, {s.full_shape[1]}] -> "
                 f"[{s.local_shape[0]}, {s.local_shape[1]}] per rank ({s.block[0]}x{s.block[1]} blocks)"
             )
+            if s.experts is not None:
+                what = (
+                    f"expert ({s.dispatch}) {s.experts[0]} experts of [{s.full_shape[0]}, {s.full_shape[1]}] "
+                    f"-> {s.experts[1]} per rank ({s.block[0]}x{s.block[1]} blocks)"
+                )
             key = (_generic(name), what)
             entries[key] = entries.get(key, 0) + 1
         for name, reason in self.replicated.items():
@@ -94,16 +105,34 @@ def _meta_fp8(linear: nn.Linear, config: Fp8Config) -> Fp8BlockwiseLinear:
     )
 
 
+XLA_EXPERTS = (
+    "expert parallelism runs on a torch DeviceMesh (torch.distributed); on a torch_xla SPMD Mesh "
+    "experts stay replicated"
+)
+
+
 def _assignment(
-    model: nn.Module, plan: dict[str, str | None] | None, tp: int, config: Fp8Config
+    model: nn.Module, plan: dict[str, str | None] | None, tp: int, config: Fp8Config, xla_mesh: bool
 ) -> tuple[dict[str, str], dict[str, str]]:
     if plan is None:
-        return default_assignment(model, tp, config.block_shape)
+        assigned, replicated = default_assignment(model, tp, config.block_shape)
+        if xla_mesh:
+            for name in [n for n, kind in assigned.items() if kind == "expert"]:
+                replicated[name] = f"experts kept replicated: {XLA_EXPERTS}"
+                del assigned[name]
+        return assigned, replicated
     assigned = check_plan(model, plan, tp, block_shape=config.block_shape)
     experts = sorted(name for name, kind in assigned.items() if kind == "expert")
-    if experts:
-        raise NotImplementedError(f"plan: {experts[0]} asks for 'expert': {EXPERT_UNAVAILABLE}")
+    if experts and xla_mesh:
+        raise ValueError(f"plan: {experts[0]} asks for 'expert', but {XLA_EXPERTS}: map it to None")
+    layers, _ = planned_layers(model, {name: "expert" for name in experts}, config.block_shape)
+    for name in experts:
+        why = expert_problem(name, model.get_submodule(name), layers[name], tp, config.block_shape)
+        if why is not None:
+            raise TypeError(f"plan: {name} asks for 'expert', but {why}; or map it to None (replicated)")
     for name in assigned:
+        if assigned[name] == "expert":
+            continue
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear) and module.weight.device.type != "meta":
             raise TypeError(
@@ -119,6 +148,7 @@ def parallelize(
     plan: dict[str, str | None] | None = None,
     *,
     config: Fp8Config | None = None,
+    expert_dispatch: str = "allreduce",
 ) -> ShardingReport:
     """Split ``model``'s FP8 layers over the ranks of ``mesh`` in place, and report what was done.
 
@@ -138,14 +168,19 @@ def parallelize(
             (all or nothing: :class:`BlockShardingError` before anything moves). None: the default
             plan (:data:`DEFAULT_PLAN`), made safe: an attention / MLP block whose layers do not all
             satisfy the alignment rule (or would split heads) stays replicated, with the reason in the
-            report; experts stay replicated (expert parallelism is not available yet).
-        config: Fp8Config for meta nn.Linear layers (default Fp8Config()).
+            report; experts are split by whole experts (:class:`~.experts.Fp8ShardedExperts`) when
+            ``num_experts % tp == 0`` on a DeviceMesh, else kept replicated with the reason.
+        config: Fp8Config for meta nn.Linear layers and meta experts modules (default Fp8Config()).
+        expert_dispatch: "allreduce" (all tokens on every rank, one float32 all-reduce, no host
+            sync) or "alltoall" (fp8 activations + scales with all_to_all_single; one host read of
+            the split sizes per call): see :mod:`torch_fp8_blockwise.distributed.experts`.
 
     Returns: a :class:`ShardingReport` (layers sharded how, layers kept replicated and why, bytes per rank).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     config = Fp8Config() if config is None else config
+    check_dispatch(expert_dispatch)
     if _is_xla_mesh(mesh):
         from . import xla
 
@@ -165,9 +200,11 @@ def parallelize(
         tp = mesh.size()
         engine = f"torch.distributed {mesh.get_group().name()}"
     for name, module in model.named_modules():  # refuse before anything moves
-        if isinstance(module, Fp8BlockwiseLinear) and getattr(module, "kind", "") in ("colwise", "rowwise"):
+        if isinstance(module, (Fp8BlockwiseLinear, Fp8ShardedExperts)) and getattr(module, "kind", "") in (
+            "colwise", "rowwise", "expert",
+        ):  # fmt: skip
             raise ValueError(f"model: {name} is already split ({type(module).__name__}); parallelize once")
-    assigned, replicated = _assignment(model, plan, tp, config)
+    assigned, replicated = _assignment(model, plan, tp, config, _is_xla_mesh(mesh))
     for name in assigned:
         module = model.get_submodule(name)
         if _is_xla_mesh(mesh) and module.weight.device.type != "xla":
@@ -176,19 +213,30 @@ def parallelize(
                 "be on torch_xla's device (meta models: load the checkpoint, then move)"
             )
 
-    layers: dict[str, Fp8BlockwiseLinear] = {}
-    for name in assigned:
+    layers: dict[str, nn.Module] = {}
+    for name, kind in assigned.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = getattr(parent, attr)
-        if not isinstance(layer, Fp8BlockwiseLinear):  # a meta nn.Linear (checked above)
+        if kind == "expert" and not isinstance(layer, Fp8Experts):  # meta fused experts (checked above)
+            layer = meta_experts(layer, config)
+            setattr(parent, attr, layer)
+        elif kind != "expert" and not isinstance(layer, Fp8BlockwiseLinear):  # a meta nn.Linear (checked)
             layer = _meta_fp8(layer, config)
             setattr(parent, attr, layer)
         layers[name] = layer
-    # "one device": the fp8 model unsplit (meta nn.Linear layers counted as the fp8 layers they become)
+    # "one device": the fp8 model unsplit (meta float layers counted as the fp8 layers they become)
     report = ShardingReport(engine, tp, replicated=replicated, full_bytes=model_bytes(model))
     for name, kind in assigned.items():
         layer = layers[name]
+        if kind == "expert":
+            full_e = layer.num_experts
+            shape = (2 * layer.intermediate_dim, layer.hidden_dim)
+            layer = shard_experts_(layer, mesh.get_local_rank(), tp, mesh.get_group(), expert_dispatch)
+            report.sharded[name] = ShardedLayer(
+                kind, shape, shape, layer.config.block_shape, (full_e, layer.num_experts), expert_dispatch
+            )
+            continue
         full = (layer.out_features, layer.in_features)
         if _is_xla_mesh(mesh):
             layer = xla.shard_layer_(layer, kind, mesh)

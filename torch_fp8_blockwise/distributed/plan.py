@@ -16,7 +16,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from ..nn import DEFAULT_BLOCK, Fp8BlockwiseLinear
+from ..experts import Fp8Experts, experts_skip_reason, is_fused_experts
+from ..nn import DEFAULT_BLOCK, Fp8BlockwiseLinear, Fp8Config
 from .alignment import KINDS, BlockShardingError, shard_problem, working_tp_sizes
 
 #: The default plan for the transformers decoder families we test (Llama, Qwen2/3, Mistral, SmolLM2,
@@ -31,10 +32,6 @@ DEFAULT_PLAN: dict[str, str | None] = {
     "*.down_proj": "rowwise",
     "*.experts": "expert",
 }
-
-EXPERT_UNAVAILABLE = (
-    "expert parallelism (Fp8ExpertParallel) is not available yet: it needs the Fp8Experts layer"
-)
 
 
 @dataclass(frozen=True)
@@ -176,17 +173,23 @@ def default_assignment(
     split only if it has column-parallel layers feeding row-parallel ones, every member satisfies
     the alignment rule, and (for attention, a parent with ``head_dim``) every rank gets whole heads.
     Otherwise the whole group stays replicated with the reason (splitting q_proj but not o_proj
-    would feed o_proj a partial input). Expert modules stay replicated: :data:`EXPERT_UNAVAILABLE`.
+    would feed o_proj a partial input). An experts module is split by whole experts when
+    ``num_experts % tp_size == 0`` and it is (or, on the meta device, can become) an Fp8Experts;
+    otherwise it stays replicated with the reason (:func:`expert_problem`).
     """
     layers, problems = planned_layers(model, DEFAULT_PLAN, block_shape)
     replicated = dict(problems)
     groups: dict[str, dict[str, PlannedLayer]] = {}
+    assigned: dict[str, str] = {}
     for name, layer in layers.items():
         if layer.kind == "expert":
-            replicated[name] = EXPERT_UNAVAILABLE
+            why = expert_problem(name, model.get_submodule(name), layer, tp_size, block_shape)
+            if why is None:
+                assigned[name] = "expert"
+            else:
+                replicated[name] = f"experts kept replicated because {why}"
             continue
         groups.setdefault(name.rpartition(".")[0], {})[name] = layer
-    assigned: dict[str, str] = {}
     for parent, members in groups.items():
         reason = _group_problem(model.get_submodule(parent) if parent else model, members, tp_size)
         if reason is None:
@@ -194,6 +197,31 @@ def default_assignment(
         else:
             replicated.update(dict.fromkeys(members, reason))
     return assigned, replicated
+
+
+def expert_problem(
+    name: str, module: nn.Module, layer: PlannedLayer, tp_size: int, block_shape: tuple[int, int]
+) -> str | None:
+    """Why ``module`` cannot be made expert-parallel over ``tp_size`` ranks, or None: the alignment
+    rule (``num_experts % tp_size``), then the module: an Fp8Experts, or a fused experts module on
+    the meta device that can become one (a checkpoint fills it). A float module with values is
+    refused (convert it first with quantize_model_)."""
+    why = layer_problem(name, layer, tp_size)
+    if why is not None:
+        return why
+    if isinstance(module, Fp8Experts):
+        return None
+    if not is_fused_experts(module):
+        return (
+            f"{name} ({type(module).__name__}) is not a fused experts module (3-D gate_up_proj / down_proj)"
+        )
+    if module.gate_up_proj.device.type != "meta":
+        return (
+            f"{name} is a high-precision {type(module).__name__} (not converted to fp8); convert it with "
+            "quantize_model_ first"
+        )
+    reason = experts_skip_reason(module, Fp8Config(tuple(block_shape)), allow_meta=True)
+    return None if reason is None else f"{name} cannot become an Fp8Experts: {reason}"
 
 
 def _group_problem(parent: nn.Module, members: dict[str, PlannedLayer], tp_size: int) -> str | None:

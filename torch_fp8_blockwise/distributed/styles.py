@@ -10,6 +10,9 @@ local tensors (inputs and outputs are plain tensors, as torch's styles with ``us
 
 * ``Fp8ColwiseParallel``: x [..., K] replicated -> [..., N / tp] (this rank's output features).
 * ``Fp8RowwiseParallel``: x [..., K / tp] (this rank's input features) -> [..., N] replicated.
+* ``Fp8ExpertParallel``: an :class:`~torch_fp8_blockwise.experts.Fp8Experts` keeps this rank's
+  contiguous range of whole experts (:mod:`.experts`: "allreduce" or "alltoall" dispatch);
+  tokens in and out the same on every rank.
 
 Every rank must hold the same full layer (or a meta one): the shard is sliced locally, nothing is
 sent (like ``src_data_rank=None``). To avoid holding the full model, parallelize a meta model and
@@ -22,8 +25,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from ..experts import Fp8Experts
 from ..nn import Fp8BlockwiseLinear
 from .alignment import BlockShardingError
+from .experts import check_dispatch, shard_experts_
 from .layers import shard_layer_
 from .plan import PlannedLayer, layer_problem
 
@@ -71,3 +76,36 @@ class Fp8RowwiseParallel(_Fp8Parallel):
     one cast to x.dtype."""
 
     kind = "rowwise"
+
+
+class Fp8ExpertParallel(ParallelStyle):
+    """Split an :class:`~torch_fp8_blockwise.experts.Fp8Experts` by whole experts: needs
+    ``num_experts % tp == 0``; rank r keeps experts ``[r E / tp, (r + 1) E / tp)``.
+
+    dispatch: "allreduce" (every rank runs its experts on all tokens' pairs, one float32
+    all-reduce, no host sync) or "alltoall" (fp8 activations + 1 x bk scales to the experts'
+    owners with all_to_all_single, float32 outputs back; one host read of the split sizes per
+    call). See :mod:`torch_fp8_blockwise.distributed.experts`.
+    """
+
+    def __init__(self, dispatch: str = "allreduce") -> None:
+        super().__init__()
+        self.dispatch = check_dispatch(dispatch)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        style = type(self).__name__
+        if not isinstance(module, Fp8Experts) or getattr(module, "kind", "") == "expert":
+            raise TypeError(
+                f"{style}: expected an unsplit Fp8Experts, got {type(module).__name__} (convert with "
+                "quantize_model_ or checkpoint.load first)"
+            )
+        mesh = _mesh_1d(device_mesh, style)
+        tp = mesh.size()
+        layer = PlannedLayer(
+            "expert", (2 * module.intermediate_dim, module.hidden_dim), module.config.block_shape,
+            num_experts=module.num_experts,
+        )  # fmt: skip
+        why = layer_problem(type(module).__name__, layer, tp)
+        if why is not None:
+            raise BlockShardingError(f"{style}: {why}")
+        return shard_experts_(module, mesh.get_local_rank(), tp, mesh.get_group(), self.dispatch)

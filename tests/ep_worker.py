@@ -1,0 +1,151 @@
+"""One rank of the 2-process gloo expert-parallel checks (run by tests/test_distributed_experts.py).
+
+``python tests/ep_worker.py RANK WORLD PORT OUT_DIR``: every check's numbers go to
+OUT_DIR/rank{RANK}.json; the test asserts on them. Loopback only; every collective has a timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from torch_fp8_blockwise import checkpoint as ckpt
+from torch_fp8_blockwise import distributed as tpd
+from torch_fp8_blockwise.distributed import checkpoint as dckpt
+from torch_fp8_blockwise.experts import Fp8Experts
+from torch_fp8_blockwise.nn import Fp8Config, quantize_model_
+from torch_fp8_blockwise.testing import rel_error
+
+
+def tiny_moe(family: str, device: str = "cpu") -> torch.nn.Module:
+    """A 2-layer transformers Qwen3-MoE (attention and experts split over 2 ranks: dims of 256) or
+    DeepSeek-V3 (MLA attention, a dense first layer and shared experts replicated)."""
+    import transformers
+
+    if family == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            vocab_size=128, hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=128,
+            num_experts=8, num_experts_per_tok=3, max_position_embeddings=64, tie_word_embeddings=False,
+        )  # fmt: skip
+    else:
+        cfg = transformers.DeepseekV3Config(
+            vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+            num_hidden_layers=2, first_k_dense_replace=1, n_shared_experts=1, n_routed_experts=8,
+            num_experts_per_tok=3, n_group=2, topk_group=1, num_attention_heads=2, num_key_value_heads=2,
+            q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+            max_position_embeddings=64,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _checkpoints(res, model, ep_model, ids, mesh, out_dir, rank) -> None:
+    """Per-rank load of a saved checkpoint into a meta model, save from the split model, dcp."""
+    out = logits(ep_model, ids)
+    ck_dir = os.path.join(out_dir, "ckpt")
+    if rank == 0:
+        ckpt.save(model, ck_dir)
+    dist.barrier()
+    meta = tiny_moe("qwen3_moe", device="meta")
+    tpd.parallelize(meta, mesh, expert_dispatch="alltoall")
+    dckpt.load(meta, ck_dir)
+    meta.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # non-persistent buffer
+    res["perrank_load_equal"] = torch.equal(logits(meta, ids), out)
+    experts = meta.model.layers[0].mlp.experts
+    res["perrank_experts"] = [type(experts).__name__, experts.expert_offset, experts.num_experts]
+    save_dir = os.path.join(out_dir, "resaved")
+    dckpt.save(ep_model, save_dir)
+    if rank == 0:
+        from safetensors.torch import load_file
+
+        a = load_file(os.path.join(ck_dir, "model.safetensors"))
+        b = load_file(os.path.join(save_dir, "model.safetensors"))
+        res["resave_same_keys"] = sorted(a) == sorted(b)
+        res["resave_equal"] = all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    import torch.distributed.checkpoint as dcp
+
+    dcp_dir = os.path.join(out_dir, "dcp")
+    dcp.save(dckpt.dtensor_state_dict(ep_model, mesh), checkpoint_id=dcp_dir)
+    fresh = tiny_moe("qwen3_moe")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(0.5)  # different values everywhere
+    quantize_model_(fresh, Fp8Config(), progress=False)
+    tpd.parallelize(fresh, mesh, expert_dispatch="alltoall")
+    dcp.load(dckpt.dtensor_state_dict(fresh, mesh), checkpoint_id=dcp_dir)
+    res["dcp_roundtrip_equal"] = torch.equal(logits(fresh, ids), out)
+
+
+def main() -> None:
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    res: dict[str, object] = {}
+
+    # ---- the layer alone: random routing incl. transformers' sentinel id E and T < tp / uneven T
+    torch.manual_seed(3)
+    e, h, i = 8, 256, 128
+    full = Fp8Experts.from_quantized(
+        *torch.ops.fp8.quantize(torch.randn(e, 2 * i, h) * 0.05, [128, 128]),
+        *torch.ops.fp8.quantize(torch.randn(e, h, i) * 0.05, [128, 128]),
+        Fp8Config(),
+    )
+    for t in (1, 7):
+        x = torch.randn(t, h, dtype=torch.bfloat16)
+        idx = torch.randint(0, e + 1, (t, 2))  # e: the sentinel, contributes nothing
+        w = torch.rand(t, 2)
+        ref = full(x.float(), idx, w)
+        for dispatch in ("allreduce", "alltoall"):
+            ep = parallelize_module(copy.deepcopy(full), mesh, tpd.Fp8ExpertParallel(dispatch))
+            res["layer_class"] = type(ep).__name__
+            res[f"layer_{dispatch}_t{t}_rel"] = rel_error(ep(x.float(), idx, w), ref)
+            res[f"layer_{dispatch}_t{t}_bf16_rel"] = rel_error(ep(x, idx, w), full(x, idx, w))
+            res[f"layer_{dispatch}_local"] = [ep.expert_offset, ep.num_experts, ep.full_num_experts]
+
+    # ---- whole MoE decoders: one device vs parallelize(model, mesh) in both dispatch styles
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (2, 12))
+    for family, activation in (("qwen3_moe", "dynamic"), ("qwen3_moe", "none"), ("deepseek_v3", "dynamic")):
+        model = tiny_moe(family)
+        quantize_model_(model, Fp8Config(activation=activation), progress=False)
+        ref = logits(model, ids)
+        for dispatch in ("allreduce", "alltoall"):
+            tag = f"{family}_{activation}_{dispatch}"
+            ep_model = copy.deepcopy(model)
+            report = tpd.parallelize(ep_model, mesh, expert_dispatch=dispatch)
+            res[f"{tag}_rel"] = rel_error(logits(ep_model, ids), ref)
+            res[f"{tag}_experts"] = sorted(n for n, s in report.sharded.items() if s.kind == "expert")
+            res[f"{tag}_bytes"] = [report.rank_bytes, report.full_bytes]
+            res[f"{tag}_report"] = str(report)
+            if (family, activation, dispatch) == ("qwen3_moe", "dynamic", "alltoall"):
+                _checkpoints(res, model, ep_model, ids, mesh, out_dir, rank)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
