@@ -114,6 +114,66 @@ def test_gmm_rows_equal_the_dense_cpu_matmul_bit_for_bit(monkeypatch, mode, bf16
         assert not y[start:].any()
 
 
+@pytest.mark.parametrize("avx512", [False, True])
+@pytest.mark.parametrize("mode", ["dynamic", "none"])
+def test_gmm_prefill_group_of_a_small_weight(monkeypatch, avx512, mode):
+    """A group of GROUPED_PANEL_MIN_M rows of a weight under SMALL_WEIGHT takes the panels on an
+    AVX-512 CPU (``cpu.AVX512_GEMM``), the fused GEMM elsewhere; either way its rows are exactly the
+    dense matmul's by the grouped rule, within the kernel-error bound of the reference."""
+    spy = CallSpy(compiled_or_fail())
+    monkeypatch.setattr(cpu_kernels, "_lib", spy)
+    monkeypatch.setattr(cpu, "AVX512_GEMM", avx512)
+    rows = cpu.GROUPED_PANEL_MIN_M
+    sizes, n, k = [rows, 0, 5], 136, 200
+    assert rows > cpu.SMALL_M and n * k < cpu.SMALL_WEIGHT
+    assert cpu.uses_fused_gemm(rows, n, k, grouped=True) is not avx512
+    assert cpu.uses_fused_gemm(rows, n, k)  # the dense rule is unchanged
+    case = gmm_inputs(sizes, n=n, k=k, mode=mode, x_dtype=torch.bfloat16, extra_rows=2)
+    a = case["args"]
+    for out_dtype in (torch.float32, torch.bfloat16):
+        spy.calls.clear()
+        y = check_gmm(B, case, out_dtype, what=f"avx512={avx512} {mode}")
+        assert ("fp8_dequantize" in spy.names) is avx512, spy.names
+        dense = cpu.blockwise_matmul(
+            a["x"][:rows], a["w"][0], a["w_scale"][0], tuple(a["block_shape"]), None, None, out_dtype,
+            a["activation"], grouped=True,
+        )  # fmt: skip
+        assert torch.equal(y[:rows], dense)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_gmm_w8a16_panel_groups_take_x_as_it_is(monkeypatch, x_dtype):
+    """W8A16 with bf16 / fp16 x and only panel groups: no float32 copy of every row
+    (no fp8_prepare_x call for the whole x; the dense path converts a group's rows only where its GEMM
+    is fp32), the overflow edge checked once on x itself, and the result bit for bit what the
+    prepared float32 copy gives (the dense matmul of each group's fp32 rows)."""
+    spy = CallSpy(compiled_or_fail())
+    monkeypatch.setattr(cpu_kernels, "_lib", spy)
+    sizes = [300, 0, 260]
+    case = gmm_inputs(sizes, n=600, k=300, mode="none", x_dtype=x_dtype, extra_rows=3)
+    a = case["args"]
+    for bf16_panels in (False, True):
+        monkeypatch.setattr(cpu, "BF16_PANELS", bf16_panels)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            spy.calls.clear()
+            y = check_gmm(B, case, out_dtype, what=f"{x_dtype} {out_dtype} bf16 panels {bf16_panels}")
+            assert spy.names.count("fp8_overflow_edge") == 1 and spy.names[0] == "fp8_overflow_edge"
+            gemm_dtype = torch.bfloat16 if out_dtype == torch.bfloat16 and bf16_panels else torch.float32
+            # one conversion per group where the GEMM is fp32 or x is fp16, none for bf16 x in bf16 GEMMs
+            convert = x_dtype != gemm_dtype
+            assert spy.names.count("fp8_prepare_x") == (2 if convert else 0), spy.names
+            start = 0
+            for g, size in enumerate(sizes):
+                xf = a["x"][start : start + size].float()
+                dense = cpu.blockwise_matmul(
+                    xf, a["w"][g], a["w_scale"][g], tuple(a["block_shape"]), None, None, out_dtype, "none",
+                    grouped=True,
+                )  # fmt: skip
+                assert torch.equal(y[start : start + size], dense), (g, out_dtype, bf16_panels)
+                start += size
+            assert not y[start:].any()
+
+
 def _call_gmm(sizes, n, k, mode, x_dtype=torch.bfloat16):
     case = gmm_inputs(sizes, n=n, k=k, mode=mode, x_dtype=x_dtype, extra_rows=2)
     with tfb.use_backend(B):

@@ -13,7 +13,9 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
   With bf16 output on a CPU with native bf16 GEMM (AVX512-BF16 / AMX), the panels and the
-  activation are bf16 instead (``BF16_PANELS``).
+  activation are bf16 instead (``BF16_PANELS``). The grouped ops route each group by the same rule,
+  except that on a CPU with AVX-512 (``AVX512_GEMM``) a group of ``GROUPED_PANEL_MIN_M`` rows or more
+  takes the panels whatever its weight's size (``uses_fused_gemm(grouped=True)``).
 
 Why dequantize-then-multiply is within the kernel-error bound of the W8A8 reference: the scale of
 a product term depends on (m, kb) for x and on (n // bn, kb) for w, both constant inside a K
@@ -59,22 +61,44 @@ SMALL_WEIGHT_MAX_M = 256
 PANEL = 512
 
 
-def uses_fused_gemm(m: int, n: int, k: int) -> bool:
+def uses_fused_gemm(m: int, n: int, k: int, *, grouped: bool = False) -> bool:
     """Whether an [m, k] x [n, k]^T product runs the fused C GEMM (else dequantized panels + torch's
-    GEMM): the one rule, used here and by the grouped ops per group."""
+    GEMM): the one rule, used here and by the grouped ops per group (``grouped=True``: a group of
+    ``GROUPED_PANEL_MIN_M`` rows or more takes the panels whatever its weight's size on a CPU with
+    AVX-512, ``AVX512_GEMM``)."""
+    if grouped and AVX512_GEMM and m >= GROUPED_PANEL_MIN_M:
+        return False
     return m <= SMALL_M or (m <= SMALL_WEIGHT_MAX_M and n * k < SMALL_WEIGHT)
+
+
+def _cpu_flags() -> set[str]:
+    """The first CPU's flags in /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line.split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return set()
 
 
 def _cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 (torch's bf16 GEMM is then ~2x its fp32 GEMM; without them it is
     many times slower than fp32: 2453 vs 447 ms at M = 256, N = K = 4096 on AVX2-only Zen3)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
+
+def _cpu_has_avx512() -> bool:
+    """AVX-512 F: torch's GEMM (MKL / oneDNN) then runs 512-bit FMAs, our fused C GEMM AVX2 ones."""
+    return "avx512f" in _cpu_flags()
+
+
+#: CPU with AVX-512 (see :func:`uses_fused_gemm`'s ``grouped`` rule).
+AVX512_GEMM = _cpu_has_avx512()
+#: Rows from which a grouped op's group takes the panels on an AVX-512 CPU even for a weight under
+#: SMALL_WEIGHT. Panels / fused GEMM CPU time on one Zen 4 thread (fp32 output, medians of 11
+#: interleaved rounds, docs/grouped.md): N x K = 2048 x 768: 0.98 at 64 rows, 0.85 at 96, 0.85 at 128, 0.81 at 256;
+#: 768 x 2048: 1.03 / 0.93 / 0.94 / 0.83; 1408 x 1024: 1.14 / 1.01 / 1.00 / 0.88. The dense op keeps
+#: its rule (its figures in docs/cpu.md were measured on AVX2-only Zen 3).
+GROUPED_PANEL_MIN_M = 96
 
 #: Large-M panels in bf16 (bf16 output only); FP8_CPU_PANEL_DTYPE=bf16 / fp32 overrides the CPU check.
 BF16_PANELS = {"bf16": True, "fp32": False}.get(
@@ -254,6 +278,7 @@ def blockwise_matmul(
     activation: str,
     *,
     edge_checked: bool = False,
+    grouped: bool = False,
 ) -> torch.Tensor:
     """x [M, K], w [N, K] fp8 (contiguous), w_scale [cdiv(N, bn), cdiv(K, bk)] float32,
     x_scale [M, cdiv(K, bk)] float32 or None -> y [M, N] (the op checked dtypes and shapes: no
@@ -261,7 +286,7 @@ def blockwise_matmul(
 
     edge_checked: the caller has already found these operands clear of the overflow edge
     (:func:`at_overflow_edge`; the grouped op checks all its rows at once), so the panel path
-    does not check again."""
+    does not check again. grouped: route by the grouped ops' rule (``uses_fused_gemm(grouped=True)``)."""
     lib = _lib()
     if lib is None:
         return _torch_blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
@@ -276,7 +301,7 @@ def blockwise_matmul(
     dynamic = x_scale is None and activation == "dynamic"
     ws = _c(w_scale)
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
-    if uses_fused_gemm(m, n, k):
+    if uses_fused_gemm(m, n, k, grouped=grouped):
         bias = None if bias is None else _c(bias)
         y = torch.empty(m, n, dtype=out_dtype)
         rc = lib.fp8_gemm(

@@ -94,10 +94,13 @@ def grouped_matmul(
     float32 or None -> y [M, N] out_dtype; rows at or past sum(group_sizes) are 0."""
     m, n, k = x.shape[0], w.shape[1], w.shape[2]
     ranges = _row_ranges(group_sizes, m)
-    y = torch.zeros(m, n, dtype=out_dtype)
     if not ranges:
-        return y
+        return torch.zeros(m, n, dtype=out_dtype)
     lo, hi = ranges[0][1], ranges[-1][2]  # rows outside [lo, hi) belong to no group
+    # Every row in [lo, hi) is written by its group's kernel: only the others are zero-filled.
+    y = torch.empty(m, n, dtype=out_dtype)
+    y[:lo].zero_()
+    y[hi:].zero_()
     xs = None if x_scale is None else x_scale[lo:hi]
     lib = cpu._lib()
     args = (x, w, w_scale, group_sizes, block_shape, x_scale, out_dtype, activation)  # for the edge path
@@ -109,19 +112,28 @@ def grouped_matmul(
             wd = cpu._dequantize_weight(w[g], w_scale[g], block_shape)
             y[s:e] = (xd[s - lo : e - lo] @ wd.T).to(out_dtype)
         return y
-    xf = _compiled_activation_f32(lib, x[lo:hi], xs, block_shape[1], activation)
     w, w_scale = cpu._c(w), cpu._c(w_scale.float())
+    # Decode-sized groups go to ONE C call (one parallel region: a barrier per call, not per group,
+    # and no per-group Python); larger groups take the dense large-M path on their rows.
+    fused = [(g, s - lo, s, e - s) for g, s, e in ranges if cpu.uses_fused_gemm(e - s, n, k, grouped=True)]
+    # W8A16 with bf16 / fp16 x and no fused group: each panel group takes its rows of x as they are
+    # (the dense path converts them only where its GEMM is fp32), so no float32 copy of every row is
+    # made (at prefill size a fresh 32 MB array, most of it page faults: ~24 ms of CPU time at
+    # 4096 x 2048). Same operand values as the prepared copy, hence the same result bit for bit.
+    direct = not fused and x_scale is None and activation == "none" and x.dtype != torch.float32
+    xf = (
+        cpu._c(x[lo:hi])
+        if direct
+        else _compiled_activation_f32(lib, x[lo:hi], xs, block_shape[1], activation)
+    )
     # One rule for every row, whichever kernel its group gets (cpu.py: the fp32 overflow edge).
     if cpu.at_overflow_edge(lib, xf, None if xs is None else cpu._c(xs.float()), w_scale, cpu._KIND[w.dtype]):
         return reference.grouped_matmul(*args)
-    # Decode-sized groups go to ONE C call (one parallel region: a barrier per call, not per group,
-    # and no per-group Python); larger groups take the dense large-M path on their rows.
-    fused = []
+    fused_groups = {g for g, *_ in fused}
     for g, s, e in ranges:
-        if cpu.uses_fused_gemm(e - s, n, k):
-            fused.append((g, s - lo, s, e - s))
-        else:
-            # activation="none": xf is final (already quantized and dequantized where W8A8 asks it).
+        if g not in fused_groups:
+            # activation="none": xf is final (already quantized and dequantized where W8A8 asks it,
+            # or W8A16's x itself).
             y[s:e] = cpu.blockwise_matmul(
                 xf[s - lo : e - lo],
                 w[g],
@@ -132,6 +144,7 @@ def grouped_matmul(
                 out_dtype,
                 "none",
                 edge_checked=True,
+                grouped=True,
             )
     if fused:
         gid, x_row, y_row, rows = torch.tensor(fused, dtype=torch.int64).T.contiguous()
