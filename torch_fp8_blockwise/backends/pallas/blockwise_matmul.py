@@ -243,9 +243,11 @@ def _kernel(*refs, cfg: MatmulConfig) -> None:
             # combined [tm, 1] scale: 3 VPU ops per element (mul, mul, add) instead of 2, against
             # bk = 128..512 MACs per element on the MXU (1 extra VPU op per 128 MXU MACs at
             # bk = 128, per 512 at bk = 512). tuning.py's roofline has no VPU term, so it
-            # predicts no change; docs/pallas.md puts the scaling's VPU time at the order of the
-            # MXU time on v7x at bk = 128, so where the VPU binds this step can be up to ~1.5x
-            # its old scaling time (less at bk >= 256). HBM traffic and MXU work are unchanged.
+            # predicts no change. docs/pallas.md puts the scaling's VPU time at the order of the
+            # MXU time on v7x at bk = 128: with VPU ~ MXU time T, a step goes from max(T, T) to
+            # max(T, 1.5 T) if the units overlap (up to 1.5x), from 2 T to 2.5 T if not (1.25x);
+            # at bk >= 256 the VPU work (0.75 T or less) stays under the MXU's if they overlap.
+            # Not measured (no TPU). HBM traffic and MXU work are unchanged.
             cols = slice(nn * cfg.bn, (nn + 1) * cfg.bn)
             part = partial[:, cols]
             if xs_blocks[kk] is not None:
