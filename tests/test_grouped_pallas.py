@@ -334,3 +334,26 @@ def test_tgmm_on_xla_device_without_host_sync(backend):
     out = grouped_matmul_transposed(x.to(dev), dy.to(dev), gs.to(dev))
     assert "TransferFromDeviceTime" not in met.metric_names()
     testing.assert_kernel_close(out.cpu(), ref, "tgmm xla")
+
+
+@pytest.mark.parametrize("edge", ["x 1e38", "x_scale 3e38"])
+def test_gmm_overflow_edge_follows_the_reference_order(backend, edge):
+    """gmm scales a K block's partial product by x_scale, then by w_scale, as the reference (it
+    multiplied by x_scale * w_scale: finite outputs where the reference gives inf)."""
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 24, 128, 256
+    x = torch.randn(m, k, generator=g)
+    if edge == "x 1e38":
+        x[:, 5] = 1e38
+    xq, xs = reference.quantize_activation(x, 128)
+    if edge == "x_scale 3e38":
+        xs[:, 1] = 3e38
+    wq, ws = reference.quantize(torch.randn(2, n, k, generator=g), (128, 128), torch.float8_e4m3fn, "fp32")
+    args = {"x": xq, "w": wq, "w_scale": ws, "group_sizes": torch.tensor([10, 14], dtype=torch.int32),
+            "block_shape": (128, 128), "x_scale": xs, "activation": "dynamic"}  # fmt: skip
+    y, ref = _pallas_gmm(args, _small_gmm_config("fp8")), _ref_gmm(args)
+    assert not torch.isfinite(ref).all()
+    for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(fn(y), fn(ref)), (fn.__name__, int(fn(y).sum()), int(fn(ref).sum()))
+    fin = torch.isfinite(ref)
+    testing.assert_kernel_close(y[fin], ref[fin], "finite part at the overflow edge")

@@ -226,3 +226,55 @@ def test_modes_named() -> None:
 
     assert mk(128, 128).mode == "aligned" and mk(256, 128).mode == "large" and mk(128, 512).mode == "large"
     assert mk(128, 128).dot_dtype == "float8_e4m3fn"
+
+
+def _overflow_edge_inputs(edge: str, m: int, n: int, k: int, seed: int = 0):
+    """Pre-quantized W8A8 operands at fp32's overflow edge (x [m, k] e4m3fn, x_scale, w, w_scale)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    if edge == "x 1e38":
+        x[:, 5] = 1e38
+    xq, xs = reference.quantize_activation(x, 128)
+    wq, ws = reference.quantize(torch.randn(1, n, k, generator=g), (128, 128), E4M3, "fp32")
+    wq, ws = wq[0], ws[0].clone()
+    if edge == "x_scale 3e38":
+        xs[:, 1] = 3e38
+    elif edge == "w_scale inf":
+        ws[0, 1] = float("inf")
+    return xq, xs, wq, ws
+
+
+def assert_same_nonfinite(y: torch.Tensor, ref: torch.Tensor) -> None:
+    for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(fn(y), fn(ref)), (fn.__name__, int(fn(y).sum()), int(fn(ref).sum()))
+    fin = torch.isfinite(ref)
+    assert_kernel_close(y[fin], ref[fin], "finite part at the overflow edge")
+
+
+@pytest.mark.parametrize("edge", ["x 1e38", "x_scale 3e38", "w_scale inf"])
+@pytest.mark.parametrize("tn", [128, 256], ids=["aligned", "large"])
+def test_w8a8_overflow_edge_follows_the_reference_order(edge, tn) -> None:
+    """At fp32's edge the order of scaling decides between finite and inf: the kernel scales a K
+    block's partial product by x_scale, then by w_scale, as the reference does (it multiplied by
+    x_scale * w_scale: an x element of 1e38 or an x_scale of 3e38 gave finite outputs where the
+    reference gives inf)."""
+    m, n, k = 8, 256, 256
+    xq, xs, wq, ws = _overflow_edge_inputs(edge, m, n, k)
+    cfg = bm.MatmulConfig(32, tn, 256, 128, 128, "float8_e4m3fn", "float8_e4m3fn", "float32", "fp8")
+    y = bridge.blockwise_matmul(xq, wq, ws, (128, 128), xs, None, torch.float32, "dynamic", config=cfg)
+    ref = reference.blockwise_matmul(xq, wq, ws, (128, 128), xs, None, torch.float32, "dynamic")
+    assert not torch.isfinite(ref).all()
+    assert_same_nonfinite(y, ref)
+
+
+def test_dynamic_w8a8_overflow_edge_follows_the_reference_order() -> None:
+    """The same with x quantized inside the kernel (x_mode "dynamic": its x_scale of 1e38 / 448)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 256, generator=g)
+    x[:, 5] = 1e38
+    _, w_q, w_s = make_weight(256, 256, (128, 128))
+    cfg = bm.MatmulConfig(32, 256, 256, 128, 128, "float32", "float8_e4m3fn", "float32", "dynamic")
+    y = bridge.blockwise_matmul(x, w_q, w_s, (128, 128), None, None, torch.float32, "dynamic", config=cfg)
+    ref = reference.blockwise_matmul(x, w_q, w_s, (128, 128), None, None, torch.float32, "dynamic")
+    assert not torch.isfinite(ref).all()
+    assert_same_nonfinite(y, ref)

@@ -129,10 +129,11 @@ def test_mxfp8_through_ops(backend):
 def test_mxfp8_explicit_path_is_exact_up_to_summation_order(backend, swap):
     """The explicit path scales each fp8 tile by its power-of-two group scales in registers: every
     operand value is exact, so against the reference (fp32 output) only the order of fp32 sums
-    differs: far inside the 1e-3 kernel budget. Groups span 2**-60 .. 2**60 so a wrong group index
-    (a scale applied to the neighbouring 32 columns) would be visible."""
+    differs: far inside the 1e-3 kernel budget. Groups span 2**-36 .. 2**30 so a wrong group index
+    (a scale applied to the neighbouring 32 columns) would be visible; their E8M0 scales stay inside
+    the window of the fast loop (mxfp8.SAFE_LO .. SAFE_HI), the loop tested here."""
     m, n, k = 19, 40, 384  # 12 groups: 3 K tiles of 128, 4 scale vectors each
-    spread = 2.0 ** torch.arange(-60, 60, 10, dtype=torch.float64).float()
+    spread = 2.0 ** torch.arange(-36, 36, 6, dtype=torch.float64).float()
     x = torch.randn(m, k) * spread.repeat_interleave(32)
     w = torch.randn(n, k) * spread.flip(0).repeat_interleave(32)
     xq, xs = reference.mxfp8_quantize(x, E4M3)
@@ -140,6 +141,53 @@ def test_mxfp8_explicit_path_is_exact_up_to_summation_order(backend, swap):
     cfg = _cfg(block_m=16, block_n=32, block_k=128, swap_ab=swap, group_m=1)
     y = _backend().mxfp8_matmul(xq, wq, ws, xs, None, torch.float32, config=cfg, native=False)
     ref = reference.mxfp8_matmul(xq, wq, ws, xs, None, torch.float32)
+    from torch_fp8_blockwise.backends.triton import mxfp8
     from torch_fp8_blockwise.testing import rel_error
 
+    for s in (xs, ws):
+        assert mxfp8.SAFE_LO <= int(s.min()) and int(s.max()) <= mxfp8.SAFE_HI
+
     assert rel_error(y, ref) < 1e-6
+
+
+def _edge_operands(edge: str, m: int, n: int, k: int):
+    """MX operands at fp32's overflow edge: x [m, k], w [n, k] e4m3fn with E8M0 scales."""
+    g = torch.Generator().manual_seed(0)
+    xq, xs = reference.mxfp8_quantize(torch.randn(m, k, generator=g), E4M3)
+    wq, ws = reference.mxfp8_quantize(torch.randn(n, k, generator=g), E4M3)
+    if edge == "x_scale 254":
+        xs[:, 1] = 254  # 2**127: the partial product times it overflows, times w's scale stays inf
+    elif edge == "w_scale 254":
+        ws[: n // 2, 2] = 254
+    elif edge == "x_scale 0":
+        xs[:, 0] = 0  # 2**-127, subnormal
+        ws[:, 0] = 254
+    else:  # "x 3e38": the quantizer's own scales (2**120), products overflow
+        x = torch.randn(m, k, generator=g)
+        x[:, 40] = 3e38
+        xq, xs = reference.mxfp8_quantize(x, E4M3)
+    return xq, xs, wq, ws
+
+
+@pytest.mark.parametrize("native", _paths())
+@pytest.mark.parametrize(
+    "tile",
+    [{}, {"swap_ab": True}, {"split_k": 2}, {"block_m": 128, "block_n": 128}],
+    ids=["plain", "swap", "split", "halves"],
+)
+@pytest.mark.parametrize("edge", ["x_scale 254", "w_scale 254", "x_scale 0", "x 3e38"])
+def test_mxfp8_overflow_edge_follows_the_reference_order(backend, native, tile, edge):
+    """At fp32's edge the order of scaling decides between finite, inf and nan: both paths give
+    the reference's pattern (partial sum of each 32-group, times x's scale, then w's), with bias,
+    split-K and the column halves of a large tile. Both paths dequantized the operands first (or
+    let the MMA scale them): an E8M0 scale of 254 gave nan where the reference gives inf."""
+    m, n, k = 5, 160, 256
+    xq, xs, wq, ws = _edge_operands(edge, m, n, k)
+    bias = torch.randn(n)
+    cfg = _cfg(**{"block_m": 16, "block_n": 32, "block_k": 128, "group_m": 1, **tile})
+    y = _backend().mxfp8_matmul(xq, wq, ws, xs, bias, torch.float32, config=cfg, native=native)
+    ref = reference.mxfp8_matmul(xq, wq, ws, xs, bias, torch.float32)
+    for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(fn(y), fn(ref)), (fn.__name__, int(fn(y).sum()), int(fn(ref).sum()))
+    fin = torch.isfinite(ref)
+    assert_kernel_close(y[fin], ref[fin], f"finite part, {edge}")

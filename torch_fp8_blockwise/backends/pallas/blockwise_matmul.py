@@ -19,11 +19,11 @@ Inside one grid step the kernel walks the ``tk / bk`` K quantization blocks of i
 scalar weight scale per step). Per K block it issues ONE fp8 x fp8 -> fp32 ``dot_general`` over
 the full ``tn`` width (a [tm, bk] x [bk, tn] product: N needs no split, because the weight scale
 only changes every bn columns and is applied to 128-aligned column slices), then multiplies each
-bn-column slice of that partial product by ``x_scale[m, kb] * w_scale[nb, kb]`` BEFORE adding it
+bn-column slice of that partial product by ``x_scale[m, kb]``, then by ``w_scale[nb, kb]`` (the
+reference's order, which decides between finite and inf at fp32's overflow edge), BEFORE adding it
 to the accumulator: the scales vary along K, so scaling after the K loop would be wrong, and the
-operands are never dequantized to fp32 before the dot. Cost of the scaling: one multiply-add per
-output element per K block (+ tm multiplies for the combined row scale), on the VPU, against bk
-MACs on the MXU.
+operands are never dequantized to fp32 before the dot. Cost of the scaling: two multiplies and an
+add per output element per K block, on the VPU, against bk MACs on the MXU (W8A16: one multiply).
 
 Where scales live: ``w_scale`` is blocked into SMEM ((tn/bn, tk/bk) scalars per step, read as
 scalars: a VMEM block of 1 x 1 would violate the (8, 128) tiling rule); ``x_scale`` is passed
@@ -235,13 +235,24 @@ def _kernel(*refs, cfg: MatmulConfig) -> None:
             precision=precision,
         )  # [tm, tn] f32
         for nn in range(n_sub):
-            # Scale this quantization block's partial BEFORE accumulating (scales vary along K).
-            # x_scale [tm, 1] * scalar w_scale first (tm ops), then one multiply-add per element.
-            scale = ws_ref[0, nn * k_sub + kk]
-            if xs_blocks[kk] is not None:
-                scale = xs_blocks[kk] * scale
+            # Scale this quantization block's partial BEFORE accumulating (scales vary along K),
+            # in the reference's order: (partial * x_scale) * w_scale. At fp32's overflow edge the
+            # order decides between finite and inf (partial * x_scale may overflow where
+            # x_scale * w_scale does not, and inf * 0 is nan), so it must be the reference's.
+            # Cost: one more VPU multiply per output element per K block than multiplying by the
+            # combined [tm, 1] scale: 3 VPU ops per element (mul, mul, add) instead of 2, against
+            # bk = 128..512 MACs per element on the MXU (1 extra VPU op per 128 MXU MACs at
+            # bk = 128, per 512 at bk = 512). tuning.py's roofline has no VPU term, so it
+            # predicts no change. docs/pallas.md puts the scaling's VPU time at the order of the
+            # MXU time on v7x at bk = 128: with VPU ~ MXU time T, a step goes from max(T, T) to
+            # max(T, 1.5 T) if the units overlap (up to 1.5x), from 2 T to 2.5 T if not (1.25x);
+            # at bk >= 256 the VPU work (0.75 T or less) stays under the MXU's if they overlap.
+            # Not measured (no TPU). HBM traffic and MXU work are unchanged.
             cols = slice(nn * cfg.bn, (nn + 1) * cfg.bn)
-            acc_ref[:, cols] += partial[:, cols] * scale
+            part = partial[:, cols]
+            if xs_blocks[kk] is not None:
+                part = part * xs_blocks[kk]
+            acc_ref[:, cols] += part * ws_ref[0, nn * k_sub + kk]
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _store() -> None:

@@ -13,7 +13,7 @@ the real count (a scalar in SMEM) do nothing.
 
 gmm: grid (N tiles, visits, K tiles). Per visit the K loop runs the block-wise product of
 blockwise_matmul.py (one fp8 dot per K quantization block over the full tn width, each partial
-scaled by x_scale[m, kb] * w_scale[g, nb, kb] BEFORE it is accumulated) with the visit's group's
+scaled by x_scale[m, kb], then by w_scale[g, nb, kb], the reference's order, BEFORE it is accumulated) with the visit's group's
 weight, on the whole tile; at the last K step the rows of the visit's group are written into the
 output block with one select per tile (the group-boundary mask, once per tile, not per
 sub-block). Consecutive visits of a tile keep its output block in VMEM (same block index), so a
@@ -147,11 +147,14 @@ def _gmm_kernel(gid_ref, tid_ref, starts_ref, ends_ref, count_ref, *refs, cfg: M
                 precision=precision,
             )
             for nn in range(n_sub):
-                scale = ws_ref[0, nn * k_sub + kk]
-                if xs is not None:
-                    scale = xs * scale
+                # The reference's order, (partial * x_scale) * w_scale, as blockwise_matmul._kernel
+                # (it decides between finite and inf at fp32's edge; one more VPU multiply per
+                # element per K block than the combined scale).
                 cols = slice(nn * cfg.bn, (nn + 1) * cfg.bn)
-                acc_ref[:, cols] += partial[:, cols] * scale
+                part = partial[:, cols]
+                if xs is not None:
+                    part = part * xs
+                acc_ref[:, cols] += part * ws_ref[0, nn * k_sub + kk]
 
     @pl.when(jnp.logical_and(active, k == pl.num_programs(2) - 1))
     def _store() -> None:

@@ -23,8 +23,9 @@ time(step) = max(flops / peak, bytes / bandwidth) + 0.35 us grid-step overhead, 
 HBM->VMEM copies of the step (x and w tiles and their scales, plus the output tile once per (i, j))
 and peak is scaled down when the batch block under-fills the MXU rows (tm < MXU rows) or a K
 quantization block under-fills its contraction depth (bk = 128 on a 256-deep v6e / v7x MXU: 50%).
-Not modelled: the VPU work of the scaling (one multiply-add per output element per K block,
-against bk MACs on the MXU), which the TPU tuner measures.
+Not modelled: the VPU work of the scaling (per output element per K block, a multiply by the x
+scale, a multiply by the w scale and an add, in the reference's order; against bk MACs on the MXU),
+which the TPU tuner measures.
 """
 
 from __future__ import annotations

@@ -20,13 +20,16 @@ Two GEMM paths in one kernel (``NATIVE`` constexpr):
   and multiplying by 2**(e - 127) only moves the exponent, so ``q * 2**(e - 127)`` is a bf16 value
   whenever it is an fp32 normal (bf16 and fp32 share the exponent range; the largest 4-bit value,
   1.875 * 2**127, is below bf16's max). The bf16 products then reach the fp32 accumulator exactly,
-  so this path differs from the reference only in fp32 summation order. Out of range: a dequantized
-  element below 2**-126 (scale below 2**-117 for e4m3, 2**-110 for e5m2) loses low bits as a bf16
-  subnormal, and one at 2**128 or above is inf. Neither comes from :func:`mxfp8_quantize`: its
-  scales are >= 2**-42 (the 1e-10 amax floor / fp8_max), and q * scale is x rounded to fp8
-  precision: inf only for |x| > 248 * 2**120 (within 3.2 % of fp32's max), where the quantized value
-  itself is 2**128. E8M0 scales from elsewhere (a checkpoint) can be that extreme; the native sm_100
-  path and the reference then keep the low bits, this path does not.
+  so this path differs from the reference only in fp32 summation order while every scale of the
+  tile lies in ``SAFE_LO .. SAFE_HI`` (2**-47 .. 2**45, :data:`SAFE_LO`).
+
+Out of that window (E8M0 0, 254, 255, checkpoint scales, or |x| above ~1.6e16 quantized here),
+dequantizing first can differ from the reference's order at fp32's edge (an E8M0 254 gave nan
+where the reference gives inf: a dequantized element overflowed and met a zero), and so can the
+MMA's own block scaling. The loop notes such a scale as it loads it (one compare per scale byte);
+a tile that met one is then recomputed in the reference's order, per 32-group: the partial sum of
+fp8 products (one K = 32 dot), times x's scale, then w's (:func:`_reference_order_store`). Tiles
+inside the window pay only for that compare.
 
 Quantizer rounding rule (same as ue8m0 in reference.py): scale = 2**ceil(log2(max(amax, 1e-10) /
 fp8_max)) with the bit trick of formats.round_scale_ue8m0, E8M0 bits = its float32 exponent field,
@@ -72,6 +75,80 @@ def _scale_groups(q, bits, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, KEEP_F32: 
         # 128 x 128 x 128 / 8 warps for sm_90: fp32 used all 255 registers per thread).
         v = tl.reshape(q.to(tl.bfloat16), [ROWS, BLOCK_K // 32, 32]) * mult.to(tl.bfloat16)[:, :, None]
     return tl.reshape(v, [ROWS, BLOCK_K])
+
+
+#: E8M0 bytes within which the fast loop (operands dequantized before the dot, or the MMA's own
+#: block scaling) equals the reference up to fp32 summation order: with both exponents e_x, e_w in
+#: [-47, 45] (so their sum in [-94, 90]), every dequantized fp8 value, every product of two, each
+#: 32-group's partial sum P (nonzero |P| in [2**-32, 2**36.6] for e5m2, the wider format) times
+#: 2**e_x, and that times 2**e_w are fp32 normals, and multiplying by a power of two is then exact,
+#: so the order of the two scalings cannot matter. Outside (E8M0 0, 254, 255, scales from a
+#: checkpoint, or the quantizer's for a 32-group with amax above 448 * 2**45 ~ 1.6e16; its 1e-10
+#: amax floor keeps it above 2**-42), the order can decide between finite, inf and nan: such a
+#: tile is redone in the reference's order (:func:`_reference_order_store`).
+SAFE_LO: tl.constexpr = tl.constexpr(127 - 47)
+SAFE_HI: tl.constexpr = tl.constexpr(127 + 45)
+
+
+@triton.jit
+def _reference_order_store(
+    x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_xsm, stride_wsn,
+    stride_ym, pid_m, pid_n, pid_k, g_begin, g_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Compute and store the tile over 32-groups [g_begin, g_end) in the reference's order: per
+    group, the partial sum of fp8 products, times x's scale, then w's, added to an fp32
+    accumulator. One K = 32 dot and one promotion of the tile per group: several times the fast
+    loop's cost, so only tiles with a scale outside SAFE_LO..SAFE_HI come here. Large tiles run in
+    column halves (each with its own accumulator and store) so the registers fit without spills."""
+    PARTS: tl.constexpr = 2 if BLOCK_M * BLOCK_N >= 128 * 128 else 1
+    SUB_N: tl.constexpr = BLOCK_N // PARTS
+    offs = tl.arange(0, 32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    xs_rows = xs_ptr + offs_m.to(tl.int64) * stride_xsm
+    for part in tl.static_range(PARTS):
+        offs_n = pid_n * BLOCK_N + part * SUB_N + tl.arange(0, SUB_N)
+        mask_n = offs_n < N
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        ws_rows = ws_ptr + offs_n.to(tl.int64) * stride_wsn
+        if SWAP_AB:
+            acc = tl.zeros([SUB_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, SUB_N], dtype=tl.float32)
+        for gi in range(g_begin, g_end):
+            k = gi * 32 + offs
+            a = tl.load(x_rows + k[None, :], mask=mask_m[:, None], other=0.0)
+            b = tl.load(w_rows + k[None, :], mask=mask_n[:, None], other=0.0)
+            xs = _e8m0_to_f32(tl.load(xs_rows + gi, mask=mask_m, other=127))
+            ws = _e8m0_to_f32(tl.load(ws_rows + gi, mask=mask_n, other=127))
+            if DOT_F32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            else:
+                a, b = a.to(tl.bfloat16), b.to(tl.bfloat16)  # exact: fp8 values are bf16 values
+            if SWAP_AB:
+                acc += tl.dot(b, tl.trans(a)) * xs[None, :] * ws[:, None]
+            else:
+                acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
+        store_tile(
+            acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, SPLIT_K, SWAP_AB, HAS_BIAS
+        )
+
+
+@triton.jit(noinline=True)
+def _reference_order_store_call(
+    x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_xsm, stride_wsn,
+    stride_ym, pid_m, pid_n, pid_k, g_begin, g_end, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr, DOT_F32: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """:func:`_reference_order_store` as a PTX function of its own (the explicit path): its
+    registers and loads stay out of the fast loop's (test_triton_lowering counts the loop's loads).
+    The sm_100 path inlines it: Triton's tcgen05 / tensor-memory pipeline rejects calls."""
+    _reference_order_store(
+        x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_xsm, stride_wsn,
+        stride_ym, pid_m, pid_n, pid_k, g_begin, g_end, BLOCK_M, BLOCK_N, SPLIT_K, SWAP_AB, DOT_F32, HAS_BIAS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -124,6 +201,11 @@ def _mxfp8_gemm_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Per row, whether an E8M0 byte this program reads lies outside SAFE_LO..SAFE_HI (from the
+    # scale vectors the loop loads anyway; one compare and a 4-wide max per row and K tile). If
+    # one does, the fast result may differ from the reference and the tile is redone after the loop.
+    x_out = tl.zeros([BLOCK_M], tl.int32)
+    w_out = tl.zeros([BLOCK_N], tl.int32)
     for t in range(t_begin, t_end):
         k = t * BLOCK_K + offs_k
         mask_k = k < K
@@ -135,6 +217,8 @@ def _mxfp8_gemm_kernel(
         # BLOCK_K = 128). 127 = 2**0 for the masked tail: its elements are 0, the scale must not be nan.
         sa = tl.load(xs_rows + g[None, :], mask=mask_m[:, None] & mask_g[None, :], other=127)
         sb = tl.load(ws_rows + g[None, :], mask=mask_n[:, None] & mask_g[None, :], other=127)
+        x_out |= tl.max(((sa < SAFE_LO) | (sa > SAFE_HI)).to(tl.int32), axis=1)
+        w_out |= tl.max(((sb < SAFE_LO) | (sb > SAFE_HI)).to(tl.int32), axis=1)
         if NATIVE:
             if SWAP_AB:
                 acc = tl.dot_scaled(b, sb, W_FMT, tl.trans(a), sa, X_FMT, acc)
@@ -148,9 +232,25 @@ def _mxfp8_gemm_kernel(
             else:
                 acc = tl.dot(af, tl.trans(bf), acc)
 
-    store_tile(
-        acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, SPLIT_K, SWAP_AB, HAS_BIAS
-    )
+    edge = tl.max(x_out, axis=0) + tl.max(w_out, axis=0) > 0
+    g_begin, g_end = t_begin * SCALES, tl.minimum(t_end * SCALES, K // 32)
+    if edge:
+        if NATIVE:
+            _reference_order_store(
+                x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_xsm,
+                stride_wsn, stride_ym, pid_m, pid_n, pid_k, g_begin, g_end, BLOCK_M, BLOCK_N, SPLIT_K, SWAP_AB,
+                DOT_F32, HAS_BIAS,
+            )  # fmt: skip
+        else:
+            _reference_order_store_call(
+                x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_xsm,
+                stride_wsn, stride_ym, pid_m, pid_n, pid_k, g_begin, g_end, BLOCK_M, BLOCK_N, SPLIT_K, SWAP_AB,
+                DOT_F32, HAS_BIAS,
+            )  # fmt: skip
+    else:
+        store_tile(
+            acc, y_ptr, bias_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, pid_k, SPLIT_K, SWAP_AB, HAS_BIAS
+        )
 
 
 def native_supported(device: torch.device) -> bool:
