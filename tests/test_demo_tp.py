@@ -14,8 +14,13 @@ from test_demo import needs_model
 
 from torch_fp8_blockwise import _demo, _demo_tp, cli
 
-#: Measured 2.7e-9 nats at 64 tokens (the split model's float32 sums in another order).
-KL_VS_ONE_PROCESS = 1e-6
+#: The FP8 rows run in bf16 like a real FP8 checkpoint (embedding, norms, activations: _demo.UNCONVERTED):
+#: a row-parallel layer's float32 sum, in another order, then rounds to bf16 differently now and then,
+#: and 30 bf16 layers carry that on. Measured at 24 tokens: KL 7.2e-4 nats vs one process, top-1
+#: 0.957, ppl 29.10 vs 29.57 (with float32 activations: KL 2.7e-9). The split layers themselves are
+#: checked against one device in test_distributed_gloo (colwise bit-exact, rowwise within 1.5e-7).
+#: So the split model must be far closer to the one-process model than that model is to fp32.
+KL_VS_ONE_PROCESS_OF_QUANT_LOSS = 0.25
 
 
 @needs_model
@@ -28,10 +33,9 @@ def test_demo_tp2_matches_one_process_and_reports_the_plan():
     assert list(rows) == ["fp32", "FP8 W8A16", "FP8 W8A16 tp=2"]
     one, tp = rows["FP8 W8A16"], rows["FP8 W8A16 tp=2"]
     kl, top1 = agreement["FP8 W8A16 tp=2"]
-    # W8A16: the split model differs from one process only by the order of the float32 sums
-    assert kl < KL_VS_ONE_PROCESS and top1 == 1.0
-    assert tp.perplexity == pytest.approx(one.perplexity, rel=1e-3)
-    assert tp.generation == one.generation
+    # W8A16: the split model differs from one process by float32 sum order, rounded to bf16
+    assert kl < KL_VS_ONE_PROCESS_OF_QUANT_LOSS * one.kl and top1 >= 0.9, (kl, one.kl, top1)
+    assert tp.perplexity == pytest.approx(one.perplexity, rel=0.05)
     assert tp.weight_bytes < 0.7 * one.weight_bytes  # the MLP (2/3 of the bytes) is halved per rank
     assert "self_attn.q_proj (x30): replicated" in sharding
     assert "288 of 576 output rows, not a whole number of 128-row blocks" in sharding
