@@ -19,4 +19,4 @@ test-fast:
 	PYTEST_ARGS="-q" bash scripts/test_all.sh
 
 envs:
-	scripts/venv.sh xla && scripts/venv.sh latest
+	scripts/venv.sh xla && scripts/venv.sh latest && scripts/venv.sh vllm
