@@ -44,6 +44,7 @@ from .nn import (
     _check_tensor,
     _dtype_name,
     _nbytes,
+    apply_keeping_dtype,
     weight_sqnr_db,
 )
 
@@ -423,20 +424,8 @@ class Fp8Experts(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Experts:
         """Move the fp8 weights and scales with ``fn`` but never change their dtype (as
         Fp8BlockwiseLinear._apply: ``.half()`` would otherwise cast fp8 to fp16)."""
-        saved = {name: self._buffers.pop(name) for name in FUSED_KEYS}
-        try:
-            super()._apply(fn, recurse)
-            for name, buf in saved.items():
-                probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
-                if probe.dtype == buf.dtype:
-                    saved[name] = fn(buf)
-                elif probe.device != buf.device:
-                    saved[name] = buf.to(device=probe.device)
-        finally:
-            rest = dict(self._buffers)
-            self._buffers.clear()
-            self._buffers.update(saved)
-            self._buffers.update(rest)
+        super_apply = super()._apply
+        apply_keeping_dtype(self, lambda: super_apply(fn, recurse), fn, FUSED_KEYS)
         return self
 
     def _load_from_state_dict(

@@ -80,6 +80,33 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def apply_keeping_dtype(
+    module: nn.Module,
+    apply_rest: Callable[[], object],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    names: tuple[str, ...],
+) -> None:
+    """``nn.Module._apply`` for a module whose buffers ``names`` (fp8 weights, their scales) may
+    move between devices but never change dtype: ``apply_rest()`` (the module's ``super()._apply``)
+    runs with those buffers taken out; ``fn`` is then applied to an empty probe of each to learn its
+    target, and when it would change the dtype the buffer only moves to the target device. The
+    buffers go back first (buffer order is state_dict key order)."""
+    saved = {name: module._buffers.pop(name) for name in names}
+    try:
+        apply_rest()
+        for name, buf in saved.items():
+            probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
+            if probe.dtype == buf.dtype:
+                saved[name] = fn(buf)
+            elif probe.device != buf.device:
+                saved[name] = buf.to(device=probe.device)
+    finally:
+        rest = dict(module._buffers)
+        module._buffers.clear()
+        module._buffers.update(saved)
+        module._buffers.update(rest)
+
+
 class Fp8BlockwiseLinear(nn.Module):
     """``y = x @ dequant(weight).T + bias`` with a block-wise FP8 weight, inference only.
 
@@ -222,21 +249,8 @@ class Fp8BlockwiseLinear(nn.Module):
         applied to an empty probe to learn its target; when it would change the dtype, the buffer
         only moves to the target device.
         """
-        saved = {name: self._buffers.pop(name) for name in ("weight", "weight_scale_inv")}
-        try:
-            super()._apply(fn, recurse)
-            for name, buf in saved.items():
-                probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
-                if probe.dtype == buf.dtype:
-                    saved[name] = fn(buf)
-                elif probe.device != buf.device:
-                    saved[name] = buf.to(device=probe.device)
-        finally:
-            # Put them back first: buffer order is state_dict key order.
-            rest = dict(self._buffers)
-            self._buffers.clear()
-            self._buffers.update(saved)
-            self._buffers.update(rest)
+        super_apply = super()._apply
+        apply_keeping_dtype(self, lambda: super_apply(fn, recurse), fn, ("weight", "weight_scale_inv"))
         return self
 
     def _load_from_state_dict(
