@@ -12,12 +12,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from gloo_ranks import free_port, run_ranks, worker_env
 
 from torch_fp8_blockwise import reference
 from torch_fp8_blockwise.distributed.experts import dispatch_payload, token_share
@@ -28,42 +26,13 @@ TIMEOUT_S = 300
 MODELS = ("qwen3_moe_dynamic", "qwen3_moe_none", "deepseek_v3_dynamic")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ep")
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     worker = os.path.join(root, "tests", "ep_worker.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(r), str(WORLD), str(port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        if p.returncode != 0:
-            raise AssertionError(f"rank {r} exited with {p.returncode}:\n{logs[r][-4000:]}")
+    run_ranks(lambda r: [worker, str(r), str(WORLD), str(port), str(out)], WORLD, worker_env(root), TIMEOUT_S)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -26,6 +25,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from gloo_ranks import free_port, run_ranks  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SKIP_REASON = "needs vLLM (environment 'vllm': scripts/venv.sh vllm; scripts/test_all.sh runs it there)"
@@ -479,31 +479,9 @@ def _run(world: int, tmp_path: pathlib.Path) -> tuple[list[dict], torch.nn.Modul
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     out.mkdir()
     model = _save_checkpoint(ckpt)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_TARGET_DEVICE="cpu", OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(world), str(port), str(ckpt), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} exited {p.returncode}:\n{log[-4000:]}"
+    run_ranks(lambda rank: [__file__, str(rank), str(world), str(port), str(ckpt), str(out)], world, env, 240)
     return [torch.load(out / f"rank{r}.pt") for r in range(world)], model
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from gloo_ranks import init_worker
 
 from torch_fp8_blockwise import checkpoint as ckpt
 from torch_fp8_blockwise import distributed as tpd
@@ -51,14 +50,7 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=120),
-    )
+    rank, world, out_dir = init_worker()
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
