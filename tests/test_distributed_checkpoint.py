@@ -214,3 +214,67 @@ def test_expert_parallel_rank_reads_only_its_experts(mesh8, tmp_path, monkeypatc
     assert set(_SpyOpen.sliced) == set(fused) and not _SpyOpen.whole
     assert torch.equal(model.experts.down_proj_scale_inv, ref.down_proj_scale_inv[6:8])
     assert torch.equal(model.experts.gate_up_proj.view(torch.uint8), ref.gate_up_proj[6:8].view(torch.uint8))
+
+
+# ---- per-rank peak memory of distributed.checkpoint.load: 2 gloo ranks (loopback, timeout)
+MEM_LAYERS, MEM_HIDDEN, MEM_INTER = 3, 1024, 8192  # 72 MiB of fp8 weights, 8 MiB per tensor
+#: What the bound allows beyond the rank's tensors and one whole tensor: the kernel maps page-cache
+#: readahead past the end of a row slice into the process (~2 MiB per slice measured on our VMs:
+#: 6 row slices here), plus the loader's own allocations.
+MEM_SLACK = 16 * 2**20
+
+
+def _write_random_fp8_checkpoint(path) -> int:
+    """The mlp_stack of tests/load_mem_worker.py as a DeepSeek fp8 checkpoint of random finite
+    e4m3fn codes (no quantization: writing it stays cheap); returns its largest tensor's bytes."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(MEM_LAYERS):
+        for proj, (n, k) in {"gate_proj": (MEM_INTER, MEM_HIDDEN), "up_proj": (MEM_INTER, MEM_HIDDEN),
+                             "down_proj": (MEM_HIDDEN, MEM_INTER)}.items():  # fmt: skip
+            codes = torch.randint(0, 0x7F, (n, k), dtype=torch.uint8, generator=gen)  # 0x7F: NaN
+            codes |= torch.randint(0, 2, (n, k), dtype=torch.uint8, generator=gen) << 7
+            tensors[f"{i}.{proj}.weight"] = codes.view(torch.float8_e4m3fn)
+            tensors[f"{i}.{proj}.weight_scale_inv"] = torch.rand(n // 128, k // 128, generator=gen) + 0.5
+        tensors[f"{i}.norm.weight"] = torch.ones(MEM_HIDDEN)
+        tensors[f"{i}.norm.bias"] = torch.zeros(MEM_HIDDEN)
+    path.mkdir()
+    save_file(tensors, path / "model.safetensors")
+    return max(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_per_rank_load_peak_memory_is_its_shard_plus_one_tensor(tmp_path):
+    """Each of 2 gloo ranks loads a 72 MiB fp8 checkpoint into a parallelized meta model: its peak
+    RSS growth stays within its own tensors + the largest single tensor + MEM_SLACK, while loading
+    the unsplit model (every rank reading everything) exceeds that bound (the test can fail)."""
+    import json
+    import os
+
+    from gloo_ranks import free_port, run_ranks, worker_env
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:  # Linux >= 4.0 has it; the measure needs it
+        pytest.skip(f"no peak-RSS reset (/proc/self/clear_refs): {e}")
+    largest = _write_random_fp8_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = os.path.join(root, "tests", "load_mem_worker.py")
+    dims = [str(MEM_LAYERS), str(MEM_HIDDEN), str(MEM_INTER)]
+    run_ranks(
+        lambda r: [worker, str(r), "2", str(port), str(out), str(tmp_path / "ckpt"), *dims],
+        2, worker_env(root), 300,
+    )  # fmt: skip
+    for r in range(2):
+        res = json.loads((out / f"rank{r}.json").read_text())
+        assert res["devices"] == ["cpu"]
+        norms = MEM_LAYERS * 2 * MEM_HIDDEN * 4  # replicated: whole on every rank
+        assert res["local_bytes"] == (res["full_bytes"] - norms) // 2 + norms
+        bound = res["local_bytes"] + largest + MEM_SLACK
+        assert res["sharded"]["peak"] <= bound, (r, res)
+        assert res["full"]["peak"] > bound, (r, res)  # every rank reading everything: over the bound
