@@ -113,7 +113,9 @@ def test_allreduce_style_compiles_fullgraph_so_it_reads_nothing_on_the_host():
         torch.manual_seed(0)
         gu = torch.ops.fp8.quantize(torch.randn(8, 256, 128), [128, 128])
         dn = torch.ops.fp8.quantize(torch.randn(8, 128, 128), [128, 128])
-        ep = parallelize_module(Fp8Experts.from_quantized(*gu, *dn), mesh, Fp8ExpertParallel())
+        ep = parallelize_module(
+            Fp8Experts.from_quantized(*gu, *dn), mesh, Fp8ExpertParallel(), src_data_rank=None
+        )
         x, idx, w = torch.randn(5, 128), torch.randint(0, 9, (5, 2)), torch.rand(5, 2)
         assert torch.equal(torch.compile(ep, fullgraph=True)(x, idx, w), ep(x, idx, w))
     finally:

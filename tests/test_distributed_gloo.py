@@ -90,3 +90,14 @@ def test_torch_distributed_checkpoint_round_trip(ranks):
     parallelized model with other values: the same logits on every rank."""
     for res in ranks:
         assert res["dcp_roundtrip_equal"] is True
+
+
+@pytest.mark.parametrize("kind", ["colwise", "rowwise", "expert"])
+def test_src_data_rank_zero_scatters_rank0s_weights_none_keeps_each_ranks(ranks, kind):
+    """Ranks start with different random weights: src_data_rank=0 (torch's default) gives every rank
+    its shard of rank 0's layer (fp8 scattered as uint8 over gloo), None its shard of its own copy."""
+    for r, res in enumerate(ranks):
+        assert res[f"src0_{kind}_is_rank0s"] is True
+        assert res[f"srcNone_{kind}_is_own"] is True
+        assert res[f"srcNone_{kind}_is_rank0s"] is (r == 0)  # the ranks' copies really differ
+        assert res["parallelize_default_is_rank0s"] is True

@@ -283,21 +283,37 @@ def test_style_on_a_real_layer_slices_weight_scale_and_bias(fake_world8):
     full = Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 1024))
     torch.manual_seed(0)
     col = parallelize_module(
-        Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 1024)), fake_world8, Fp8ColwiseParallel()
-    )
+        Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 1024)),
+        fake_world8,
+        Fp8ColwiseParallel(),
+        src_data_rank=None,
+    )  # a fake process group moves no data: each rank slices its own copy
     rows = slice(3 * 128, 4 * 128)
     assert torch.equal(col.weight.view(torch.uint8), full.weight[rows].view(torch.uint8))
     assert torch.equal(col.weight_scale_inv, full.weight_scale_inv[3:4])
     assert torch.equal(col.bias, full.bias[rows])
     torch.manual_seed(0)
     row = parallelize_module(
-        Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 1024)), fake_world8, Fp8RowwiseParallel()
+        Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 1024)),
+        fake_world8,
+        Fp8RowwiseParallel(),
+        src_data_rank=None,
     )
     assert torch.equal(row.weight.view(torch.uint8), full.weight[:, 768:1024].view(torch.uint8))
     assert torch.equal(row.weight_scale_inv, full.weight_scale_inv[:, 6:8])
     assert torch.equal(row.bias, full.bias)
     with pytest.raises(TypeError, match="Fp8BlockwiseLinear"):
         parallelize_module(nn.Linear(2048, 1024), fake_world8, Fp8ColwiseParallel())
+    layer = Fp8BlockwiseLinear.from_linear(nn.Linear(2048, 1024))
+    for bad in (8, -1, True, "0"):
+        with pytest.raises(
+            ValueError, match=r"src_data_rank: expected None or a rank of the mesh \(0 <= r < 8\)"
+        ):
+            parallelize_module(layer, fake_world8, Fp8RowwiseParallel(), src_data_rank=bad)
+        assert type(layer) is Fp8BlockwiseLinear  # nothing moved
+    with pytest.raises(ValueError, match="src_data_rank: expected None or a rank"):
+        parallelize(nn.Sequential(layer), fake_world8, {"0": "rowwise"}, src_data_rank=8)
+    assert type(layer) is Fp8BlockwiseLinear
 
 
 def test_dtensor_rule_offers_partial_only_for_float32_without_bias(fake_world8):
@@ -350,7 +366,7 @@ def test_expert_style_keeps_a_contiguous_expert_range_and_refuses_before_moving(
         return Fp8Experts.from_quantized(*gu, *dn)
 
     full = experts(16)
-    ep = parallelize_module(experts(16), fake_world8, Fp8ExpertParallel("alltoall"))
+    ep = parallelize_module(experts(16), fake_world8, Fp8ExpertParallel("alltoall"), src_data_rank=None)
     assert isinstance(ep, Fp8ShardedExperts) and (ep.expert_offset, ep.num_experts) == (6, 2)
     assert torch.equal(ep.down_proj.view(torch.uint8), full.down_proj[6:8].view(torch.uint8))
     assert torch.equal(ep.gate_up_proj_scale_inv, full.gate_up_proj_scale_inv[6:8])

@@ -49,6 +49,61 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
+def _src_data_rank(res: dict, mesh, rank: int) -> None:
+    """Every rank starts with OTHER random weights (seed 100 + rank): with src_data_rank=0 each ends
+    with its shard of rank 0's layer (scattered from rank 0), with None with its shard of its own."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from torch_fp8_blockwise.experts import Fp8Experts
+
+    def layers(seed: int) -> dict[str, torch.nn.Module]:
+        torch.manual_seed(seed)
+        lin = lambda: Fp8BlockwiseLinear.from_linear(torch.nn.Linear(512, 768, bias=True))  # noqa: E731
+        gu = torch.ops.fp8.quantize(torch.randn(4, 256, 256), [128, 128])
+        dn = torch.ops.fp8.quantize(torch.randn(4, 256, 128), [128, 128])
+        return {"colwise": lin(), "rowwise": lin(), "expert": Fp8Experts.from_quantized(*gu, *dn)}
+
+    def local(module: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
+        """``module``'s tensors as this rank's shard would hold them (uint8 views of fp8)."""
+        if kind == "expert":
+            e = module.num_experts // 2
+            keys = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
+            return {k: getattr(module, k)[rank * e : (rank + 1) * e] for k in keys}
+        w, s, b = module.weight, module.weight_scale_inv, module.bias.detach()
+        if kind == "colwise":
+            n, g = w.shape[0] // 2, s.shape[0] // 2
+            return {"weight": w[rank * n : (rank + 1) * n], "weight_scale_inv": s[rank * g : (rank + 1) * g],
+                    "bias": b[rank * n : (rank + 1) * n]}  # fmt: skip
+        k, g = w.shape[1] // 2, s.shape[1] // 2
+        return {"weight": w[:, rank * k : (rank + 1) * k], "weight_scale_inv": s[:, rank * g : (rank + 1) * g],
+                "bias": b}  # fmt: skip
+
+    def same(a: dict, b: dict) -> bool:
+        u8 = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
+        return sorted(a) == sorted(b) and all(torch.equal(u8(a[k]), u8(b[k])) for k in a)
+
+    styles = {
+        "colwise": tpd.Fp8ColwiseParallel,
+        "rowwise": tpd.Fp8RowwiseParallel,
+        "expert": tpd.Fp8ExpertParallel,
+    }
+    truth, mine = layers(100), layers(100 + rank)  # rank 0's layers, this rank's own
+    for kind, style in styles.items():
+        for src in (0, None):
+            module = parallelize_module(copy.deepcopy(mine[kind]), mesh, style(), src_data_rank=src)
+            got = {k: v for k, v in module.state_dict().items()}
+            res[f"src{src}_{kind}_is_rank0s"] = same(got, local(truth[kind], kind))
+            res[f"src{src}_{kind}_is_own"] = same(got, local(mine[kind], kind))
+    # parallelize(): torch's default src_data_rank=0
+    model = torch.nn.Sequential(copy.deepcopy(mine["colwise"]), copy.deepcopy(mine["rowwise"]))
+    tpd.parallelize(model, mesh, {"0": "colwise", "1": "rowwise"})
+    res["parallelize_default_is_rank0s"] = same(
+        {f"0.{k}": v for k, v in local(truth["colwise"], "colwise").items()}
+        | {f"1.{k}": v for k, v in local(truth["rowwise"], "rowwise").items()},
+        model.state_dict(),
+    )
+
+
 def main() -> None:
     rank, world, out_dir = init_worker()
     from torch.distributed.device_mesh import init_device_mesh
@@ -86,6 +141,8 @@ def main() -> None:
         res["style_refuses"] = "no error"
     except tpd.BlockShardingError as e:
         res["style_refuses"] = str(e)
+
+    _src_data_rank(res, mesh, rank)
 
     # ---- the registered DTensor rule: the op on DTensors
     w_d = distribute_tensor(full.weight, mesh, [Shard(0)], src_data_rank=None)

@@ -43,6 +43,7 @@ from torch.distributed import _functional_collectives as funcol
 from ..experts import Fp8Experts, combine, experts_mlp, gather_rows, sort_by_expert
 from ..formats import FP8_DTYPES
 from .alignment import local_range
+from .layers import shard_from_src
 
 #: Dispatch styles of :class:`Fp8ShardedExperts` / :class:`~.styles.Fp8ExpertParallel`.
 DISPATCH_STYLES: tuple[str, ...] = ("allreduce", "alltoall")
@@ -180,20 +181,30 @@ class Fp8ShardedExperts(Fp8Experts):
 
 
 def shard_experts_(
-    layer: Fp8Experts, rank: int, tp_size: int, group: dist.ProcessGroup | None, dispatch: str
+    layer: Fp8Experts,
+    rank: int,
+    tp_size: int,
+    group: dist.ProcessGroup | None,
+    dispatch: str,
+    src_data_rank: int | None = None,
 ) -> Fp8ShardedExperts:
     """Turn ``layer`` (all experts, or meta) into this rank's contiguous expert range in place.
 
-    The caller has checked the alignment rule (``num_experts % tp_size == 0``). Real buffers are
-    sliced and copied (the full ones can be freed); meta buffers get meta shards.
+    The caller has checked the alignment rule (``num_experts % tp_size == 0``). ``src_data_rank``
+    None: real buffers are sliced locally and copied (the full ones can be freed). A rank r of
+    ``group``: every rank receives its experts from rank r's buffers (``dist.scatter``, fp8 as
+    uint8). Meta buffers get meta shards, nothing sent.
     """
     if isinstance(layer, Fp8ShardedExperts):
         raise TypeError(f"shard_experts_: the layer is already expert-parallel (rank {layer.tp_rank})")
     dispatch = check_dispatch(dispatch)
     e0, e1 = local_range(layer.num_experts, tp_size, rank)
+    send = src_data_rank is not None and layer.gate_up_proj.device.type != "meta"
     with torch.no_grad():
         for name in ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv"):
-            layer._buffers[name] = layer._buffers[name][e0:e1].clone(memory_format=torch.contiguous_format)
+            full = layer._buffers[name]
+            mine = shard_from_src(full, 0, tp_size, rank, src_data_rank, group) if send else full[e0:e1]
+            layer._buffers[name] = mine.clone(memory_format=torch.contiguous_format)
     full = layer.num_experts
     layer.__class__ = Fp8ShardedExperts
     return _set_shard(layer, full, e0, rank, tp_size, group, dispatch)  # type: ignore[arg-type]

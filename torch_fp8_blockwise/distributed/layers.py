@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
+from ..formats import FP8_DTYPES
 from ..nn import Fp8BlockwiseLinear
 from .alignment import local_range
 
@@ -73,13 +74,52 @@ class Fp8RowwiseLinear(_Fp8ShardedLinear):
         return y.to(x.dtype)
 
 
+def check_src_data_rank(src_data_rank: object, tp_size: int) -> int | None:
+    """``src_data_rank``: None, or a rank of the mesh (0 <= r < tp_size)."""
+    if src_data_rank is not None and (
+        not isinstance(src_data_rank, int)
+        or isinstance(src_data_rank, bool)
+        or not 0 <= src_data_rank < tp_size
+    ):
+        raise ValueError(
+            f"src_data_rank: expected None or a rank of the mesh (0 <= r < {tp_size}), got {src_data_rank!r}"
+        )
+    return src_data_rank
+
+
+def _global(group: dist.ProcessGroup | None, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def shard_from_src(
+    full: torch.Tensor, dim: int, tp_size: int, rank: int, src: int, group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """This rank's chunk ``rank`` of ``tp_size`` equal chunks along ``dim`` of rank ``src``'s ``full``
+    (a collective: ``dist.scatter`` from ``src``, a rank of ``group``), contiguous. fp8 travels as a
+    uint8 view (gloo rejects float8); the other ranks' ``full`` is only read for its shape."""
+    chunks = [c.contiguous() for c in full.chunk(tp_size, dim)]
+    wire = [c.view(torch.uint8) if c.dtype in FP8_DTYPES else c for c in chunks]
+    out = torch.empty_like(wire[rank])
+    dist.scatter(out, wire if rank == src else None, src=_global(group, src), group=group)
+    return out.view(full.dtype) if out.dtype != full.dtype else out
+
+
 def shard_layer_(
-    layer: Fp8BlockwiseLinear, kind: str, rank: int, tp_size: int, group: dist.ProcessGroup | None
+    layer: Fp8BlockwiseLinear,
+    kind: str,
+    rank: int,
+    tp_size: int,
+    group: dist.ProcessGroup | None,
+    src_data_rank: int | None = None,
 ) -> _Fp8ShardedLinear:
     """Turn ``layer`` (full tensors, or meta) into this rank's shard in place and return it.
 
-    The caller has checked the alignment rule. Real tensors are sliced and copied (``.clone()``:
-    the full tensor can be freed); meta tensors get meta shards of the local shape.
+    The caller has checked the alignment rule. ``src_data_rank`` None: real tensors are sliced
+    locally and copied (``.clone()``: the full tensor can be freed), no communication. A rank r of
+    ``group``: rank r's weight, scales and bias are the truth; every rank receives its shard from
+    rank r (``dist.scatter``; a row-parallel layer's bias by ``dist.broadcast``), as torch's
+    ``distribute_tensor(src_data_rank=r)``. Meta tensors get meta shards of the local shape and
+    nothing is sent (every rank must then be meta).
     """
     if isinstance(layer, _Fp8ShardedLinear):
         raise TypeError(f"shard_layer_: the layer is already sharded ({layer.kind})")
@@ -102,6 +142,14 @@ def shard_layer_(
     else:
         raise ValueError(f"kind: expected 'colwise' or 'rowwise', got {kind!r}")
     with torch.no_grad():
+        if src_data_rank is not None and layer.weight.device.type != "meta":
+            dim = 0 if kind == "colwise" else 1
+            weight = shard_from_src(layer.weight, dim, tp_size, rank, src_data_rank, group)
+            scale = shard_from_src(layer.weight_scale_inv, dim, tp_size, rank, src_data_rank, group)
+            if bias is not None and kind == "colwise":
+                bias = shard_from_src(layer.bias.detach(), 0, tp_size, rank, src_data_rank, group)
+            elif bias is not None:
+                dist.broadcast(bias.detach(), _global(group, src_data_rank), group=group)
         layer._buffers["weight"] = weight.clone(memory_format=torch.contiguous_format)
         layer._buffers["weight_scale_inv"] = scale.clone(memory_format=torch.contiguous_format)
         if bias is not None and kind == "colwise":

@@ -12,7 +12,7 @@ from ..experts import Fp8Experts
 from ..nn import Fp8BlockwiseLinear, Fp8Config
 from .alignment import BlockShardingError
 from .experts import Fp8ShardedExperts, check_dispatch, meta_experts, shard_experts_
-from .layers import shard_layer_
+from .layers import check_src_data_rank, shard_layer_
 from .plan import check_plan, default_assignment, expert_problem, planned_layers
 
 
@@ -149,6 +149,7 @@ def parallelize(
     *,
     config: Fp8Config | None = None,
     expert_dispatch: str = "allreduce",
+    src_data_rank: int | None = 0,
 ) -> ShardingReport:
     """Split ``model``'s FP8 layers over the ranks of ``mesh`` in place, and report what was done.
 
@@ -174,6 +175,13 @@ def parallelize(
         expert_dispatch: "allreduce" (all tokens on every rank, one float32 all-reduce, no host
             sync) or "alltoall" (fp8 activations + scales with all_to_all_single; one host read of
             the split sizes per call): see :mod:`torch_fp8_blockwise.distributed.experts`.
+        src_data_rank: on a DeviceMesh, as torch's ``parallelize_module`` / ``distribute_tensor``:
+            0 (the default, torch's) makes rank 0's full weights the truth, every rank receiving its
+            shards from rank 0 (``dist.scatter``, fp8 as uint8), so ranks whose copies differ (e.g.
+            random init with different seeds) still compute one device's model; None sends nothing
+            (each rank slices its own copy: every rank must hold the same weights). Layers kept
+            replicated are left as they are (as torch leaves modules outside the plan). A meta model
+            sends nothing either way. Ignored on a torch_xla Mesh (one process holds every shard).
 
     Returns: a :class:`ShardingReport` (layers sharded how, layers kept replicated and why, bytes per rank).
     """
@@ -199,6 +207,7 @@ def parallelize(
             )
         tp = mesh.size()
         engine = f"torch.distributed {mesh.get_group().name()}"
+        check_src_data_rank(src_data_rank, tp)
     for name, module in model.named_modules():  # refuse before anything moves
         if isinstance(module, (Fp8BlockwiseLinear, Fp8ShardedExperts)) and getattr(module, "kind", "") in (
             "colwise", "rowwise", "expert",
@@ -232,7 +241,9 @@ def parallelize(
         if kind == "expert":
             full_e = layer.num_experts
             shape = (2 * layer.intermediate_dim, layer.hidden_dim)
-            layer = shard_experts_(layer, mesh.get_local_rank(), tp, mesh.get_group(), expert_dispatch)
+            layer = shard_experts_(
+                layer, mesh.get_local_rank(), tp, mesh.get_group(), expert_dispatch, src_data_rank
+            )
             report.sharded[name] = ShardedLayer(
                 kind, shape, shape, layer.config.block_shape, (full_e, layer.num_experts), expert_dispatch
             )
@@ -241,7 +252,7 @@ def parallelize(
         if _is_xla_mesh(mesh):
             layer = xla.shard_layer_(layer, kind, mesh)
         else:
-            layer = shard_layer_(layer, kind, mesh.get_local_rank(), tp, mesh.get_group())
+            layer = shard_layer_(layer, kind, mesh.get_local_rank(), tp, mesh.get_group(), src_data_rank)
         local = (layer.out_features, layer.in_features)
         if _is_xla_mesh(mesh):  # the module holds the global view; each device its shard
             local = (full[0] // tp, full[1]) if kind == "colwise" else (full[0], full[1] // tp)

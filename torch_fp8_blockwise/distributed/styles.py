@@ -14,9 +14,13 @@ local tensors (inputs and outputs are plain tensors, as torch's styles with ``us
   contiguous range of whole experts (:mod:`.experts`: "allreduce" or "alltoall" dispatch);
   tokens in and out the same on every rank.
 
-Every rank must hold the same full layer (or a meta one): the shard is sliced locally, nothing is
-sent (like ``src_data_rank=None``). To avoid holding the full model, parallelize a meta model and
-fill it with :func:`torch_fp8_blockwise.distributed.checkpoint.load` (each rank reads its slices).
+``src_data_rank`` (the attribute torch's ``ParallelStyle`` has, set by ``parallelize_module(...,
+src_data_rank=)``; torch's default 0): as ``distribute_tensor``, rank ``src_data_rank``'s full layer
+is the truth and every rank receives its shard from it (``dist.scatter``, fp8 as uint8: gloo rejects
+float8); None: every rank slices its own copy, nothing is sent (every rank must then hold the same
+layer). A meta layer gets meta shards and nothing is sent either way. To avoid holding the full
+model, parallelize a meta model and fill it with
+:func:`torch_fp8_blockwise.distributed.checkpoint.load` (each rank reads its slices).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ..experts import Fp8Experts
 from ..nn import Fp8BlockwiseLinear
 from .alignment import BlockShardingError
 from .experts import check_dispatch, shard_experts_
-from .layers import shard_layer_
+from .layers import check_src_data_rank, shard_layer_
 from .plan import PlannedLayer, layer_problem
 
 
@@ -60,7 +64,8 @@ class _Fp8Parallel(ParallelStyle):
         why = layer_problem(type(module).__name__, layer, tp)
         if why is not None:
             raise BlockShardingError(f"{style}: {why}")
-        return shard_layer_(module, self.kind, mesh.get_local_rank(), tp, mesh.get_group())
+        src = check_src_data_rank(self.src_data_rank, tp)
+        return shard_layer_(module, self.kind, mesh.get_local_rank(), tp, mesh.get_group(), src)
 
 
 class Fp8ColwiseParallel(_Fp8Parallel):
@@ -108,4 +113,5 @@ class Fp8ExpertParallel(ParallelStyle):
         why = layer_problem(type(module).__name__, layer, tp)
         if why is not None:
             raise BlockShardingError(f"{style}: {why}")
-        return shard_experts_(module, mesh.get_local_rank(), tp, mesh.get_group(), self.dispatch)
+        src = check_src_data_rank(self.src_data_rank, tp)
+        return shard_experts_(module, mesh.get_local_rank(), tp, mesh.get_group(), self.dispatch, src)
