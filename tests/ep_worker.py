@@ -88,6 +88,43 @@ def _checkpoints(res, model, ep_model, ids, mesh, out_dir, rank) -> None:
     res["dcp_roundtrip_equal"] = torch.equal(logits(fresh, ids), out)
 
 
+def _dp_attention(res: dict, mesh, rank: int) -> None:
+    """Data-parallel attention: each rank brings its OWN tokens (T per rank differs, 0 on one rank)
+    and must get one device's layer on its tokens; W8A8 and W8A16. Then a whole Qwen3-MoE with
+    only its experts split, each rank feeding its own batch."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    e, h, i = 8, 256, 128
+    for activation in ("dynamic", "none"):
+        torch.manual_seed(5)
+        full = Fp8Experts.from_quantized(
+            *torch.ops.fp8.quantize(torch.randn(e, 2 * i, h) * 0.05, [128, 128]),
+            *torch.ops.fp8.quantize(torch.randn(e, h, i) * 0.05, [128, 128]),
+            Fp8Config(activation=activation),
+        )
+        style = tpd.Fp8ExpertParallel("alltoall", dp_attention=True)
+        ep = parallelize_module(copy.deepcopy(full), mesh, style)
+        for tokens in ((5, 0), (3, 7), (0, 2)):  # (rank 0's T, rank 1's T)
+            t = tokens[rank]
+            torch.manual_seed(100 * rank + t)  # every rank its own tokens and routing
+            x = torch.randn(t, h)
+            idx = torch.randint(0, e + 1, (t, 3))  # e: the sentinel, contributes nothing
+            w = torch.rand(t, 3)
+            for dtype in (torch.float32, torch.bfloat16):
+                got, want = ep(x.to(dtype), idx, w), full(x.to(dtype), idx, w)
+                tag = f"dp_{activation}_{tokens[0]}_{tokens[1]}_{str(dtype)[6:]}"
+                res[f"{tag}_shape"] = [list(got.shape), list(want.shape), str(got.dtype)]
+                res[f"{tag}_rel"] = rel_error(got, want) if t else 0.0
+    model = tiny_moe("qwen3_moe")
+    quantize_model_(model, Fp8Config(), progress=False)
+    dp_model = copy.deepcopy(model)
+    report = tpd.parallelize(dp_model, mesh, expert_dispatch="alltoall", dp_attention=True)
+    res["dp_model_sharded"] = sorted(report.sharded)
+    torch.manual_seed(20 + rank)
+    ids = torch.randint(0, 128, (1 + rank, 9 - 4 * rank))  # rank 0: [1, 9], rank 1: [2, 5]
+    res["dp_model_rel"] = rel_error(logits(dp_model, ids), logits(model, ids))
+
+
 def main() -> None:
     rank, world, out_dir = init_worker()
     from torch.distributed.device_mesh import init_device_mesh
@@ -115,6 +152,8 @@ def main() -> None:
             res[f"layer_{dispatch}_t{t}_rel"] = rel_error(ep(x.float(), idx, w), ref)
             res[f"layer_{dispatch}_t{t}_bf16_rel"] = rel_error(ep(x, idx, w), full(x, idx, w))
             res[f"layer_{dispatch}_local"] = [ep.expert_offset, ep.num_experts, ep.full_num_experts]
+
+    _dp_attention(res, mesh, rank)
 
     # ---- whole MoE decoders: one device vs parallelize(model, mesh) in both dispatch styles
     torch.manual_seed(1)

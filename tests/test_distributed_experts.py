@@ -65,6 +65,37 @@ def test_moe_model_logits_match_one_device(ranks, model, dispatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("activation", ["dynamic", "none"])
+def test_dp_attention_each_rank_gets_one_devices_layer_on_its_own_tokens(ranks, activation):
+    """dp_attention=True: rank r brings its own T_r tokens ((5, 0), (3, 7), (0, 2): T = 0 on one
+    rank, which still serves the other) and gets the single-device layer's output on them."""
+    for res in ranks:
+        for tokens in ("5_0", "3_7", "0_2"):
+            for dtype, bound in (("float32", KERNEL_ERROR_BOUND), ("bfloat16", 2**-7)):
+                tag = f"dp_{activation}_{tokens}_{dtype}"
+                got_shape, want_shape, got_dtype = res[f"{tag}_shape"]
+                assert got_shape == want_shape and got_dtype == f"torch.{dtype}"
+                assert res[f"{tag}_rel"] <= bound
+
+
+@pytest.mark.slow
+def test_dp_attention_moe_model_each_rank_its_own_batch(ranks):
+    for res in ranks:
+        assert res["dp_model_sharded"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        assert res["dp_model_rel"] <= KERNEL_ERROR_BOUND
+
+
+def test_dp_attention_needs_the_alltoall_style():
+    from torch_fp8_blockwise.distributed import Fp8ExpertParallel
+
+    with pytest.raises(ValueError, match="dp_attention=True needs dispatch 'alltoall'"):
+        Fp8ExpertParallel("allreduce", dp_attention=True)
+    with pytest.raises(TypeError, match="dp_attention: expected a bool"):
+        Fp8ExpertParallel("alltoall", dp_attention="yes")
+    assert Fp8ExpertParallel("alltoall", dp_attention=True).dp_attention is True
+
+
+@pytest.mark.slow
 def test_per_rank_load_save_and_dcp_of_expert_parallel_model(ranks):
     for r, res in enumerate(ranks):
         assert res["perrank_load_equal"] is True

@@ -229,6 +229,36 @@ def test_qwen3_shapes_on_meta_over_8_ranks(fake_world8):
         check_plan(odd, {"*.experts": "expert"}, 8)
 
 
+def test_dp_attention_splits_only_experts(fake_world8):
+    """dp_attention=True (each rank its own tokens): the default plan splits the experts only, the
+    rest stays replicated with the reason; a plan asking for more, the all-reduce style or a
+    non-bool are refused before anything moves."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=8, num_key_value_heads=8, head_dim=128, num_experts=16, vocab_size=256,
+    )  # fmt: skip
+    model = _meta_model(cfg)
+    report = parallelize(model, fake_world8, expert_dispatch="alltoall", dp_attention=True)
+    assert list(report.sharded) == ["model.layers.0.mlp.experts"]
+    experts = model.model.layers[0].mlp.experts
+    assert (experts.num_experts, experts.dispatch, experts.dp_attention) == (2, "alltoall", True)
+    assert "dp_attention=True" in repr(experts)
+    assert "expert (alltoall, dp attention) 16 experts" in str(report)
+    assert "data-parallel attention" in report.replicated["model.layers.0.self_attn.q_proj"]
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)  # untouched
+    with pytest.raises(ValueError, match="dp_attention=True needs dispatch 'alltoall'"):
+        parallelize(_meta_model(cfg), fake_world8, dp_attention=True)
+    with pytest.raises(TypeError, match="dp_attention: expected a bool, got int"):
+        parallelize(_meta_model(cfg), fake_world8, expert_dispatch="alltoall", dp_attention=1)
+    fresh = _meta_model(cfg)
+    with pytest.raises(ValueError, match=r"q_proj asks for 'colwise', but with dp_attention=True"):
+        parallelize(fresh, fake_world8, {"*.q_proj": "colwise", "*.experts": "expert"},
+                    expert_dispatch="alltoall", dp_attention=True)  # fmt: skip
+    assert isinstance(fresh.model.layers[0].self_attn.q_proj, nn.Linear)
+
+
 def test_explicit_plan_is_all_or_nothing_and_expert_refused(fake_world8):
     model = nn.Sequential()
     model.add_module("a", _Mlp(1024, 2048))

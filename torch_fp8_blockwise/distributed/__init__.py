@@ -5,7 +5,8 @@
   torch ``DeviceMesh`` or a torch_xla SPMD ``Mesh``; returns a :class:`ShardingReport`.
 * :class:`Fp8ColwiseParallel`, :class:`Fp8RowwiseParallel`, :class:`Fp8ExpertParallel`:
   ``ParallelStyle``s for ``parallelize_module`` (:mod:`.experts`: whole experts per rank,
-  "allreduce" or "alltoall" dispatch).
+  "allreduce" or "alltoall" dispatch; ``dp_attention=True``: each rank brings its own tokens).
+  ``src_data_rank`` as torch's: 0 (default) scatters rank 0's shards, None slices locally.
 * a DTensor sharding rule for ``torch.ops.fp8.blockwise_matmul`` (registered on import) for users who
   call the op on DTensors.
 * :mod:`.checkpoint`: per-rank load (each rank reads only its slices) and save of a sharded model.

@@ -29,6 +29,15 @@ rank every token), and so is its output. Two dispatch styles, the two the field 
   low-latency mode pads to a fixed capacity instead). Moves each pair, not each token once per
   destination rank.
 
+Data-parallel attention (``dp_attention=True``, "alltoall" only; vLLM's DP attention with
+``--enable-expert-parallel``, SGLang's ``--enable-dp-attention``, DeepEP's dispatch / combine as
+such): attention runs data-parallel, so every rank brings ITS OWN tokens to the MoE layer
+(hidden_states [T_r, H] with T_r differing per rank, 0 allowed). Each rank dispatches its own
+tokens' pairs (the same wire format) to the experts' owners and gets back exactly its tokens'
+outputs [T_r, H]: no token share, no all-gather. A rank with no tokens still takes part in every
+collective (it sends nothing and computes for the others), as vLLM's dummy forward passes do: every
+rank must call the layer on every step, with the same hidden dtype.
+
 Both styles give one device's result up to float32 summation order (tested on 2 gloo ranks within
 the kernel budget). Fp8 tensors cross gloo as uint8 views (exact).
 """
@@ -49,9 +58,17 @@ from .layers import shard_from_src
 DISPATCH_STYLES: tuple[str, ...] = ("allreduce", "alltoall")
 
 
-def check_dispatch(dispatch: object) -> str:
+def check_dispatch(dispatch: object, dp_attention: object = False) -> str:
+    """``dispatch`` in DISPATCH_STYLES; ``dp_attention`` a bool, True only with "alltoall"."""
     if dispatch not in DISPATCH_STYLES:
         raise ValueError(f"dispatch: expected one of {DISPATCH_STYLES}, got {dispatch!r}")
+    if not isinstance(dp_attention, bool):
+        raise TypeError(f"dp_attention: expected a bool, got {type(dp_attention).__name__}")
+    if dp_attention and dispatch != "alltoall":
+        raise ValueError(
+            f"dp_attention=True needs dispatch 'alltoall' (each rank sends its own tokens to the experts' "
+            f"owners), got {dispatch!r}: the all-reduce style needs every token on every rank"
+        )
     return dispatch  # type: ignore[return-value]
 
 
@@ -91,8 +108,10 @@ class Fp8ShardedExperts(Fp8Experts):
     ``group`` (ProcessGroup, None on the shape-only path), ``dispatch``.
 
     Forward: hidden_states [T, H], top_k_index [T, k] GLOBAL expert ids, top_k_weights [T, k], the
-    same on every rank -> [T, H] in hidden_states.dtype, the same on every rank. Ids outside
-    ``[0, full_num_experts)`` contribute nothing (as on one device).
+    same on every rank -> [T, H] in hidden_states.dtype, the same on every rank. With
+    ``dp_attention`` (``dispatch="alltoall"`` only): each rank's own tokens, T differing per rank
+    (0 allowed) -> [T, H], this rank's tokens' outputs. Ids outside ``[0, full_num_experts)``
+    contribute nothing (as on one device).
     """
 
     kind = "expert"
@@ -102,18 +121,24 @@ class Fp8ShardedExperts(Fp8Experts):
     tp_size: int
     group: dist.ProcessGroup | None
     dispatch: str
+    dp_attention: bool
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, expert rank {self.tp_rank}/{self.tp_size}: experts "
             f"[{self.expert_offset}, {self.expert_offset + self.num_experts}) of {self.full_num_experts}, "
-            f"dispatch={self.dispatch!r}"
+            f"dispatch={self.dispatch!r}{', dp_attention=True' if self.dp_attention else ''}"
         )
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self._check_inputs(hidden_states, top_k_index, top_k_weights):
+        empty = self._check_inputs(hidden_states, top_k_index, top_k_weights)
+        if self.dp_attention:  # this rank's own tokens: T = 0 here still serves the other ranks
+            if top_k_index.shape[1] == 0:  # k is the model's: 0 on every rank
+                return torch.zeros_like(hidden_states)
+            return self._dispatch_combine(hidden_states, top_k_index, top_k_weights)
+        if empty:
             return torch.zeros_like(hidden_states)  # every rank has the same (empty) tokens
         if self.dispatch == "allreduce":
             return self._forward_allreduce(hidden_states, top_k_index, top_k_weights)
@@ -132,10 +157,22 @@ class Fp8ShardedExperts(Fp8Experts):
         return funcol.all_reduce(partial, "sum", self.group).to(hidden_states.dtype)
 
     def _forward_alltoall(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        tp, e_local, k = self.tp_size, self.num_experts, top_k_index.shape[1]
-        t = hidden_states.shape[0]
+        tp, t = self.tp_size, hidden_states.shape[0]
         t0, t1 = token_share(t, tp, self.tp_rank)
-        x, idx, w = hidden_states[t0:t1], top_k_index[t0:t1], top_k_weights[t0:t1]
+        mine = self._dispatch_combine(hidden_states[t0:t1], top_k_index[t0:t1], top_k_weights[t0:t1])
+        # Every rank gets every token back: equal-size all-gather of the shares padded to ceil(T / tp).
+        width = -(-t // tp)
+        padded = mine.new_zeros((width, mine.shape[1]))
+        padded[: t1 - t0] = mine
+        parts = [torch.empty_like(padded) for _ in range(tp)]
+        dist.all_gather(parts, padded, group=self.group)
+        spans = [token_share(t, tp, r) for r in range(tp)]
+        return torch.cat([part[: b - a] for part, (a, b) in zip(parts, spans, strict=True)])
+
+    def _dispatch_combine(self, x, idx, w) -> torch.Tensor:
+        """DeepEP's dispatch / combine of THIS rank's tokens x [T_r, H] (T_r may be 0), idx / w
+        [T_r, k]: -> [T_r, H] in x.dtype. A collective: every rank calls it on every step."""
+        tp, e_local, k = self.tp_size, self.num_experts, idx.shape[1]
         # Pairs sorted by global expert = by destination rank (contiguous ranges); invalid ids last.
         order, counts = sort_by_expert(idx, self.full_num_experts)
         recv_counts = torch.empty_like(counts)
@@ -160,24 +197,15 @@ class Fp8ShardedExperts(Fp8Experts):
         ids = torch.repeat_interleave(local_ids, recv_counts.long(), output_size=n_recv)
         order_r, sizes_r = sort_by_expert(ids[:, None], e_local)
         xs = None if recv_s is None else recv_s.index_select(0, order_r)
-        y_sorted = self._mlp(recv_x.index_select(0, order_r), sizes_r, xs, hidden_states.dtype)
+        y_sorted = self._mlp(recv_x.index_select(0, order_r), sizes_r, xs, x.dtype)
         y_recv = torch.empty_like(y_sorted).index_copy_(0, order_r, y_sorted)  # back to received order
         y_back = y_recv.new_empty((n_send, y_recv.shape[1]))
         dist.all_to_all_single(y_back, y_recv, send, recv, group=self.group)  # float32 both ways
         y = y_back.new_zeros((order.numel(), y_back.shape[1]))
         y[:n_send] = y_back  # pairs of no expert: 0, and combine masks their weights
-        if t1 > t0:
-            mine = combine(y, order, w, counts).to(hidden_states.dtype)  # [t1 - t0, H]
-        else:  # fewer tokens than ranks: this rank has none, but takes part in every collective
-            mine = hidden_states.new_zeros((0, hidden_states.shape[1]))
-        # Every rank gets every token back: equal-size all-gather of the shares padded to ceil(T / tp).
-        width = -(-t // tp)
-        padded = mine.new_zeros((width, mine.shape[1]))
-        padded[: t1 - t0] = mine
-        parts = [torch.empty_like(padded) for _ in range(tp)]
-        dist.all_gather(parts, padded, group=self.group)
-        spans = [token_share(t, tp, r) for r in range(tp)]
-        return torch.cat([part[: b - a] for part, (a, b) in zip(parts, spans, strict=True)])
+        if x.shape[0] == 0:  # no tokens here, but this rank took part in every collective
+            return x.new_zeros((0, x.shape[1]))
+        return combine(y, order, w, counts).to(x.dtype)  # [T_r, H]
 
 
 def shard_experts_(
@@ -187,17 +215,19 @@ def shard_experts_(
     group: dist.ProcessGroup | None,
     dispatch: str,
     src_data_rank: int | None = None,
+    dp_attention: bool = False,
 ) -> Fp8ShardedExperts:
     """Turn ``layer`` (all experts, or meta) into this rank's contiguous expert range in place.
 
     The caller has checked the alignment rule (``num_experts % tp_size == 0``). ``src_data_rank``
     None: real buffers are sliced locally and copied (the full ones can be freed). A rank r of
     ``group``: every rank receives its experts from rank r's buffers (``dist.scatter``, fp8 as
-    uint8). Meta buffers get meta shards, nothing sent.
+    uint8). Meta buffers get meta shards, nothing sent. ``dp_attention``: each rank brings its own
+    tokens (see the module docstring; "alltoall" only).
     """
     if isinstance(layer, Fp8ShardedExperts):
         raise TypeError(f"shard_experts_: the layer is already expert-parallel (rank {layer.tp_rank})")
-    dispatch = check_dispatch(dispatch)
+    dispatch = check_dispatch(dispatch, dp_attention)
     e0, e1 = local_range(layer.num_experts, tp_size, rank)
     send = src_data_rank is not None and layer.gate_up_proj.device.type != "meta"
     with torch.no_grad():
@@ -207,13 +237,14 @@ def shard_experts_(
             layer._buffers[name] = mine.clone(memory_format=torch.contiguous_format)
     full = layer.num_experts
     layer.__class__ = Fp8ShardedExperts
-    return _set_shard(layer, full, e0, rank, tp_size, group, dispatch)  # type: ignore[arg-type]
+    return _set_shard(layer, full, e0, rank, tp_size, group, dispatch, dp_attention)  # type: ignore[arg-type]
 
 
-def _set_shard(layer, full, e0, rank, tp_size, group, dispatch) -> Fp8ShardedExperts:
+def _set_shard(layer, full, e0, rank, tp_size, group, dispatch, dp_attention) -> Fp8ShardedExperts:
     layer.num_experts = full // tp_size
     layer.full_num_experts, layer.expert_offset = full, e0
     layer.tp_rank, layer.tp_size, layer.group, layer.dispatch = rank, tp_size, group, dispatch
+    layer.dp_attention = bool(dp_attention)
     return layer
 
 
@@ -225,7 +256,7 @@ def like_shard(layer: Fp8Experts, shard: Fp8ShardedExperts) -> Fp8ShardedExperts
     layer.__class__ = Fp8ShardedExperts
     return _set_shard(
         layer, shard.full_num_experts, shard.expert_offset, shard.tp_rank, shard.tp_size, shard.group,
-        shard.dispatch,
+        shard.dispatch, shard.dp_attention,
     )  # fmt: skip
 
 

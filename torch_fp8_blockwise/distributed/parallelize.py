@@ -20,7 +20,7 @@ from .plan import check_plan, default_assignment, expert_problem, planned_layers
 class ShardedLayer:
     """How one layer was split: full and local weight shapes [N, K] (for "expert": one expert's
     gate_up_proj [2I, H], the same on every rank), block (bn, bk); for "expert" also
-    ``experts`` = (all experts, experts per rank) and the ``dispatch`` style."""
+    ``experts`` = (all experts, experts per rank), the ``dispatch`` style and ``dp_attention``."""
 
     kind: str
     full_shape: tuple[int, int]
@@ -28,6 +28,7 @@ class ShardedLayer:
     block: tuple[int, int]
     experts: tuple[int, int] | None = None
     dispatch: str | None = None
+    dp_attention: bool = False
 
 
 @dataclass
@@ -58,8 +59,9 @@ class ShardingReport:
                 f"[{s.local_shape[0]}, {s.local_shape[1]}] per rank ({s.block[0]}x{s.block[1]} blocks)"
             )
             if s.experts is not None:
+                style = f"{s.dispatch}, dp attention" if s.dp_attention else s.dispatch
                 what = (
-                    f"expert ({s.dispatch}) {s.experts[0]} experts of [{s.full_shape[0]}, {s.full_shape[1]}] "
+                    f"expert ({style}) {s.experts[0]} experts of [{s.full_shape[0]}, {s.full_shape[1]}] "
                     f"-> {s.experts[1]} per rank ({s.block[0]}x{s.block[1]} blocks)"
                 )
             key = (_generic(name), what)
@@ -111,17 +113,37 @@ XLA_EXPERTS = (
 )
 
 
+DP_ATTENTION = (
+    "data-parallel attention (dp_attention=True): each rank runs its own tokens through a full copy"
+)
+
+
 def _assignment(
-    model: nn.Module, plan: dict[str, str | None] | None, tp: int, config: Fp8Config, xla_mesh: bool
+    model: nn.Module,
+    plan: dict[str, str | None] | None,
+    tp: int,
+    config: Fp8Config,
+    xla_mesh: bool,
+    dp_attention: bool = False,
 ) -> tuple[dict[str, str], dict[str, str]]:
     if plan is None:
         assigned, replicated = default_assignment(model, tp, config.block_shape)
+        if dp_attention:  # only the experts are split; everything else runs data-parallel
+            for name in [n for n, kind in assigned.items() if kind != "expert"]:
+                replicated[name] = DP_ATTENTION
+                del assigned[name]
         if xla_mesh:
             for name in [n for n, kind in assigned.items() if kind == "expert"]:
                 replicated[name] = f"experts kept replicated: {XLA_EXPERTS}"
                 del assigned[name]
         return assigned, replicated
     assigned = check_plan(model, plan, tp, block_shape=config.block_shape)
+    split = sorted(name for name, kind in assigned.items() if kind != "expert")
+    if dp_attention and split:
+        raise ValueError(
+            f"plan: {split[0]} asks for {assigned[split[0]]!r}, but with dp_attention=True every rank brings "
+            "its own tokens, so only experts can be split ('expert'); map the others to None"
+        )
     experts = sorted(name for name, kind in assigned.items() if kind == "expert")
     if experts and xla_mesh:
         raise ValueError(f"plan: {experts[0]} asks for 'expert', but {XLA_EXPERTS}: map it to None")
@@ -149,6 +171,7 @@ def parallelize(
     *,
     config: Fp8Config | None = None,
     expert_dispatch: str = "allreduce",
+    dp_attention: bool = False,
     src_data_rank: int | None = 0,
 ) -> ShardingReport:
     """Split ``model``'s FP8 layers over the ranks of ``mesh`` in place, and report what was done.
@@ -175,6 +198,13 @@ def parallelize(
         expert_dispatch: "allreduce" (all tokens on every rank, one float32 all-reduce, no host
             sync) or "alltoall" (fp8 activations + scales with all_to_all_single; one host read of
             the split sizes per call): see :mod:`torch_fp8_blockwise.distributed.experts`.
+        dp_attention: data-parallel attention (vLLM's DP attention + expert parallel, SGLang's
+            ``--enable-dp-attention``): every rank runs its own requests (its own tokens, T per rank
+            may differ, 0 allowed) through full copies of everything but the experts, which are
+            split with ``expert_dispatch="alltoall"`` (required) and return each rank its own
+            tokens' outputs. The default plan then splits only experts (the rest replicated, with
+            the reason); an explicit plan may only ask for "expert". Every rank must run every
+            forward step, with no tokens if it has none (vLLM's dummy batches).
         src_data_rank: on a DeviceMesh, as torch's ``parallelize_module`` / ``distribute_tensor``:
             0 (the default, torch's) makes rank 0's full weights the truth, every rank receiving its
             shards from rank 0 (``dist.scatter``, fp8 as uint8), so ranks whose copies differ (e.g.
@@ -188,7 +218,9 @@ def parallelize(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     config = Fp8Config() if config is None else config
-    check_dispatch(expert_dispatch)
+    check_dispatch(expert_dispatch, dp_attention)
+    if _is_xla_mesh(mesh) and dp_attention:
+        raise ValueError(f"dp_attention=True splits only experts, but on a torch_xla Mesh {XLA_EXPERTS}")
     if _is_xla_mesh(mesh):
         from . import xla
 
@@ -213,7 +245,7 @@ def parallelize(
             "colwise", "rowwise", "expert",
         ):  # fmt: skip
             raise ValueError(f"model: {name} is already split ({type(module).__name__}); parallelize once")
-    assigned, replicated = _assignment(model, plan, tp, config, _is_xla_mesh(mesh))
+    assigned, replicated = _assignment(model, plan, tp, config, _is_xla_mesh(mesh), dp_attention)
     for name in assigned:
         module = model.get_submodule(name)
         if _is_xla_mesh(mesh) and module.weight.device.type != "xla":
@@ -242,11 +274,18 @@ def parallelize(
             full_e = layer.num_experts
             shape = (2 * layer.intermediate_dim, layer.hidden_dim)
             layer = shard_experts_(
-                layer, mesh.get_local_rank(), tp, mesh.get_group(), expert_dispatch, src_data_rank
+                layer,
+                mesh.get_local_rank(),
+                tp,
+                mesh.get_group(),
+                expert_dispatch,
+                src_data_rank,
+                dp_attention,
             )
             report.sharded[name] = ShardedLayer(
-                kind, shape, shape, layer.config.block_shape, (full_e, layer.num_experts), expert_dispatch
-            )
+                kind, shape, shape, layer.config.block_shape, (full_e, layer.num_experts), expert_dispatch,
+                dp_attention,
+            )  # fmt: skip
             continue
         full = (layer.out_features, layer.in_features)
         if _is_xla_mesh(mesh):

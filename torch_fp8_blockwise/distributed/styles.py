@@ -90,12 +90,15 @@ class Fp8ExpertParallel(ParallelStyle):
     dispatch: "allreduce" (every rank runs its experts on all tokens' pairs, one float32
     all-reduce, no host sync) or "alltoall" (fp8 activations + 1 x bk scales to the experts'
     owners with all_to_all_single, float32 outputs back; one host read of the split sizes per
-    call). See :mod:`torch_fp8_blockwise.distributed.experts`.
+    call). ``dp_attention=True`` ("alltoall" only): data-parallel attention, each rank brings its
+    own tokens (T may differ per rank, 0 allowed) and gets its own tokens' outputs back.
+    See :mod:`torch_fp8_blockwise.distributed.experts`.
     """
 
-    def __init__(self, dispatch: str = "allreduce") -> None:
+    def __init__(self, dispatch: str = "allreduce", *, dp_attention: bool = False) -> None:
         super().__init__()
-        self.dispatch = check_dispatch(dispatch)
+        self.dispatch = check_dispatch(dispatch, dp_attention)
+        self.dp_attention = dp_attention
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         style = type(self).__name__
@@ -114,4 +117,6 @@ class Fp8ExpertParallel(ParallelStyle):
         if why is not None:
             raise BlockShardingError(f"{style}: {why}")
         src = check_src_data_rank(self.src_data_rank, tp)
-        return shard_experts_(module, mesh.get_local_rank(), tp, mesh.get_group(), self.dispatch, src)
+        return shard_experts_(
+            module, mesh.get_local_rank(), tp, mesh.get_group(), self.dispatch, src, self.dp_attention
+        )
