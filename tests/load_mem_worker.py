@@ -1,6 +1,6 @@
 """One rank of the 2-process per-rank load memory check (run by tests/test_distributed_checkpoint.py).
 
-``python tests/load_mem_worker.py RANK WORLD PORT OUT_DIR CKPT_DIR LAYERS HIDDEN INTER``: builds the
+``python tests/load_mem_worker.py RANK WORLD PORT OUT_DIR CKPT_DIR LAYERS HIDDEN INTER EXPERTS EXPERT_INTER``: builds the
 MLP stack of :func:`mlp_stack` on the meta device, parallelizes it over the gloo ranks, and measures
 the peak RSS growth of ``distributed.checkpoint.load`` (then, in the same process, of
 ``checkpoint.load`` of the unsplit model: every rank reading everything). Writes
@@ -25,9 +25,15 @@ from gloo_ranks import init_worker
 from torch import nn
 
 
-def mlp_stack(layers: int, hidden: int, inter: int, device: str) -> nn.Module:
+def mlp_stack(
+    layers: int, hidden: int, inter: int, experts: int, expert_inter: int, device: str
+) -> nn.Module:
     """``{i}.gate_proj`` / ``{i}.up_proj`` [inter, hidden] (colwise), ``{i}.down_proj`` [hidden,
-    inter] (rowwise), ``{i}.norm`` LayerNorm(hidden), no biases."""
+    inter] (rowwise), ``{i}.norm`` LayerNorm(hidden), no biases; ``moe.experts``: an Fp8Experts of
+    ``experts`` experts [hidden -> expert_inter] (expert-parallel; per-expert keys in the file)."""
+    from torch_fp8_blockwise.experts import Fp8Experts
+    from torch_fp8_blockwise.nn import Fp8Config
+
     model = nn.Sequential()
     with torch.device(device):
         for i in range(layers):
@@ -37,6 +43,9 @@ def mlp_stack(layers: int, hidden: int, inter: int, device: str) -> nn.Module:
             block.down_proj = nn.Linear(inter, hidden, bias=False)
             block.norm = nn.LayerNorm(hidden)
             model.add_module(str(i), block)
+    moe = nn.Module()
+    moe.experts = Fp8Experts(experts, hidden, expert_inter, Fp8Config(), nn.functional.silu, device=device)
+    model.add_module("moe", moe)
     return model
 
 
@@ -67,7 +76,7 @@ def peak_growth(fn) -> dict[str, int]:
 
 def main() -> None:
     rank, world, out_dir = init_worker()
-    ckpt_dir, layers, hidden, inter = sys.argv[5], *map(int, sys.argv[6:9])
+    ckpt_dir, dims = sys.argv[5], [int(a) for a in sys.argv[6:11]]
     from torch.distributed.device_mesh import init_device_mesh
 
     from torch_fp8_blockwise import checkpoint as ckpt
@@ -76,11 +85,11 @@ def main() -> None:
     from torch_fp8_blockwise.distributed.parallelize import model_bytes
 
     mesh = init_device_mesh("cpu", (world,))
-    sharded = mlp_stack(layers, hidden, inter, "meta")
+    sharded = mlp_stack(*dims, "meta")
     tpd.parallelize(sharded, mesh)
     res = {"sharded": peak_growth(lambda: dckpt.load(sharded, ckpt_dir)), "local_bytes": model_bytes(sharded)}
     res["devices"] = sorted({t.device.type for t in sharded.state_dict().values()})
-    full = mlp_stack(layers, hidden, inter, "meta")
+    full = mlp_stack(*dims, "meta")
     res["full"] = peak_growth(lambda: ckpt.load(full, ckpt_dir))
     res["full_bytes"] = model_bytes(full)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -166,10 +166,16 @@ def test_expert_parallel_rank_reads_only_its_experts(mesh8, tmp_path, monkeypatc
     assert report.sharded["experts"].experts == (16, 2)
     _SpyOpen.whole, _SpyOpen.sliced = [], []
     monkeypatch.setattr(safetensors, "safe_open", _SpyOpen)
+    read_into, into = dckpt.read_into, []
+    monkeypatch.setattr(
+        dckpt, "read_into", lambda o, key, f, dst: (into.append(key), read_into(o, key, f, dst))
+    )
     dckpt.load(model, tmp_path / "per_expert")
     local = {f"experts.{e}.{p}.{t}" for e in (6, 7) for p in ("gate_proj", "up_proj", "down_proj")
              for t in ("weight", "weight_scale_inv")}  # fmt: skip
-    assert set(_SpyOpen.whole) == local and not _SpyOpen.sliced
+    scales = {k for k in local if k.endswith("_scale_inv")}
+    # weights: dtype / shape by get_slice, bytes read straight into the fused buffers; scales whole
+    assert set(_SpyOpen.whole) == scales and set(_SpyOpen.sliced) == set(into) == local - scales
     ep, ref = model.experts, full.experts
     assert isinstance(ep, Fp8ShardedExperts)
     assert (ep.expert_offset, ep.num_experts, ep.full_num_experts, ep.dispatch) == (6, 2, 16, "alltoall")
@@ -203,6 +209,28 @@ def test_expert_parallel_rank_reads_only_its_experts(mesh8, tmp_path, monkeypatc
         dckpt.load(model, tmp_path / "per_expert")
     assert model.experts.gate_up_proj.device.type == "meta"  # nothing changed
 
+    # a local expert's bad tensor is refused naming its key and file; nothing changes
+    ckpt.save(full, tmp_path / "per_expert")  # every key back
+    good = load_file(file)
+    bad_cases = {
+        "experts.6.up_proj.weight": (good["experts.6.up_proj.weight"][:64], ckpt.CheckpointError,
+                                     r"experts.6.up_proj.weight in .*: expected shape \(128, 256\) for the model's experts, got \(64, 256\)"),
+        "experts.7.gate_proj.weight": (good["experts.7.gate_proj.weight"].to(torch.bfloat16),
+                                       ckpt.CheckpointDtypeError, r"experts.7.gate_proj.weight in .*: expected torch.float8_e4m3fn .* got BF16"),
+        "experts.7.down_proj.weight": (torch.full((256, 128), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn),
+                                       ckpt.CheckpointError, r"experts.7.down_proj.weight in .*: 32768 codes .* NaN or inf"),
+        "experts.6.down_proj.weight_scale_inv": (-good["experts.6.down_proj.weight_scale_inv"], ckpt.CheckpointError,
+                                                 r"experts.6.down_proj.weight_scale_inv in .*: scales must be finite and positive"),
+    }  # fmt: skip
+    for key, (value, error, match) in bad_cases.items():
+        save_file({**good, key: value}, file)
+        model = _moe("meta")
+        parallelize(model, mesh8)
+        with pytest.raises(error, match=match):
+            dckpt.load(model, tmp_path / "per_expert")
+        assert model.experts.gate_up_proj.device.type == "meta", key
+    save_file(good, file)
+
     # fused fp8 keys (transformers' FP8Experts format): rows 6:8 by get_slice
     fused = {f"experts.{k}": getattr(ref, k).contiguous() for k in ("gate_up_proj", "gate_up_proj_scale_inv",
                                                                        "down_proj", "down_proj_scale_inv")}  # fmt: skip
@@ -217,10 +245,11 @@ def test_expert_parallel_rank_reads_only_its_experts(mesh8, tmp_path, monkeypatc
 
 
 # ---- per-rank peak memory of distributed.checkpoint.load: 2 gloo ranks (loopback, timeout)
-MEM_LAYERS, MEM_HIDDEN, MEM_INTER = 3, 1024, 8192  # 72 MiB of fp8 weights, 8 MiB per tensor
+# 48 MiB of dense fp8 weights (8 MiB tensors) + 8 experts of 6 MiB per-expert keys: 96 MiB in all
+MEM_LAYERS, MEM_HIDDEN, MEM_INTER, MEM_EXPERTS, MEM_EXPERT_INTER = 2, 1024, 8192, 8, 2048
 #: What the bound allows beyond the rank's tensors and one whole tensor: the kernel maps page-cache
 #: readahead past the end of a row slice into the process (~2 MiB per slice measured on our VMs:
-#: 6 row slices here), plus the loader's own allocations.
+#: 4 row slices here), plus the loader's own allocations.
 MEM_SLACK = 16 * 2**20
 
 
@@ -231,24 +260,35 @@ def _write_random_fp8_checkpoint(path) -> int:
 
     gen = torch.Generator().manual_seed(0)
     tensors: dict[str, torch.Tensor] = {}
-    for i in range(MEM_LAYERS):
+    for i in range(MEM_LAYERS):  # random finite codes, both signs (0x7F / 0xFF are NaN)
         for proj, (n, k) in {"gate_proj": (MEM_INTER, MEM_HIDDEN), "up_proj": (MEM_INTER, MEM_HIDDEN),
                              "down_proj": (MEM_HIDDEN, MEM_INTER)}.items():  # fmt: skip
-            codes = torch.randint(0, 0x7F, (n, k), dtype=torch.uint8, generator=gen)  # 0x7F: NaN
+            codes = torch.randint(0, 0x7F, (n, k), dtype=torch.uint8, generator=gen)
             codes |= torch.randint(0, 2, (n, k), dtype=torch.uint8, generator=gen) << 7
             tensors[f"{i}.{proj}.weight"] = codes.view(torch.float8_e4m3fn)
             tensors[f"{i}.{proj}.weight_scale_inv"] = torch.rand(n // 128, k // 128, generator=gen) + 0.5
         tensors[f"{i}.norm.weight"] = torch.ones(MEM_HIDDEN)
         tensors[f"{i}.norm.bias"] = torch.zeros(MEM_HIDDEN)
+    shapes = {"gate_proj": (MEM_EXPERT_INTER, MEM_HIDDEN), "up_proj": (MEM_EXPERT_INTER, MEM_HIDDEN),
+              "down_proj": (MEM_HIDDEN, MEM_EXPERT_INTER)}  # fmt: skip
+    for e in range(MEM_EXPERTS):
+        for proj, (n, k) in shapes.items():
+            codes = torch.randint(0, 0x7F, (n, k), dtype=torch.uint8, generator=gen)
+            tensors[f"moe.experts.{e}.{proj}.weight"] = codes.view(torch.float8_e4m3fn)
+            tensors[f"moe.experts.{e}.{proj}.weight_scale_inv"] = (
+                torch.rand(n // 128, k // 128, generator=gen) + 0.5
+            )
     path.mkdir()
     save_file(tensors, path / "model.safetensors")
     return max(t.numel() * t.element_size() for t in tensors.values())
 
 
+@pytest.mark.slow  # two processes, a 96 MiB checkpoint written and read 4 times: ~10-30 s
 def test_per_rank_load_peak_memory_is_its_shard_plus_one_tensor(tmp_path):
-    """Each of 2 gloo ranks loads a 72 MiB fp8 checkpoint into a parallelized meta model: its peak
-    RSS growth stays within its own tensors + the largest single tensor + MEM_SLACK, while loading
-    the unsplit model (every rank reading everything) exceeds that bound (the test can fail)."""
+    """Each of 2 gloo ranks loads a 96 MiB fp8 checkpoint (dense layers and per-expert keys) into a
+    parallelized meta model: its peak RSS growth stays within its own tensors + the largest single
+    tensor + MEM_SLACK, while loading the unsplit model (every rank reading everything) exceeds
+    that bound (the test can fail)."""
     import json
     import os
 
@@ -265,7 +305,7 @@ def test_per_rank_load_peak_memory_is_its_shard_plus_one_tensor(tmp_path):
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = os.path.join(root, "tests", "load_mem_worker.py")
-    dims = [str(MEM_LAYERS), str(MEM_HIDDEN), str(MEM_INTER)]
+    dims = [str(d) for d in (MEM_LAYERS, MEM_HIDDEN, MEM_INTER, MEM_EXPERTS, MEM_EXPERT_INTER)]
     run_ranks(
         lambda r: [worker, str(r), "2", str(port), str(out), str(tmp_path / "ckpt"), *dims],
         2, worker_env(root), 300,
@@ -278,3 +318,21 @@ def test_per_rank_load_peak_memory_is_its_shard_plus_one_tensor(tmp_path):
         bound = res["local_bytes"] + largest + MEM_SLACK
         assert res["sharded"]["peak"] <= bound, (r, res)
         assert res["full"]["peak"] > bound, (r, res)  # every rank reading everything: over the bound
+
+
+def test_read_into_refuses_a_byte_count_mismatch_and_a_short_file(tmp_path):
+    """The per-expert reader's raw read: the header's span must be the tensor's size, and a file
+    that ends early (changed after safetensors checked it) is named, never half-read silently."""
+    path = tmp_path / "raw.bin"
+    path.write_bytes(bytes(range(16)))
+    dst = torch.empty(8, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        dckpt.read_into((f, 4, {"k": {"data_offsets": [0, 8]}}), "k", str(path), dst)
+        assert dst.tolist() == list(range(4, 12))
+        with pytest.raises(
+            ckpt.CorruptCheckpointError,
+            match="k in .*: its data_offsets span 10 bytes, its shape and dtype 8",
+        ):
+            dckpt.read_into((f, 4, {"k": {"data_offsets": [0, 10]}}), "k", str(path), dst)
+        with pytest.raises(ckpt.CorruptCheckpointError, match="k: cannot read .*: it ends early"):
+            dckpt.read_into((f, 12, {"k": {"data_offsets": [0, 8]}}), "k", str(path), dst)

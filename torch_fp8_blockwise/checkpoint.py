@@ -512,6 +512,13 @@ def _header_keys(file: str) -> list[str]:
     safetensors opens the file: [8-byte little-endian length n][n bytes of JSON][data]. Checked:
     n within the file and MAX_HEADER_BYTES, UTF-8, a JSON object, no key twice (safetensors' parser
     silently keeps the last copy of a duplicated tensor name)."""
+    return [k for k in _header(file)[1] if k != "__metadata__"]
+
+
+def _header(file: str) -> tuple[int, dict]:
+    """(offset of the data section = 8 + n, the parsed header) of a safetensors file, checked as
+    :func:`_header_keys` says. A tensor's bytes are ``[offset + a, offset + b)`` for its
+    ``data_offsets`` [a, b] (safetensors checks those when it opens the file)."""
     with _open_regular(file, "a safetensors file") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
@@ -522,7 +529,7 @@ def _header_keys(file: str) -> list[str]:
                 f"{MAX_HEADER_BYTES}): truncated or not a safetensors file?"
             )
         header = _parse_json(f.read(n), f"{file}: safetensors header", CorruptCheckpointError)
-    return [k for k in header if k != "__metadata__"]
+    return 8 + n, header
 
 
 def _read_tensors(

@@ -10,14 +10,14 @@ on a torch ``DeviceMesh``: the same DeepSeek / HF fp8 safetensors format as
   Peak memory per rank ~ its shard plus one tensor: row slices and replicated tensors stay views
   of the mapped file (their pages count once, when first read); a column slice is copied out
   through a mapping of its own that ends with the copy (else the whole tensor's pages would stay
-  mapped for the model's lifetime). Measured (tests/load_mem_worker.py, 2 gloo ranks, 72 MiB of
-  fp8, 8 MiB tensors): peak RSS growth 50.8 / 39.3 MiB per rank for a 36.0 MiB shard; loading the
-  unsplit model 72.1 MiB. Beyond the shard: page-cache readahead the kernel maps past a row
-  slice's end (~2 MiB per slice here). Experts read from per-expert keys are stacked into the
-  fused local buffers, so a rank may keep its local experts' file pages mapped as well as the
-  stacked copy (up to 2x its experts; measured with 12 MiB of local experts: 63.1 MiB held for a
-  48.0 MiB shard). Not fixed yet: it needs the per-expert keys copied into the fused buffers as
-  they are read. The slices then go through the same checks and
+  mapped for the model's lifetime); a local expert's per-expert fp8 weight is read from the file
+  straight into its slot of the fused local buffers (no mapping; stacking per-expert tensors
+  afterwards held the local experts twice). Measured (tests/load_mem_worker.py, 2 gloo ranks, 48
+  MiB of dense fp8 in 8 MiB tensors + 48 MiB of per-expert keys, peak RSS growth): 58.8 / 51.1
+  MiB per rank for a 48.0 MiB shard (before: 91.0 / 83.5); loading the unsplit model in one
+  process with ``checkpoint.load``: 160.4 MiB for 96.0 MiB (its experts stacked from mapped
+  per-expert keys). Beyond the shard: page-cache readahead the kernel maps past a row slice's end
+  (~2 MiB per slice here). The slices then go through the same checks and
   the same all-or-nothing commit as ``checkpoint.load`` (a bad file raises CheckpointError naming
   the tensor and the file, and leaves the model as it was).
 * :func:`save`: gathers each sharded layer and expert-parallel experts module (fp8 moved as
@@ -109,13 +109,17 @@ def load(
                 "with config=Fp8Config(block_shape=...) matching the file"
             )
 
+    buffers: dict[str, _LocalExperts] = {}  # per-expert keys go straight into the fused buffers
+
     def read(f, key: str, file: str) -> tuple[str, torch.Tensor] | None:
         """(key, tensor) as this rank holds it: a sharded layer's slice (get_slice reads only
-        those rows), a local expert under its local number, None for another rank's expert (never
-        read), every other tensor whole."""
+        those rows), None for a per-expert key (another rank's: never read; a local one: read
+        into this rank's fused experts buffers), every other tensor whole."""
         owner = _expert_owner(key, experts)
         if owner is not None:
-            return _read_local_expert(f, key, owner, experts[owner], file)
+            if owner not in buffers:
+                buffers[owner] = _LocalExperts(owner, experts[owner], fmt)
+            return _read_local_expert(f, key, owner, experts[owner], file, buffers[owner])
         if key not in slices:
             return key, f.get_tensor(key)
         layer, (rows, cols) = slices[key]
@@ -136,9 +140,16 @@ def load(
 
     # The same hardened reader as checkpoint.load (files inside the directory, headers parsed and
     # checked, every error naming the file), with this rank's slices and experts.
-    tensors = _ckpt._read_tensors(files, read)
+    try:
+        tensors = _ckpt._read_tensors(files, read)
+    finally:
+        for buf in buffers.values():
+            buf.close()
     for name, layer in experts.items():
-        _check_local_experts(name, layer, tensors, files)
+        if name in buffers and buffers[name].filled:
+            buffers[name].publish(tensors, files)
+        else:
+            _check_local_experts(name, layer, tensors, files)
     plan = _ckpt._plan(model, tensors, fmt, None, strict, activation)
     for name, layer in plan.new_layers.items():
         if name in experts:
@@ -172,9 +183,125 @@ def _expert_owner(key: str, experts: dict[str, Fp8ShardedExperts]) -> str | None
     return None
 
 
-def _read_local_expert(f, key: str, name: str, layer: Fp8ShardedExperts, file: str):
-    """(key under this rank's local expert numbering, tensor) for a key of ``name``, or None for
-    another rank's expert (not read). Fused keys: rows [e0, e1) by get_slice."""
+class _LocalExperts:
+    """This rank's fused experts tensors (the :class:`~torch_fp8_blockwise.experts.Fp8Experts`
+    layouts, CPU) filled key by key from per-expert keys: each fp8 weight is read from the file
+    straight into its slot (no mapping, no second copy: stacking per-expert tensors afterwards
+    held every local expert twice), each scale checked and copied in. Then :meth:`publish` hands
+    them to the loader as the fused keys ``<name>.gate_up_proj`` ..., whose path checks them again.
+    """
+
+    def __init__(self, name: str, layer: Fp8ShardedExperts, fmt) -> None:
+        self.name, self.layer, self.fmt = name, layer, fmt
+        self._tensors: dict[str, torch.Tensor] = {}  # allocated by the first per-expert key read
+        self.filled: dict[tuple[int, str, str], str] = {}  # (local e, proj, suffix) -> file
+        self._files: dict[str, tuple[object, int, dict]] = {}  # file -> (raw handle, data offset, header)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if not self._tensors:
+            e, h, i = self.layer.num_experts, self.layer.hidden_dim, self.layer.intermediate_dim
+            (bn, bk), dtype = self.fmt.block, self.fmt.dtype
+            self._tensors = {
+                "gate_up_proj": torch.empty(e, 2 * i, h, dtype=dtype),
+                "gate_up_proj_scale_inv": torch.empty(e, 2 * i // bn, -(-h // bk)),
+                "down_proj": torch.empty(e, h, i, dtype=dtype),
+                "down_proj_scale_inv": torch.empty(e, -(-h // bn), -(-i // bk)),
+            }
+        return self._tensors
+
+    def slot(self, e: int, proj: str, suffix: str) -> torch.Tensor:
+        """Local expert ``e``'s ``proj`` weight / scales inside the fused tensors (a contiguous view:
+        gate rows first, then up rows, as Fp8Experts fuses them)."""
+        scale = suffix == "weight_scale_inv"
+        if proj == "down_proj":
+            return self.tensors["down_proj_scale_inv" if scale else "down_proj"][e]
+        fused = self.tensors["gate_up_proj_scale_inv" if scale else "gate_up_proj"][e]
+        half = fused.shape[0] // 2
+        return fused[:half] if proj == "gate_proj" else fused[half:]
+
+    def read(self, f, key: str, file: str, e: int, proj: str, suffix: str) -> None:
+        dst = self.slot(e, proj, suffix)
+        if suffix == "weight_scale_inv":  # small: through safetensors, then the checkpoint's scale rule
+            t = _ckpt._scale_as_float32(key, f.get_tensor(key), file, self.fmt)
+            if tuple(t.shape) != tuple(dst.shape):
+                raise _ckpt.CheckpointError(
+                    f"{key} in {file}: expected shape {tuple(dst.shape)} (the model's experts in "
+                    f"{self.fmt.block[0]}x{self.fmt.block[1]} blocks), got {tuple(t.shape)}"
+                )
+            dst.copy_(t)
+        else:
+            part = f.get_slice(key)  # dtype and shape only: nothing is read through safetensors
+            shape, dtype = tuple(part.get_shape()), part.get_dtype()
+            if _SAFETENSORS_DTYPES.get(dtype) != self.fmt.dtype:
+                raise _ckpt.CheckpointDtypeError(
+                    f"{key} in {file}: expected {self.fmt.dtype} (fmt in config.json), got {dtype}"
+                )
+            if shape != tuple(dst.shape):
+                raise _ckpt.CheckpointError(
+                    f"{key} in {file}: expected shape {tuple(dst.shape)} for the model's experts, got {shape}"
+                )
+            read_into(self._file(file), key, file, dst)
+            _ckpt._check_fp8_codes(key, dst, file)
+        self.filled[(e, proj, suffix)] = file
+
+    def _file(self, file: str) -> tuple[object, int, dict]:
+        if file not in self._files:
+            offset, header = _ckpt._header(file)
+            self._files[file] = (_ckpt._open_regular(file, "a safetensors file"), offset, header)
+        return self._files[file]
+
+    def close(self) -> None:
+        for handle, _, _ in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def publish(self, tensors: dict, files) -> None:
+        """Check every local key was read (missing ones named by their GLOBAL expert id), then put
+        the fused tensors into ``tensors`` under the fused keys."""
+        layer, e0 = self.layer, self.layer.expert_offset
+        for e in range(layer.num_experts):
+            for proj in _experts.PROJECTIONS:
+                for suffix in ("weight", "weight_scale_inv"):
+                    if (e, proj, suffix) not in self.filled:
+                        raise _ckpt.CheckpointError(
+                            f"{self.name}.{e0 + e}.{proj}.{suffix}: missing from the checkpoint ({self.name} "
+                            f"holds experts [{e0}, {e0 + layer.num_experts}) of {layer.full_num_experts} "
+                            f"on this rank; files: {sorted(map(str, files))})"
+                        )
+        file = self.filled[(0, "gate_proj", "weight")]
+        for key, t in self.tensors.items():
+            full = f"{self.name}.{key}"
+            if full in tensors:
+                raise _ckpt.CheckpointError(
+                    f"{full} in {tensors[full][1]}: the checkpoint holds {self.name}'s experts both "
+                    f"fused and per expert (e.g. in {file})"
+                )
+            tensors[full] = (t, file)
+
+
+def read_into(opened: tuple[object, int, dict], key: str, file: str, dst: torch.Tensor) -> None:
+    """Read tensor ``key``'s bytes from the open safetensors ``file`` straight into the contiguous
+    CPU tensor ``dst`` (same byte count; ``opened``: (raw handle, data offset, header))."""
+    handle, offset, header = opened
+    a, b = header[key]["data_offsets"]
+    out = memoryview(dst.view(torch.uint8).reshape(-1).numpy())
+    if b - a != len(out):
+        raise _ckpt.CorruptCheckpointError(
+            f"{key} in {file}: its data_offsets span {b - a} bytes, its shape and dtype {len(out)}"
+        )
+    handle.seek(offset + a)
+    done = 0
+    while done < len(out):
+        got = handle.readinto(out[done:])
+        if not got:
+            raise _ckpt.CorruptCheckpointError(f"{key}: cannot read {file}: it ends early (truncated?)")
+        done += got
+
+
+def _read_local_expert(f, key: str, name: str, layer: Fp8ShardedExperts, file: str, local: _LocalExperts):
+    """For a key of ``name``: a per-expert key of a local expert is read into ``local`` (returns
+    None), another rank's is never read (None); fused keys: (key, rows [e0, e1) by get_slice)."""
     rest = key[len(name) + 1 :]
     e0, e1 = layer.expert_offset, layer.expert_offset + layer.num_experts
     match = _PER_EXPERT.fullmatch(rest)
@@ -184,7 +311,8 @@ def _read_local_expert(f, key: str, name: str, layer: Fp8ShardedExperts, file: s
             return key, f.get_tensor(key)
         if not e0 <= e < e1:
             return None
-        return f"{name}.{e - e0}.{match.group(2)}.{match.group(3)}", f.get_tensor(key)
+        local.read(f, key, file, e - e0, match.group(2), match.group(3))
+        return None
     part = f.get_slice(key)
     shape = tuple(part.get_shape())
     if len(shape) != 3 or shape[0] != layer.full_num_experts:
