@@ -4,7 +4,8 @@ Rank r of tp holds the contiguous experts ``[r * E / tp, (r + 1) * E / tp)`` (``
 alignment rule's "expert"): :class:`Fp8ShardedExperts`, an Fp8Experts whose buffers are the local
 experts (``num_experts`` is the local count; ``expert_offset`` the global id of local expert 0).
 Its input is the MoE block's input, the same on every rank (tensor-parallel attention gives every
-rank every token), and so is its output. Two dispatch styles, the two the field uses:
+rank every token), and so is its output; with data-parallel attention (below) each rank's own
+tokens instead. Two dispatch styles, the two the field uses:
 
 * ``"allreduce"`` (DeepSeek-V3's reference inference): every rank runs its local experts on the
   pairs routed to them, the pairs of other ranks' experts sorted past the last local group

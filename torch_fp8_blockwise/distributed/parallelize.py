@@ -181,7 +181,7 @@ def parallelize(
             or a model on the meta device (its planned nn.Linear layers become meta
             Fp8BlockwiseLinear shards of ``config``; fill them with
             :func:`torch_fp8_blockwise.distributed.checkpoint.load`, so no rank holds the full model).
-            Every rank must call this with the same model (same values where not meta).
+            Every rank must call this with the same model structure (values: see ``src_data_rank``).
         mesh: a 1-D ``torch.distributed.device_mesh.DeviceMesh`` (this process is one rank: the
             layers become :class:`Fp8ColwiseLinear` / :class:`Fp8RowwiseLinear` holding local
             shards, collectives on the mesh's process group), or a 1-D torch_xla SPMD
