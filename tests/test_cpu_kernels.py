@@ -61,10 +61,12 @@ def path(request, monkeypatch):
         pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
     if request.param == "avx2" and not _has_avx2():
         pytest.skip("this CPU has no AVX2 + FMA + F16C")
-    before = lib.fp8_get_isa()
+    before, before_bf16 = lib.fp8_get_isa(), lib.fp8_get_bf16()
     lib.fp8_set_isa(1 if request.param == "avx2" else 0)
+    lib.fp8_set_bf16(0)  # the AVX2 GEMV at M = 1 (test_cpu_bf16_gemv.py covers the AVX512-BF16 one)
     yield request.param
     lib.fp8_set_isa(before)
+    lib.fp8_set_bf16(before_bf16)
 
 
 # --------------------------------------------------------------------------------- matmul

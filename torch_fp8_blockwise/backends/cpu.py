@@ -9,6 +9,13 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   each thread widens 4 weight rows x 512 K of fp8 into float32 times their block scale (integer
   ops + F16C, exact) in L1 and multiplies them with all M rows; the weight is read once and no
   dequantized copy exists (extra memory: the fp32 activation, 8 KB per thread and the output).
+* M = 1 on a CPU with AVX512-BF16 and AVX512-VBMI (decode), when the activation is exactly bf16
+  (a bf16 x of W8A16, or W8A8's e4m3 codes with their 1 x bk scales) and the weight e4m3 with bk a
+  multiple of 64: the fused call runs ``vdpbf16ps`` on weight codes widened exactly to bf16 by byte
+  lookups, ~2x fewer instructions per weight than the AVX2 GEMV (fp8_cpu.c's AVX512-BF16 section;
+  ``FP8_CPU_BF16=0`` turns it off). Within the kernel-error bound of the reference, but not
+  bit-equal to the AVX2 GEMV (another fp32 summation order); fp32 / fp16 x of W8A16 and e5m2
+  weights keep the AVX2 GEMV.
 * M > ``SMALL_M`` (and, for weights under 2M elements, M > 256): the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
   buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.

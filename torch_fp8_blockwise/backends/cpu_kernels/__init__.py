@@ -17,6 +17,11 @@ Environment:
                               ``$XDG_CACHE_HOME/torch_fp8_blockwise/cpu_kernels``, i.e. ~/.cache/...).
     FP8_CPU_ISA=scalar        force the portable scalar code (tests); default: AVX2+FMA+F16C when
                               the CPU has them, else scalar.
+    FP8_CPU_BF16=0            keep the M = 1 product of bf16-exact activations (bf16 x of W8A16,
+                              W8A8's e4m3 codes) on the AVX2 GEMV; default: the AVX512-BF16
+                              (vdpbf16ps) GEMV when the CPU has AVX512-F/BW/VL/BF16 (fp8_cpu.c's
+                              gemv_bf16 section; its result is within the kernel-error bound of the
+                              reference, not bit-equal to the AVX2 GEMV's).
 
 Why the library could not be used is recorded once (:func:`status`) and reported in one warning.
 """
@@ -123,6 +128,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.fp8_set_isa.argtypes, lib.fp8_set_isa.restype = [i32], i32
     lib.fp8_get_isa.argtypes, lib.fp8_get_isa.restype = [], i32
+    lib.fp8_set_bf16.argtypes, lib.fp8_set_bf16.restype = [i32], i32
+    lib.fp8_get_bf16.argtypes, lib.fp8_get_bf16.restype = [], i32
     # (x, dt, B, R, C, br, bc, kind, ue8m0, q, scale, nthreads)
     lib.fp8_quantize.argtypes = [p, i32, i64, i64, i64, i64, i64, i32, i32, p, p, i32]
     lib.fp8_quantize.restype = None
@@ -166,7 +173,10 @@ def _load() -> ctypes.CDLL | None:
         else:
             if os.environ.get("FP8_CPU_ISA", "auto") == "scalar":
                 lib.fp8_set_isa(0)
-            _status = f"compiled ({ISA_NAMES[lib.fp8_get_isa()]}): {path}"
+            if os.environ.get("FP8_CPU_BF16", "1") == "0":
+                lib.fp8_set_bf16(0)
+            isa = ISA_NAMES[lib.fp8_get_isa()] + (" + avx512-bf16 gemv" if lib.fp8_get_bf16() else "")
+            _status = f"compiled ({isa}): {path}"
             return lib
     warnings.warn(
         f"torch_fp8_blockwise CPU kernels unavailable, using the slower torch path: {_status}", stacklevel=3

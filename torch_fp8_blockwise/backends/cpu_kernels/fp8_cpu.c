@@ -54,6 +54,10 @@
 #define GEMV_PAR_MIN (1 << 19)
 
 static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
+static int g_bf16 = 0; /* 1: the M = 1 GEMV of exactly-bf16 activations runs vdpbf16ps (gemv_bf16) */
+/* The bf16 bits of the e4m3 magnitudes 0..127 (0x7F: nan) as byte tables: [0, 128) the high bytes,
+ * [128, 256) the low bytes (e4m3_bf16x64's vpermi2b tables). */
+static uint8_t g_e4m3_bf16_bytes[256];
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -612,18 +616,49 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
+static int cpu_has_avx512_bf16(void) {
+#if FP8_HAVE_X86
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
 static void ensure_init(void) {
     if (g_isa < 0) {
         init_tables();
+        for (int j = 0; j < 128; j++) {
+            const uint16_t h = f32_to_bf16(g_e4m3[j]); /* exact: e4m3 is a subset of bf16 */
+            g_e4m3_bf16_bytes[j] = (uint8_t)(h >> 8), g_e4m3_bf16_bytes[128 + j] = (uint8_t)h;
+        }
         g_isa = cpu_has_avx2();
+        g_bf16 = cpu_has_avx512_bf16();
     }
 }
 
-/* Force the scalar path (0) or the AVX2 path (1, if the CPU has it); returns the ISA in use. */
+/* Force the scalar path (0) or the AVX2 path (1, if the CPU has it); returns the ISA in use. The
+ * scalar path also turns the AVX512-BF16 GEMV off (fp8_set_bf16 turns it on again). */
 int fp8_set_isa(int isa) {
     ensure_init();
     g_isa = (isa == 1 && cpu_has_avx2()) ? 1 : 0;
+    if (!g_isa) g_bf16 = 0;
     return g_isa;
+}
+
+/* Turn the AVX512-BF16 GEMV on (1, if the CPU has it and the AVX2 path is on) or off (0); returns
+ * whether it is on. */
+int fp8_set_bf16(int on) {
+    ensure_init();
+    g_bf16 = on == 1 && g_isa == 1 && cpu_has_avx512_bf16();
+    return g_bf16;
+}
+
+int fp8_get_bf16(void) {
+    ensure_init();
+    return g_bf16;
 }
 
 int fp8_get_isa(void) {
@@ -1008,6 +1043,108 @@ AVX2_FN static void gemv_tile_avx2(const float *x, const uint8_t *w, int kind, c
     else gemv_tile_e5m2(x, w, ws, N, K, bn, bk, n0, acc);
 }
 
+/* ------------------------------------------------ AVX512-BF16 GEMV (M = 1, bf16-exact activations)
+ * On a CPU with AVX512-BF16 and AVX512-VBMI the M = 1 product of an activation that is EXACTLY
+ * bf16 (a bf16 x of W8A16, or W8A8's e4m3 codes, whose 1 x bk scale is applied per K block) runs
+ * vdpbf16ps. 64 e4m3 weight codes become 64 bf16 values (e4m3 is a subset of bf16: exactly, nan
+ * included) by two 128-entry byte lookups (vpermi2b: the high and the low byte of each value), the
+ * sign OR-ed into the high byte, and two byte interleaves; one vdpbf16ps per 32 values multiplies
+ * them with 32 activations and adds the 16 pair sums to 16 fp32 lanes: 8 vector instructions per
+ * 64 weights, against ~0.8 per weight for gemv_block's fp16 + FMA. The interleave puts the values
+ * of 128-bit lane L in the order codes 16L..16L+7 (first register), 16L+8..16L+15 (second), so the
+ * activation is permuted the same way once per call (bf16_x_permute): every product still pairs
+ * x[k] with w[n, k]. Products of two bf16 values are exact in fp32; the pair sums, the K block's
+ * partial sum and the fp32 block scales (partial * x_scale, then * w_scale: the reference's order)
+ * round as fp32 sums do, in another order than the AVX2 GEMV: the result is within the
+ * kernel-error bound of the reference, not bit-equal to the AVX2 path's. vdpbf16ps treats bf16
+ * subnormals as 0 and flushes subnormal results whatever MXCSR says: every fp8 value (subnormals
+ * included) is a NORMAL bf16 value, W8A8's code products are >= 2^-18, and a W8A16 activation with
+ * a nonzero value below 2^-80 (bf16_gemv_ok) takes the AVX2 GEMV, so nothing that matters at
+ * fp32's precision is flushed. e5m2 weights, bk not a multiple of 64 and M > 1 keep the AVX2 kernels. */
+#define BF16_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
+
+/* 64 e4m3 codes (p[0, 64), only the lanes in lm read; the others code 0 = +0.0) -> 64 bf16 values
+ * in the interleaved order (see above): *a the first 32, *b the second. tab: the high bytes of the
+ * magnitudes 0..63 and 64..127, then the low bytes (g_e4m3_bf16_bytes). */
+BF16_FN static ALWAYS_INLINE void e4m3_bf16x64(const uint8_t *p, __mmask64 lm, const __m512i *tab, __m512i *a,
+                                               __m512i *b) {
+    const __m512i c = _mm512_maskz_loadu_epi8(lm, p);
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tab[0], c, tab[1]), c,
+                                                 _mm512_set1_epi8((char)0x80), 0xF8); /* | the sign */
+    const __m512i lo = _mm512_permutex2var_epi8(tab[2], c, tab[3]);
+    *a = _mm512_unpacklo_epi8(lo, hi);
+    *b = _mm512_unpackhi_epi8(lo, hi);
+}
+
+/* out[r] = sum over K blocks kb of ((sum_{k in kb} x[k] * w[n0 + r, k]) * xs[kb]) * ws[(n0 + r) / bn, kb]
+ * for ROWS (<= 4) rows; xp [cdiv(K, 64) * 64] the bf16 activation permuted by bf16_x_permute (zero
+ * past K), xs [cdiv(K, bk)] or NULL (no x scale), bk % 64 == 0. */
+BF16_FN static ALWAYS_INLINE void gemv_bf16_rows(const uint16_t *xp, const float *xs, const uint8_t *w,
+                                                 const float *ws, int64_t K, int64_t bn, int64_t bk, int64_t n0,
+                                                 const int ROWS, float *out) {
+    const int64_t KB = cdiv64(K, bk);
+    __m512i tab[4];
+    for (int i = 0; i < 4; i++) tab[i] = _mm512_loadu_si512((const void *)(g_e4m3_bf16_bytes + 64 * i));
+    const uint8_t *row[4];
+    const float *srow[4];
+    __m512 total[4];
+    for (int r = 0; r < ROWS; r++) {
+        row[r] = w + (n0 + r) * K, srow[r] = ws + ((n0 + r) / bn) * KB;
+        total[r] = _mm512_setzero_ps();
+    }
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t c0 = kb * bk, end = c0 + bk < K ? c0 + bk : K;
+        __m512 part[4], part2[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) part[r] = _mm512_setzero_ps(), part2[r] = _mm512_setzero_ps();
+        for (int64_t k = c0; k < end; k += 64) {
+            const __mmask64 lm = end - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (end - k)) - 1);
+            const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + k));
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + k + 32));
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS; r++) {
+                __m512i wa, wb;
+                e4m3_bf16x64(row[r] + k, lm, tab, &wa, &wb);
+                part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)wa, xa);
+                part2[r] = _mm512_dpbf16_ps(part2[r], (__m512bh)wb, xb);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const __m512 sum = _mm512_add_ps(part[r], part2[r]);
+            const __m512 p = xs ? _mm512_mul_ps(sum, _mm512_set1_ps(xs[kb])) : sum;
+            total[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(srow[r][kb]), total[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(total[r]);
+}
+
+BF16_FN static void gemv_tile_bf16(const uint16_t *xp, const float *xs, const uint8_t *w, const float *ws,
+                                   int64_t N, int64_t K, int64_t bn, int64_t bk, int64_t n0, float *acc) {
+    if (n0 + NR <= N) {
+        gemv_bf16_rows(xp, xs, w, ws, K, bn, bk, n0, NR, acc);
+        return;
+    }
+    for (int64_t n = n0; n < N; n++) gemv_bf16_rows(xp, xs, w, ws, K, bn, bk, n, 1, acc + (n - n0));
+}
+
+/* 1 when the bf16 activation xb [K] has no nonzero value below 2^-80 in magnitude (bf16 exponent
+ * field < 47; subnormals included): then every product with an fp8 weight (>= 2^-9) is >= 2^-89,
+ * and vdpbf16ps's flushing cannot matter at fp32's precision. */
+BF16_FN static int bf16_gemv_ok(const uint16_t *xb, int64_t K) {
+    int64_t k = 0;
+    __mmask32 bad = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(xb + k)), _mm512_set1_epi16(0x7FFF));
+        bad |= _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(a, a), a, _mm512_set1_epi16(47 << 7));
+    }
+    for (; k < K; k++) {
+        const uint16_t a = xb[k] & 0x7FFF;
+        if (a && a < (47 << 7)) return 0;
+    }
+    return bad == 0;
+}
+
 /* fp8_overflow_edge's scan, 8 lanes at a time: max of the bits of |f[i]| (nan -> 0) into *m over
  * the first multiple of 8 of n; returns how many elements it covered. */
 AVX2_FN static int64_t absbits_max_avx2(const uint32_t *f, int64_t n, uint32_t *m) {
@@ -1143,6 +1280,62 @@ void fp8_prepare_x(const void *x, int xdt, const float *xs, int dynamic, int64_t
     for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
 }
 
+/* The activation row of the AVX512-BF16 GEMV: xb [cdiv(K, 64) * 64] bf16 bits in e4m3_bf16x64's
+ * order (bf16_x_permute), xs [cdiv(K, bk)] its x scales or NULL. */
+typedef struct {
+    const uint16_t *xb;
+    const float *xs;
+} bf16_x;
+
+/* xp [cdiv(K, 64) * 64] = x [K] (bf16 bits) in e4m3_bf16x64's order, zero past K: in each chunk of
+ * 64, first the elements 16L + j, then 16L + 8 + j (L = 0..3, j = 0..7). */
+static void bf16_x_permute(const uint16_t *x, int64_t K, uint16_t *xp) {
+    for (int64_t c = 0; c < K; c += 64)
+        for (int half = 0; half < 2; half++)
+            for (int L = 0; L < 4; L++)
+                for (int j = 0; j < 8; j++) {
+                    const int64_t k = c + 16 * L + 8 * half + j;
+                    xp[c + 32 * half + 8 * L + j] = k < K ? x[k] : 0;
+                }
+}
+
+/* Whether fp8_gemm's M = 1 product runs the AVX512-BF16 GEMV (see gemv_bf16_rows), and if so its
+ * activation in *b, built in scratch [cdiv(K, bk) + cdiv(K, 64) * 64 + K] floats: a bf16 x of
+ * W8A16 as it is (if bf16_gemv_ok), W8A8's e4m3 codes (quantized here bit for bit as prepare_row
+ * does, or given as fp8 x) widened exactly, with their scales. */
+static int bf16_gemv_prepare(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int kind,
+                             int64_t K, int64_t bk, float *scratch, bf16_x *b) {
+#if FP8_HAVE_X86
+    if (!g_bf16 || M != 1 || kind != KIND_E4M3 || bk % 64 != 0) return 0;
+    const int64_t KB = cdiv64(K, bk), K64 = cdiv64(K, 64) * 64;
+    float *sc = scratch;
+    uint16_t *xp = (uint16_t *)(scratch + KB), *lin = xp + K64;
+    if (xdt == DT_BF16 && !dynamic) {
+        if (!bf16_gemv_ok((const uint16_t *)x, K)) return 0;
+        bf16_x_permute((const uint16_t *)x, K, xp);
+        b->xs = NULL;
+    } else if (dynamic || xdt == 3) { /* fp32 / fp16 x of W8A16 or e5m2 x: not exact in bf16 */
+        for (int64_t kb = 0; kb < KB; kb++) {
+            const int64_t c0 = kb * bk, n = (c0 + bk < K ? c0 + bk : K) - c0;
+            uint8_t q[512];
+            const uint8_t *codes = q;
+            if (xdt == 3) codes = (const uint8_t *)x + c0, sc[kb] = xs[kb];
+            else sc[kb] = dyn_quant_seg_avx2(x, xdt, c0, n, q);
+            for (int64_t j = 0; j < n; j++) lin[c0 + j] = f32_to_bf16(g_e4m3[codes[j]]);
+        }
+        bf16_x_permute(lin, K, xp);
+        b->xs = sc;
+    } else {
+        return 0;
+    }
+    b->xb = xp;
+    return 1;
+#else
+    (void)x, (void)xdt, (void)xs, (void)dynamic, (void)M, (void)kind, (void)K, (void)bk, (void)scratch, (void)b;
+    return 0;
+#endif
+}
+
 /* acc[M, NR] = the product of xf rows [0, M) with weight rows [n0, n0 + NR) (fewer at the edge):
  * the work of one tile of fp8_gemm / fp8_gemm_grouped. buf: NR x KC floats of scratch. */
 static void gemm_tile(const float *xf, int64_t M, int64_t K, const uint8_t *w, int kind, const float *ws,
@@ -1206,6 +1399,19 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
         free(accs);
         return FP8_EDGE;
     }
+    /* M = 1 with a bf16-exact activation on an AVX512-BF16 CPU: gemv_tile_bf16 */
+    bf16_x bx;
+    float *bscratch = NULL;
+    int use_bf16 = 0;
+    if (g_bf16 && M == 1) {
+        bscratch = (float *)malloc(sizeof(float) * (cdiv64(K, bk) + cdiv64(K, 64) * 64 + K));
+        if (bscratch == NULL) {
+            if (convert) free(xf);
+            free(accs);
+            return FP8_ERR_NOMEM;
+        }
+        use_bf16 = bf16_gemv_prepare(x, xdt, xs, dynamic, M, kind, K, bk, bscratch, &bx);
+    }
 #pragma omp parallel num_threads(nthreads) if (tiles > 1 && (M == 1 ? N * K >= GEMV_PAR_MIN : M * N * K >= 4 * PAR_MIN))
     {
         float buf[NR * KC] __attribute__((aligned(64)));
@@ -1216,12 +1422,17 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
 #endif
 #pragma omp for schedule(dynamic, 8) nowait
         for (int64_t t = 0; t < tiles; t++) {
-            gemm_tile(xf, M, K, w, kind, ws, N, bn, bk, t * NR, acc, buf, isa);
+#if FP8_HAVE_X86
+            if (use_bf16) gemv_tile_bf16(bx.xb, bx.xs, w, ws, N, K, bn, bk, t * NR, acc);
+            else
+#endif
+                gemm_tile(xf, M, K, w, kind, ws, N, bn, bk, t * NR, acc, buf, isa);
             store_tile(acc, M, N, t * NR, bias, bias_dt, y, ydt);
         }
     }
     if (convert) free(xf);
     free(accs);
+    free(bscratch);
     return 0;
 }
 

@@ -1,0 +1,196 @@
+"""The AVX512-BF16 GEMV of the CPU backend (fp8_cpu.c, ``gemv_bf16_rows``): the M = 1 product of a
+bf16-exact activation (bf16 x of W8A16; W8A8's e4m3 codes, dynamic or given) with e4m3 weights.
+
+It runs only on a CPU with AVX512-F/BW/VL/VBMI/BF16; elsewhere every test here but the routing
+ones is skipped with that reason (the AVX2 GEMV is then the one ``test_cpu_kernels.py`` tests).
+Against the reference within the kernel-error bound for ragged K (masked tail), every e4m3 code
+(subnormals, -0, nan) widened exactly, tiny activations that vdpbf16ps would flush routed to the
+AVX2 GEMV, and the inputs it must not take (fp32 / fp16 x of W8A16, e5m2 weights, M > 1) left to
+the AVX2 kernels bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cpu_kernel_helpers import compiled_or_fail
+
+import torch_fp8_blockwise as tfb
+from torch_fp8_blockwise import reference
+from torch_fp8_blockwise.backends import cpu
+from torch_fp8_blockwise.testing import assert_kernel_close, sqnr, sqnr_floor
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def lib():
+    """The library with the AVX2 ISA on; restores the AVX512-BF16 switch afterwards."""
+    lib = compiled_or_fail()
+    isa, bf16 = lib.fp8_get_isa(), lib.fp8_get_bf16()
+    if lib.fp8_set_isa(1) != 1:
+        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    yield lib
+    lib.fp8_set_isa(isa)
+    lib.fp8_set_bf16(bf16)
+
+
+@pytest.fixture
+def bf16(lib):
+    if lib.fp8_set_bf16(1) != 1:
+        pytest.skip("this CPU has no AVX512-F/BW/VL/VBMI/BF16 (the AVX512-BF16 GEMV cannot run here)")
+    return lib
+
+
+def _mm(x, wq, ws, block=(128, 128), **kw):
+    with tfb.use_backend("cpu"):
+        return tfb.blockwise_matmul(x, wq, ws, block, **kw)
+
+
+def _both(lib, *args, **kw):
+    """(AVX512-BF16 result, AVX2 result) of the same call."""
+    lib.fp8_set_bf16(1)
+    y1 = _mm(*args, **kw)
+    lib.fp8_set_bf16(0)
+    y0 = _mm(*args, **kw)
+    lib.fp8_set_bf16(1)
+    return y1, y0
+
+
+MODES = ["none", "dynamic", "fp8_x"]
+# K: masked tail inside a 64-chunk (100, 1000), one chunk (64), ragged blocks (200), SmolLM2 (576)
+CASES = list(itertools.product([1, 3, 4, 5, 300], [64, 100, 200, 576, 1000], MODES))
+
+
+@pytest.mark.parametrize("n,k,mode", CASES, ids=str)
+def test_matches_reference(bf16, n, k, mode):
+    torch.manual_seed(n * 7919 + k)
+    w_true = torch.randn(n, k)
+    wq, ws = reference.quantize(w_true, (128, 128), E4M3, "fp32")
+    x_true = torch.randn(1, k, dtype=torch.bfloat16)
+    bias = torch.randn(n, dtype=torch.bfloat16) if n % 2 else None
+    x, x_scale, act = x_true, None, "none" if mode == "none" else "dynamic"
+    if mode == "fp8_x":
+        x, x_scale = reference.quantize(x_true.float(), (1, 128), E4M3, "fp32")
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ref = reference.blockwise_matmul(x, wq, ws, (128, 128), x_scale, bias, out_dtype, act)
+        y, y_avx2 = _both(bf16, x, wq, ws, x_scale=x_scale, bias=bias, activation=act, out_dtype=out_dtype)
+        assert_kernel_close(y, ref, f"bf16 gemv {mode} {out_dtype}")
+        assert_kernel_close(y_avx2, ref, f"avx2 gemv {mode} {out_dtype}")
+        if out_dtype == torch.float32 and n >= 300:  # quantization loss: enough outputs for a SQNR
+            exact = x_true.float() @ w_true.T + (bias.float() if bias is not None else 0)
+            assert sqnr(y, exact) >= sqnr_floor(E4M3)
+
+
+def test_it_is_the_path_taken(bf16):
+    """The switch changes the result's rounding on random data (another summation order): the
+    AVX512-BF16 GEMV does run, and FP8_CPU_BF16=0 / fp8_set_bf16(0) turns it off."""
+    wq, ws = reference.quantize(torch.randn(256, 1024), (128, 128), E4M3, "fp32")
+    x = torch.randn(1, 1024, dtype=torch.bfloat16)
+    y1, y0 = _both(bf16, x, wq, ws, activation="none", out_dtype=torch.float32)
+    assert not torch.equal(y1, y0)
+    assert "avx512-bf16 gemv" in cpu.kernel_status()
+
+
+def test_every_e4m3_code_is_widened_exactly(bf16):
+    """A weight row holding every non-nan code, x one-hot at column c: y = code c's value, bit for
+    bit, sign of zero included (subnormals, -0 and the largest normals; the nan codes are zeroed
+    here, test_nan_codes_give_nan_rows covers them)."""
+    u = torch.arange(256, dtype=torch.uint8)
+    u[(u & 0x7F) == 0x7F] = 0
+    codes = u.view(E4M3).reshape(1, 256)
+    values, ws = codes.float()[0], torch.ones(1, 2)
+    x = torch.eye(256, dtype=torch.bfloat16)
+    for c in range(256):
+        y = _mm(x[c : c + 1], codes, ws, activation="none", out_dtype=torch.float32)[0, 0]
+        assert torch.equal(y, values[c]), (c, y, values[c])
+
+
+def test_nan_codes_give_nan_rows(bf16):
+    wq, ws = reference.quantize(torch.randn(8, 300), (128, 128), E4M3, "fp32")
+    u = wq.view(torch.uint8)
+    u[2, 5], u[6, 290] = 0x7F, 0xFF  # the second in the masked tail of K
+    for act in ("none", "dynamic"):
+        y = _mm(torch.randn(1, 300, dtype=torch.bfloat16), wq, ws, activation=act, out_dtype=torch.float32)
+        assert torch.isnan(y[0]).nonzero().flatten().tolist() == [2, 6]
+
+
+def test_tiny_activations_take_the_avx2_gemv(bf16):
+    """vdpbf16ps flushes subnormal inputs and results: an activation with a nonzero value below
+    2^-80 goes to the AVX2 GEMV (bit-equal to it), one at 2^-79 stays on the AVX512-BF16 one."""
+    wq, ws = reference.quantize(torch.randn(64, 256), (128, 128), E4M3, "fp32")
+    for tiny, routed in ((2.0**-100, True), (1e-40, True), (2.0**-79, False)):
+        x = torch.randn(1, 256, dtype=torch.bfloat16)
+        x[0, 0], x[0, 200] = tiny, -tiny
+        y1, y0 = _both(bf16, x, wq, ws, activation="none", out_dtype=torch.float32)
+        ref = reference.blockwise_matmul(x, wq, ws, (128, 128), None, None, torch.float32, "none")
+        assert_kernel_close(y1, ref, f"tiny {tiny}")
+        if routed:
+            assert torch.equal(y1, y0), tiny
+    x = torch.full((1, 256), 2.0**-120, dtype=torch.bfloat16)  # every product tiny: exact reference
+    y1, y0 = _both(bf16, x, wq, ws, activation="none", out_dtype=torch.float32)
+    assert torch.equal(y1, y0)
+    assert_kernel_close(
+        y1, reference.blockwise_matmul(x, wq, ws, (128, 128), None, None, torch.float32, "none")
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fp32_x", "fp16_x", "e5m2_w", "m2", "bk256", "bn_any"],
+)
+def test_what_it_does_not_take_stays_bit_exact_with_avx2(bf16, case):
+    """fp32 / fp16 x of W8A16 (not exact in bf16), e5m2 weights and M > 1 keep the AVX2 kernels:
+    the switch changes nothing. Blocks of 256 along K and of 64 along N are taken (and checked)."""
+    k, n, block, wdtype, xdtype, m = 512, 96, (128, 128), E4M3, torch.bfloat16, 1
+    if case == "fp32_x":
+        xdtype = torch.float32
+    elif case == "fp16_x":
+        xdtype = torch.float16
+    elif case == "e5m2_w":
+        wdtype = E5M2
+    elif case == "m2":
+        m = 2
+    elif case == "bk256":
+        block = (128, 256)
+    elif case == "bn_any":
+        block = (256, 128)
+    wq, ws = reference.quantize(torch.randn(n, k), block, wdtype, "fp32")
+    x = torch.randn(m, k, dtype=xdtype)
+    y1, y0 = _both(bf16, x, wq, ws, block, activation="none", out_dtype=torch.float32)
+    ref = reference.blockwise_matmul(x, wq, ws, block, None, None, torch.float32, "none")
+    assert_kernel_close(y1, ref, case)
+    if case in ("fp32_x", "fp16_x", "e5m2_w", "m2"):
+        assert torch.equal(y1, y0), case
+
+
+def test_results_do_not_depend_on_the_thread_count(bf16):
+    """Above GEMV_PAR_MIN both threads share the rows; each output has one owner."""
+    wq, ws = reference.quantize(torch.randn(1024, 1024), (128, 128), E4M3, "fp32")
+    x = torch.randn(1, 1024, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out.append(_mm(x, wq, ws, activation="none", out_dtype=torch.float32))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], out[1])
+
+
+def test_env_switch_turns_it_off():
+    """FP8_CPU_BF16=0 keeps the AVX2 GEMV (kernel_status says which runs)."""
+    code = "from torch_fp8_blockwise.backends import cpu, cpu_kernels; cpu_kernels.library(); print(cpu.kernel_status())"
+    env = {**os.environ, "FP8_CPU_BF16": "0", "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if not out.stdout.startswith("compiled ("):
+        pytest.skip(f"compiled kernels unavailable here: {out.stdout.strip()}")
+    assert "avx512-bf16" not in out.stdout, out.stdout
