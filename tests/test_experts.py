@@ -306,6 +306,34 @@ def test_quantize_model_skips_with_reasons() -> None:
     assert not is_fused_experts(nn.Linear(4, 4))
 
 
+def test_summary_counts_an_experts_module_once() -> None:
+    """The header counts layers (an experts module once, with its projection rows), the rows are
+    one per Linear and per fused projection."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.moe = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(_qwen3())
+    model.proj = nn.Linear(128, 256, bias=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    lines = str(quantize_model_(model, progress=False)).splitlines()
+    assert lines[0] == "fp8 block-wise: 2 layers converted (1 Linear, 1 MoE experts module of 2 projections), 0 skipped"  # fmt: skip
+    assert [line.split()[0] for line in lines[3:6]] == [
+        "moe.experts.gate_up_proj",
+        "moe.experts.down_proj",
+        "proj",
+    ]
+    assert lines[6].startswith("converted layers: ") and len(lines) == 7
+    model = _model(_qwen3())
+    summary = quantize_model_(model, progress=False)
+    linear = sum(isinstance(m, tfb.Fp8BlockwiseLinear) for m in model.modules())
+    head = str(summary).splitlines()[0]
+    assert head == f"fp8 block-wise: {linear + 2} layers converted ({linear} Linear, 2 MoE experts modules of 2 projections each), 0 skipped"  # fmt: skip
+    assert len(summary.converted) == linear + 4
+    only = tfb.nn.QuantizationSummary({"proj": summary.converted["lm_head"]}, {"x": "why"})
+    assert str(only).splitlines()[0] == "fp8 block-wise: 1 layer converted, 1 skipped"
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_moe_block() -> None:
     cfg = _qwen3()
