@@ -487,6 +487,13 @@ def test_load_requantizes_experts_for_tpu_blocks(tmp_path) -> None:
     assert summary.converted["model.layers.0.mlp.experts.gate_up_proj"].block_shape == (256, 256)
     old = model.model.layers[0].mlp.experts.dequantized_weights()
     assert all(sqnr(a, b) > 28 for a, b in zip(layer.dequantized_weights(), old, strict=True))
+    # the re-quantization's cost per projection, in the rows a Linear's would be in
+    for proj, new, file in zip(("gate_up_proj", "down_proj"), layer.dequantized_weights(), old, strict=True):
+        row = summary.converted[f"model.layers.0.mlp.experts.{proj}"]
+        assert row.sqnr_vs_128_db == pytest.approx(sqnr(new, file), abs=0.05) and row.sqnr_vs_128_db > 28
+    assert "vs 128 dB" in str(summary)
+    same = checkpoint.load(_model(cfg), tmp_path, requantize_block=128)  # the file's blocks: nothing lost
+    assert same.converted["model.layers.0.mlp.experts.down_proj"].sqnr_vs_128_db is None
     with pytest.raises(ValueError, match="512 does not divide the experts' intermediate size 256"):
         checkpoint.load(_model(cfg), tmp_path, requantize_block=512)
 

@@ -693,7 +693,7 @@ def load(
         requantize_block: 128, 256 or 512: re-quantize every fp8 weight to (b, b) blocks (dequantize
             in float32 at the file's blocks, quantize at the new ones). For TPU, where a 128-deep K
             block can use at most half of a 256-deep MXU. The summary reports each layer's SQNR vs the
-            file's weight (``sqnr_vs_128_db``).
+            file's weight (``sqnr_vs_128_db``; for experts one row per fused projection).
         strict: every model tensor must be in the checkpoint and every checkpoint tensor must be used
             (tied tensors count once).
         activation: "dynamic" (W8A8) or "none" (W8A16) for every fp8 layer; None: as the

@@ -628,7 +628,8 @@ def plan_load(
     gate / up stacked and fused without dequantizing) or our fused keys (``<name>.gate_up_proj`` fp8
     + ``_scale_inv``, ...).
     ``tensors``: key -> (tensor, file); ``config``: the file's format with the load's activation;
-    ``requantize_block``: re-quantize to (b, b) blocks (:func:`requantize_experts`) or None;
+    ``requantize_block``: re-quantize to (b, b) blocks (:func:`requantize_experts`; the rows then
+    report each projection's SQNR vs the file's weight, ``sqnr_vs_128_db``) or None;
     ``read_scale(key, t, file)`` -> float32 scale (the checkpoint's scale rule); ``error`` /
     ``dtype_error``: the exception classes raised, naming the key and the file.
 
@@ -686,10 +687,16 @@ def plan_load(
         gu.contiguous().to(device), gu_s.contiguous().to(device), dn.contiguous().to(device),
         dn_s.contiguous().to(device), config, module.act_fn,
     )  # fmt: skip
+    file_layer = layer
     if requantize_block is not None:
         layer = requantize_experts(layer, requantize_block)
-    reports = {f"{name}.{proj}": r for proj, r in experts_reports(layer, None).items()}
-    return layer, used, reports
+    reports = experts_reports(layer, None)
+    if layer is not file_layer:  # re-quantized: what the larger blocks cost, per projection
+        for r, new, old in zip(
+            reports.values(), layer.dequantized_weights(), file_layer.dequantized_weights(), strict=True
+        ):
+            r.sqnr_vs_128_db = weight_sqnr_db(new, old)
+    return layer, used, {f"{name}.{proj}": r for proj, r in reports.items()}
 
 
 def _dims(module: nn.Module) -> tuple[int, int, int]:
