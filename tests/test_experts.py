@@ -606,6 +606,40 @@ def test_load_hand_written_mixtral_checkpoint_bit_exact(tmp_path, into) -> None:
         assert torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)) if t.dtype == E4M3 else torch.equal(again[key], t)  # fmt: skip
 
 
+def test_mixtral_names_cover_every_tensor_of_the_moe_block(tmp_path) -> None:
+    """save renames the whole MoE block of a Mixtral model (an fp8 Linear in it too) and load reads
+    it back under the model's names: bit-equal state."""
+    from safetensors.torch import load_file
+
+    experts_cls = transformers.models.mixtral.modeling_mixtral.MixtralExperts
+    model = nn.Module()
+    model.config = _mixtral()
+    model.layers = nn.ModuleList([nn.Module()])
+    model.layers[0].mlp = nn.Module()
+    model.layers[0].mlp.experts = experts_cls(model.config)
+    model.layers[0].mlp.extra = nn.Linear(128, 128, bias=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    quantize_model_(model, progress=False)
+    checkpoint.save(model, tmp_path)
+    keys = set(load_file(os.path.join(tmp_path, "model.safetensors")))
+    assert {
+        "layers.0.block_sparse_moe.extra.weight_scale_inv",
+        "layers.0.block_sparse_moe.extra.bias",
+    } <= keys
+    assert "layers.0.block_sparse_moe.experts.15.w2.weight" in keys and not any(".mlp." in k for k in keys)
+    fresh = nn.Module()
+    fresh.layers = nn.ModuleList([nn.Module()])
+    fresh.layers[0].mlp = nn.Module()
+    fresh.layers[0].mlp.experts = experts_cls(model.config)
+    fresh.layers[0].mlp.extra = nn.Linear(128, 128, bias=True)
+    checkpoint.load(fresh, tmp_path)
+    mine, theirs = model.state_dict(), fresh.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    assert all(torch.equal(mine[k].view(torch.uint8), theirs[k].view(torch.uint8)) for k in mine)
+
+
 def test_mixtral_checkpoint_errors_name_the_stored_key(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 

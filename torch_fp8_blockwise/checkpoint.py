@@ -787,13 +787,14 @@ def _plan(
             continue
         if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
             continue
-        layer_fmt = _layer_format(name, module, tensors, fmt, parents.get(id(module), []))
+        key_name = _stored_key(name, aliases)  # a Linear inside a Mixtral MoE block: block_sparse_moe.
+        layer_fmt = _layer_format(key_name, module, tensors, fmt, parents.get(id(module), []))
         if layer_fmt is None:
             continue  # a Linear kept in high precision: loaded with the rest
         file_config = Fp8Config(
             layer_fmt.block, activation or layer_fmt.activation, layer_fmt.dtype, layer_fmt.scale_format
         )
-        layer, report, keys = _plan_layer(name, module, tensors, layer_fmt, file_config, strict, fmt)
+        layer, report, keys = _plan_layer(key_name, module, tensors, layer_fmt, file_config, strict, fmt)
         if requantize_block is not None and layer_fmt.block != (requantize_block, requantize_block):
             old = layer
             layer = requantize(old, requantize_block)
