@@ -618,11 +618,14 @@ def test_mixtral_names_cover_every_tensor_of_the_moe_block(tmp_path) -> None:
     model.layers[0].mlp = nn.Module()
     model.layers[0].mlp.experts = experts_cls(model.config)
     model.layers[0].mlp.extra = nn.Linear(128, 128, bias=True)
+    model.layers[0].mlp.kept = nn.Linear(128, 64, bias=False)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    quantize_model_(model, progress=False)
+    quantize_model_(model, filter_fn=lambda m, name: not name.endswith("kept"), progress=False)
     checkpoint.save(model, tmp_path)
+    saved = json.load(open(os.path.join(tmp_path, "config.json")))["quantization_config"]
+    assert saved["modules_to_not_convert"] == ["layers.0.block_sparse_moe.kept"]
     keys = set(load_file(os.path.join(tmp_path, "model.safetensors")))
     assert {
         "layers.0.block_sparse_moe.extra.weight_scale_inv",
@@ -634,6 +637,7 @@ def test_mixtral_names_cover_every_tensor_of_the_moe_block(tmp_path) -> None:
     fresh.layers[0].mlp = nn.Module()
     fresh.layers[0].mlp.experts = experts_cls(model.config)
     fresh.layers[0].mlp.extra = nn.Linear(128, 128, bias=True)
+    fresh.layers[0].mlp.kept = nn.Linear(128, 64, bias=False)
     checkpoint.load(fresh, tmp_path)
     mine, theirs = model.state_dict(), fresh.state_dict()
     assert sorted(mine) == sorted(theirs)

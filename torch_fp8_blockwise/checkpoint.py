@@ -177,6 +177,10 @@ def save(
                 blocks[block] = stored
     if blocks:
         tensors = {_stored_key(key, blocks): t for key, t in tensors.items()}
+        if quant is not None:  # the names the file uses
+            quant["modules_to_not_convert"] = sorted(
+                _stored_key(n, blocks) for n in quant["modules_to_not_convert"]
+            )
     if format == _ct.QUANT_METHOD:
         tensors = {_ct.checkpoint_key(key, t, linears): t for key, t in tensors.items()}
 
