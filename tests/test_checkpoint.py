@@ -458,3 +458,22 @@ def test_load_into_a_model_on_xla(tmp_path) -> None:
         assert_kernel_close(
             fresh(ids.to(dev)).cpu(), model(ids), "xla model loaded from the checkpoint vs cpu"
         )
+
+
+def test_keys_under_groups_keys_by_dotted_prefix_as_startswith_would() -> None:
+    """checkpoint._keys_under (one pass, each key's dotted prefixes looked up) gives, for every name,
+    exactly the keys ``key.startswith(name + ".")`` selects (the per-module scan it replaced)."""
+    keys = [
+        "model.layers.1.mlp.experts.0.gate_proj.weight",
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts2.x",  # a longer sibling name is not under "experts"
+        "model.layers.1.mlp.experts",  # the name itself is not under it
+        "model.layers.11.mlp.experts.3.w1.weight",
+        "experts.0.up_proj.weight",
+        "lm_head.weight",
+    ]
+    names = {"model.layers.1.mlp.experts", "model.layers.11.mlp.experts", "experts", "model", "nothing"}
+    tensors = dict.fromkeys(keys)
+    got = checkpoint._keys_under(tensors, names)
+    assert got == {name: [k for k in keys if k.startswith(name + ".")] for name in names}
+    assert got["model.layers.1.mlp.experts"] == keys[:2] and got["nothing"] == []

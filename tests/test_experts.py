@@ -306,6 +306,34 @@ def test_quantize_model_skips_with_reasons() -> None:
     assert not is_fused_experts(nn.Linear(4, 4))
 
 
+def test_summary_counts_an_experts_module_once() -> None:
+    """The header counts layers (an experts module once, with its projection rows), the rows are
+    one per Linear and per fused projection."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.moe = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(_qwen3())
+    model.proj = nn.Linear(128, 256, bias=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    lines = str(quantize_model_(model, progress=False)).splitlines()
+    assert lines[0] == "fp8 block-wise: 2 layers converted (1 Linear, 1 MoE experts module of 2 projections), 0 skipped"  # fmt: skip
+    assert [line.split()[0] for line in lines[3:6]] == [
+        "moe.experts.gate_up_proj",
+        "moe.experts.down_proj",
+        "proj",
+    ]
+    assert lines[6].startswith("converted layers: ") and len(lines) == 7
+    model = _model(_qwen3())
+    summary = quantize_model_(model, progress=False)
+    linear = sum(isinstance(m, tfb.Fp8BlockwiseLinear) for m in model.modules())
+    head = str(summary).splitlines()[0]
+    assert head == f"fp8 block-wise: {linear + 2} layers converted ({linear} Linear, 2 MoE experts modules of 2 projections each), 0 skipped"  # fmt: skip
+    assert len(summary.converted) == linear + 4
+    only = tfb.nn.QuantizationSummary({"proj": summary.converted["lm_head"]}, {"x": "why"})
+    assert str(only).splitlines()[0] == "fp8 block-wise: 1 layer converted, 1 skipped"
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_moe_block() -> None:
     cfg = _qwen3()
@@ -323,7 +351,7 @@ def test_compile_fullgraph_moe_block() -> None:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral"])
 def test_save_writes_per_expert_keys_and_loads_back_equal(tmp_path, arch) -> None:
     cfg = MODELS[arch]()
     model = _model(cfg)
@@ -331,7 +359,14 @@ def test_save_writes_per_expert_keys_and_loads_back_equal(tmp_path, arch) -> Non
     checkpoint.save(model, tmp_path, max_shard_bytes=400_000)
     index = json.load(open(os.path.join(tmp_path, "model.safetensors.index.json")))["weight_map"]
     name = "model.layers.1.mlp.experts"
-    assert f"{name}.15.up_proj.weight" in index and f"{name}.0.down_proj.weight_scale_inv" in index
+    if arch == "mixtral":  # Mixtral's original names (transformers' save_pretrained, vLLM)
+        stored = "model.layers.1.block_sparse_moe"
+        assert (
+            f"{stored}.experts.15.w3.weight" in index and f"{stored}.experts.0.w2.weight_scale_inv" in index
+        )
+        assert f"{stored}.gate.weight" in index and not any(".mlp." in k for k in index)
+    else:
+        assert f"{name}.15.up_proj.weight" in index and f"{name}.0.down_proj.weight_scale_inv" in index
     assert f"{name}.gate_up_proj" not in index
     saved = json.load(open(os.path.join(tmp_path, "config.json")))["quantization_config"]
     assert saved["weight_block_size"] == [128, 128]
@@ -348,7 +383,7 @@ def test_save_writes_per_expert_keys_and_loads_back_equal(tmp_path, arch) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "mixtral"])
 def test_transformers_reads_our_per_expert_checkpoint(tmp_path, arch) -> None:
     """transformers' own loader (its per-expert -> fused conversion; on CPU it dequantizes fp8)
     gets exactly our dequantized experts, and its logits match our W8A16 model's."""
@@ -452,6 +487,13 @@ def test_load_requantizes_experts_for_tpu_blocks(tmp_path) -> None:
     assert summary.converted["model.layers.0.mlp.experts.gate_up_proj"].block_shape == (256, 256)
     old = model.model.layers[0].mlp.experts.dequantized_weights()
     assert all(sqnr(a, b) > 28 for a, b in zip(layer.dequantized_weights(), old, strict=True))
+    # the re-quantization's cost per projection, in the rows a Linear's would be in
+    for proj, new, file in zip(("gate_up_proj", "down_proj"), layer.dequantized_weights(), old, strict=True):
+        row = summary.converted[f"model.layers.0.mlp.experts.{proj}"]
+        assert row.sqnr_vs_128_db == pytest.approx(sqnr(new, file), abs=0.05) and row.sqnr_vs_128_db > 28
+    assert "vs 128 dB" in str(summary)
+    same = checkpoint.load(_model(cfg), tmp_path, requantize_block=128)  # the file's blocks: nothing lost
+    assert same.converted["model.layers.0.mlp.experts.down_proj"].sqnr_vs_128_db is None
     with pytest.raises(ValueError, match="512 does not divide the experts' intermediate size 256"):
         checkpoint.load(_model(cfg), tmp_path, requantize_block=512)
 
@@ -483,6 +525,151 @@ def test_high_precision_per_expert_checkpoint_is_refused_by_name(tmp_path) -> No
     _, block = _deepseek_moe_block()
     with pytest.raises(checkpoint.CheckpointDtypeError, match=r"experts.0.gate_proj.weight in .*model.safetensors: a torch.float32 per-expert weight"):  # fmt: skip
         checkpoint.load(block, tmp_path)
+
+
+def _write_mixtral_style(root, cfg, seed=6) -> dict[str, torch.Tensor]:
+    """A tiny Mixtral as Mixtral's original checkpoints hold it, written with safetensors directly:
+    ``model.layers.{l}.block_sparse_moe.experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2`` (down) fp8 +
+    float32 weight_scale_inv, the router as ``block_sparse_moe.gate.weight``, everything else float."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    t: dict[str, torch.Tensor] = {}
+    h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    for key, v in _model(cfg).state_dict().items():
+        if ".mlp.experts." in key:
+            continue
+        t[key.replace(".mlp.", ".block_sparse_moe.")] = torch.randn(v.shape, generator=g)
+    for layer in range(cfg.num_hidden_layers):
+        for x in range(e):
+            for w, (n, k) in {"w1": (i, h), "w3": (i, h), "w2": (h, i)}.items():
+                q, sc = reference.quantize(torch.randn(n, k, generator=g) / 8, (128, 128), E4M3, "fp32")
+                key = f"model.layers.{layer}.block_sparse_moe.experts.{x}.{w}"
+                t[key + ".weight"], t[key + ".weight_scale_inv"] = (
+                    q,
+                    sc * (1 + torch.rand(sc.shape, generator=g)),
+                )
+    save_file(t, os.path.join(root, "model.safetensors"), metadata={"format": "pt"})
+    quant = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+    with open(os.path.join(root, "config.json"), "w") as f:
+        json.dump({"model_type": "mixtral", "quantization_config": quant}, f)
+    return t
+
+
+@pytest.mark.parametrize("into", ["float", "meta", "fp8"])
+def test_load_hand_written_mixtral_checkpoint_bit_exact(tmp_path, into) -> None:
+    """Mixtral's original names load into transformers 5's ``mlp.experts`` / ``mlp.gate`` bit for bit
+    (float experts, a meta-device model, or experts already ours), strict: every key used; save writes
+    the same names and bytes back (transformers' save_pretrained and vLLM's Mixtral loader use them)."""
+    from safetensors.torch import load_file
+
+    cfg = _mixtral()
+    written = _write_mixtral_style(tmp_path, cfg)
+    if into == "meta":
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    else:
+        model = _model(cfg, seed=11)
+        if into == "fp8":
+            only_experts = lambda m, name: name.endswith(".experts")  # noqa: E731
+            quantize_model_(model, Fp8Config(activation="none"), filter_fn=only_experts, progress=False)
+            assert isinstance(model.model.layers[0].mlp.experts, Fp8Experts)
+    summary = checkpoint.load(model, tmp_path, activation="none")
+    assert summary.converted["model.layers.1.mlp.experts.down_proj"].experts == 16
+    for layer in range(2):
+        block, stored = model.model.layers[layer].mlp, f"model.layers.{layer}.block_sparse_moe"
+        assert isinstance(block.experts, Fp8Experts) and block.experts.gate_up_proj.device.type == "cpu"
+        assert torch.equal(block.gate.weight, written[f"{stored}.gate.weight"])
+        for x in range(16):
+            w1, w3, w2 = (f"{stored}.experts.{x}.{w}" for w in ("w1", "w3", "w2"))
+            bits = block.experts.gate_up_proj[x].view(torch.uint8)
+            assert torch.equal(bits[:128], written[w1 + ".weight"].view(torch.uint8))
+            assert torch.equal(bits[128:], written[w3 + ".weight"].view(torch.uint8))
+            assert torch.equal(block.experts.gate_up_proj_scale_inv[x], torch.cat([written[w1 + ".weight_scale_inv"], written[w3 + ".weight_scale_inv"]]))  # fmt: skip
+            assert torch.equal(
+                block.experts.down_proj[x].view(torch.uint8), written[w2 + ".weight"].view(torch.uint8)
+            )
+            assert torch.equal(block.experts.down_proj_scale_inv[x], written[w2 + ".weight_scale_inv"])
+    idx, w = _routing("k2", 5, e=16)
+    x = torch.randn(5, 128)
+    layer = model.model.layers[0].mlp.experts
+    assert_kernel_close(layer(x, idx, w), _reference(layer, x, idx, w), "hand-written Mixtral checkpoint")
+    checkpoint.save(model, tmp_path / "again")
+    again = load_file(os.path.join(tmp_path, "again", "model.safetensors"))
+    assert sorted(again) == sorted(written)
+    for key, t in written.items():
+        assert torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)) if t.dtype == E4M3 else torch.equal(again[key], t)  # fmt: skip
+
+
+def test_mixtral_names_cover_every_tensor_of_the_moe_block(tmp_path) -> None:
+    """save renames the whole MoE block of a Mixtral model (an fp8 Linear in it too) and load reads
+    it back under the model's names: bit-equal state."""
+    from safetensors.torch import load_file
+
+    experts_cls = transformers.models.mixtral.modeling_mixtral.MixtralExperts
+    model = nn.Module()
+    model.config = _mixtral()
+    model.layers = nn.ModuleList([nn.Module()])
+    model.layers[0].mlp = nn.Module()
+    model.layers[0].mlp.experts = experts_cls(model.config)
+    model.layers[0].mlp.extra = nn.Linear(128, 128, bias=True)
+    model.layers[0].mlp.kept = nn.Linear(128, 64, bias=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    quantize_model_(model, filter_fn=lambda m, name: not name.endswith("kept"), progress=False)
+    checkpoint.save(model, tmp_path)
+    saved = json.load(open(os.path.join(tmp_path, "config.json")))["quantization_config"]
+    assert saved["modules_to_not_convert"] == ["layers.0.block_sparse_moe.kept"]
+    keys = set(load_file(os.path.join(tmp_path, "model.safetensors")))
+    assert {
+        "layers.0.block_sparse_moe.extra.weight_scale_inv",
+        "layers.0.block_sparse_moe.extra.bias",
+    } <= keys
+    assert "layers.0.block_sparse_moe.experts.15.w2.weight" in keys and not any(".mlp." in k for k in keys)
+    fresh = nn.Module()
+    fresh.layers = nn.ModuleList([nn.Module()])
+    fresh.layers[0].mlp = nn.Module()
+    fresh.layers[0].mlp.experts = experts_cls(model.config)
+    fresh.layers[0].mlp.extra = nn.Linear(128, 128, bias=True)
+    fresh.layers[0].mlp.kept = nn.Linear(128, 64, bias=False)
+    checkpoint.load(fresh, tmp_path)
+    mine, theirs = model.state_dict(), fresh.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    assert all(torch.equal(mine[k].view(torch.uint8), theirs[k].view(torch.uint8)) for k in mine)
+
+
+def test_mixtral_checkpoint_errors_name_the_stored_key(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    cfg = _mixtral()
+    _write_mixtral_style(tmp_path, cfg)
+    path = os.path.join(tmp_path, "model.safetensors")
+    original = load_file(path)
+    cases = [
+        ("model.layers.1.block_sparse_moe.experts.6.w3.weight_scale_inv", None, "missing"),
+        ("model.layers.0.block_sparse_moe.experts.2.w2.weight", torch.full((128, 128), 0x7F, dtype=torch.uint8).view(E4M3), "NaN or inf"),
+        ("model.layers.0.block_sparse_moe.gate.weight", torch.zeros(3, 128), "expected shape (16, 128)"),
+        ("model.layers.1.block_sparse_moe.gate.weight", None, "missing from the checkpoint"),
+    ]  # fmt: skip
+    for key, value, words in cases:
+        t = dict(original)
+        if value is None:
+            del t[key]
+        else:
+            t[key] = value
+        save_file(t, path, metadata={"format": "pt"})
+        model = _model(cfg)
+        before = model.model.layers[1].mlp.experts
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            checkpoint.load(model, tmp_path)
+        assert key in str(info.value) and words in str(info.value), (key, str(info.value))
+        assert model.model.layers[1].mlp.experts is before
 
 
 @pytest.mark.parametrize(

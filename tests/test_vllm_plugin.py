@@ -150,6 +150,21 @@ def test_other_layers_get_no_method() -> None:
     assert Fp8BlockwiseConfig().get_quant_method(torch.nn.Module(), "model.norm") is None
 
 
+def test_scale_check_counts_blocks_not_positive_finite() -> None:
+    """The one check both methods' process_weights_after_loading run (NaN: never loaded)."""
+    pytest.importorskip("vllm", reason=SKIP_REASON)
+    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED
+
+    from torch_fp8_blockwise.integrations.vllm_plugin import check_scales_loaded
+
+    assert "Fp8BlockwiseLinearMethod" in WEIGHT_LOADER_V2_SUPPORTED  # the decorator sits on the class
+    check_scales_loaded(torch.rand(2, 3, 4) + 0.1, "ok")
+    check_scales_loaded(torch.ones(3, 2, dtype=torch.bfloat16), "ok")
+    bad = torch.tensor([[1.0, float("nan"), 0.0], [-1.0, float("inf"), 2.0]])
+    with pytest.raises(ValueError, match=r"fp8_blockwise: model.x.w2_weight_scale_inv: 4 of 6 block scales"):
+        check_scales_loaded(bad, "model.x.w2_weight_scale_inv")
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

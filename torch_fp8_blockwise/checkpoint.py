@@ -98,7 +98,13 @@ def save(
 ) -> list[str]:
     """Write ``model`` to directory ``path`` in the DeepSeek / HF fp8 format (or compressed-tensors).
 
-    Fp8BlockwiseLinear layers become ``weight`` (fp8) + ``weight_scale_inv`` (float32); all other
+    Fp8BlockwiseLinear layers become ``weight`` (fp8) + ``weight_scale_inv`` (float32); Fp8Experts
+    become per-expert keys ``<experts>.<e>.{gate_proj,up_proj,down_proj}.weight`` +
+    ``.weight_scale_inv`` (DeepSeek-V3 / Qwen3), or for a transformers Mixtral model
+    (``config.model_type == "mixtral"``) Mixtral's original names, which transformers' own
+    save_pretrained writes and vLLM's Mixtral loader reads: ``<layer>.block_sparse_moe.experts.<e>.w1``
+    (gate) / ``w3`` (up) / ``w2`` (down), and the rest of each such MoE block (the router's
+    ``gate.weight``) under ``block_sparse_moe.`` too (vLLM's Mixtral has no ``mlp`` module); all other
     state (norms, embeddings, biases, nn.Linear layers left in high precision) is written as it is.
     Tied tensors (an lm_head sharing the embedding) are written once, under their first name, as
     transformers does. ``config.json`` gets the ``quantization_config``: merged into
@@ -159,11 +165,22 @@ def save(
         seen.add(view)
         tensors[key] = t.detach().to("cpu").contiguous()
     # Fp8Experts: per-expert keys (DeepSeek / Qwen3 / vLLM / SGLang read those), not the fused ones.
+    mixtral = _experts.uses_mixtral_names(model)
+    blocks: dict[str, str] = {}  # Mixtral: the model's MoE block name -> the checkpoint's
     for name, m in layers.items():
         if isinstance(m, _experts.Fp8Experts):
             for k in _experts.FUSED_KEYS:
                 tensors.pop(f"{name}.{k}", None)
-            tensors.update(_experts.split_per_expert(name, m))
+            tensors.update(_experts.split_per_expert(name, m, mixtral=mixtral))
+            block, stored = _experts.mixtral_block_names(name)
+            if mixtral and block != stored:
+                blocks[block] = stored
+    if blocks:
+        tensors = {_stored_key(key, blocks): t for key, t in tensors.items()}
+        if quant is not None:  # the names the file uses
+            quant["modules_to_not_convert"] = sorted(
+                _stored_key(n, blocks) for n in quant["modules_to_not_convert"]
+            )
     if format == _ct.QUANT_METHOD:
         tensors = {_ct.checkpoint_key(key, t, linears): t for key, t in tensors.items()}
 
@@ -668,8 +685,11 @@ def load(
     MoE experts module (transformers' float one or an :class:`~torch_fp8_blockwise.experts.Fp8Experts`)
     becomes an Fp8Experts built from the per-expert keys
     ``<experts>.<e>.{gate_proj,up_proj,down_proj}.weight`` / ``.weight_scale_inv`` (gate and up stacked
-    and fused as they are, bit-exact) or from fused fp8 keys (``<experts>.gate_up_proj`` +
-    ``_scale_inv``, ...). Everything else is loaded like ``load_state_dict``: floating-point tensors
+    and fused as they are, bit-exact), from Mixtral's original names (transformers 5's
+    ``model.layers.{l}.mlp.experts`` read from ``model.layers.{l}.block_sparse_moe.experts.{e}.w1`` (gate)
+    / ``w3`` (up) / ``w2`` (down), and the rest of that MoE block, its router ``gate.weight``, from
+    ``block_sparse_moe.``), or from fused fp8 keys (``<experts>.gate_up_proj`` + ``_scale_inv``, ...).
+    Everything else is loaded like ``load_state_dict``: floating-point tensors
     into the model's dtype (also on the meta device, where they are assigned), every other tensor
     (int, bool) only in its own dtype. Layers are created on the device of the Linear they replace
     (CPU for meta).
@@ -684,7 +704,7 @@ def load(
         requantize_block: 128, 256 or 512: re-quantize every fp8 weight to (b, b) blocks (dequantize
             in float32 at the file's blocks, quantize at the new ones). For TPU, where a 128-deep K
             block can use at most half of a 256-deep MXU. The summary reports each layer's SQNR vs the
-            file's weight (``sqnr_vs_128_db``).
+            file's weight (``sqnr_vs_128_db``; for experts one row per fused projection).
         strict: every model tensor must be in the checkpoint and every checkpoint tensor must be used
             (tied tensors count once).
         activation: "dynamic" (W8A8) or "none" (W8A16) for every fp8 layer; None: as the
@@ -743,11 +763,21 @@ def _plan(
     fill_layers: dict[str, Fp8BlockwiseLinear] = {}
     parents = module_parents(model)
     handled_prefixes: list[str] = []  # experts modules: their keys are planned by experts.py
+    experts = {name for name, m in model.named_modules() if _experts.is_fused_experts(m)}
+    # Experts stored under Mixtral's original names; their MoE blocks' other keys (the router) too.
+    mixtral = {name for name in experts if _experts.file_uses_mixtral_names(name, tensors)}
+    aliases = dict(_experts.mixtral_block_names(name) for name in mixtral)
+    aliases = {block: stored for block, stored in aliases.items() if block != stored}
+    stored = {name: _stored_key(name, aliases) for name in experts}
+    # Each key's dotted prefixes looked up once (not every key tested per experts module: DeepSeek-V3
+    # has 58 of them and ~90k keys).
+    under = _keys_under(tensors, set(stored.values()))
 
     for name, module in model.named_modules():
-        if _experts.is_fused_experts(module):  # MoE experts: per-expert or fused fp8 keys (experts.py)
-            for key, (t, file) in tensors.items():  # the same value checks as a Linear's weight
-                if key.startswith(name + ".") and t.dtype in FP8_DTYPES:
+        if name in experts:  # MoE experts: per-expert or fused fp8 keys (experts.py)
+            for key in under[stored[name]]:  # the same value checks as a Linear's weight
+                t, file = tensors[key]
+                if t.dtype in FP8_DTYPES:
                     if fmt.explicit:
                         raise CheckpointError(
                             f"{key} in {file}: MoE experts in a compressed-tensors checkpoint are not "
@@ -758,6 +788,7 @@ def _plan(
             layer, keys, reports = _experts.plan_load(
                 name, module, tensors, file_config, requantize_block,
                 lambda key, t, file: _scale_as_float32(key, t, file, fmt), CheckpointError, CheckpointDtypeError,
+                mixtral=name in mixtral,
             )  # fmt: skip
             if layer is not None:
                 used.update(keys)
@@ -767,13 +798,14 @@ def _plan(
             continue
         if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
             continue
-        layer_fmt = _layer_format(name, module, tensors, fmt, parents.get(id(module), []))
+        key_name = _stored_key(name, aliases)  # a Linear inside a Mixtral MoE block: block_sparse_moe.
+        layer_fmt = _layer_format(key_name, module, tensors, fmt, parents.get(id(module), []))
         if layer_fmt is None:
             continue  # a Linear kept in high precision: loaded with the rest
         file_config = Fp8Config(
             layer_fmt.block, activation or layer_fmt.activation, layer_fmt.dtype, layer_fmt.scale_format
         )
-        layer, report, keys = _plan_layer(name, module, tensors, layer_fmt, file_config, strict, fmt)
+        layer, report, keys = _plan_layer(key_name, module, tensors, layer_fmt, file_config, strict, fmt)
         if requantize_block is not None and layer_fmt.block != (requantize_block, requantize_block):
             old = layer
             layer = requantize(old, requantize_block)
@@ -785,7 +817,7 @@ def _plan(
         (fill_layers if isinstance(module, Fp8BlockwiseLinear) else new_layers)[name] = layer
 
     prefixes = [n + "." for n in summary.converted] + handled_prefixes
-    rest, any_meta = _plan_rest(model, tensors, prefixes, used, strict)
+    rest, any_meta = _plan_rest(model, tensors, prefixes, used, strict, aliases)
     unexpected = sorted(set(tensors) - used)
     if strict and unexpected:
         key = unexpected[0]
@@ -795,6 +827,38 @@ def _plan(
     if unexpected:
         logger.warning("checkpoint.load: ignored %d unexpected keys, e.g. %s", len(unexpected), unexpected[0])
     return _Plan(new_layers, fill_layers, rest, summary, assign=any_meta)
+
+
+def _keys_under(tensors: dict[str, object], names: set[str]) -> dict[str, list[str]]:
+    """name -> the keys of ``tensors`` that start with ``name + "."``, for every name in ``names``: one
+    pass over the keys, each key's dotted prefixes looked up in a set (O(keys x depth), not
+    O(keys x names))."""
+    out: dict[str, list[str]] = {name: [] for name in names}
+    for key in tensors:
+        dot = key.find(".")
+        while dot != -1:
+            found = out.get(key[:dot])
+            if found is not None:
+                found.append(key)
+            dot = key.find(".", dot + 1)
+    return out
+
+
+def _stored_key(key: str, aliases: dict[str, str]) -> str:
+    """The checkpoint's name of model key (or module name) ``key``: its shortest dotted prefix found in
+    ``aliases`` (model module name -> checkpoint name: ``model.layers.0.mlp`` ->
+    ``model.layers.0.block_sparse_moe`` for Mixtral) replaced; ``key`` itself when none is."""
+    if aliases:
+        for prefix in _prefixes(key):
+            if prefix in aliases:
+                return aliases[prefix] + key[len(prefix) :]
+    return key
+
+
+def _prefixes(key: str) -> list[str]:
+    """``"a.b.c"`` -> ["a", "a.b", "a.b.c"]."""
+    parts = key.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def _layer_format(
@@ -952,38 +1016,47 @@ def _plan_rest(
     handled_prefixes: list[str],
     used: set[str],
     strict: bool,
+    aliases: dict[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Every other model tensor, like load_state_dict but checked before anything changes:
-    (key -> tensor in the model's dtype, whether any target is on the meta device)."""
+    (key -> tensor in the model's dtype, whether any target is on the meta device). ``aliases``:
+    model module name -> the checkpoint's name of it (:func:`_stored_key`); errors name the
+    checkpoint's key."""
+    aliases = aliases or {}
     ties = _tie_groups(model)
     rest: dict[str, torch.Tensor] = {}
     any_meta = False
     for key, target in model.state_dict().items():
         if any(key.startswith(p) for p in handled_prefixes):
             continue
-        if key not in tensors:
-            if strict and not any(k in tensors for k in ties.get(key, ())):
+        stored = _stored_key(key, aliases)
+        if stored not in tensors:
+            if strict and not any(_stored_key(k, aliases) in tensors for k in ties.get(key, ())):
                 raise CheckpointError(
-                    f"{key}: missing from the checkpoint (files: {sorted({f for _, f in tensors.values()})})"
+                    f"{stored}: missing from the checkpoint (files: {sorted({f for _, f in tensors.values()})})"
                 )
             continue
-        t, file = tensors[key]
+        t, file = tensors[stored]
         if tuple(t.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"{key} in {file}: expected shape {tuple(target.shape)}, got {tuple(t.shape)}"
+                f"{stored} in {file}: expected shape {tuple(target.shape)}, got {tuple(t.shape)}"
             )
-        _check_dtype(model, key, t, file, target.dtype)
+        _check_dtype(model, key, t, file, target.dtype, stored)
         any_meta = any_meta or target.device.type == "meta"
         rest[key] = t.to(target.dtype)  # only float -> float gets here with another dtype
-        used.add(key)
+        used.add(stored)
     return rest, any_meta
 
 
-def _check_dtype(model: nn.Module, key: str, t: torch.Tensor, file: str, target: torch.dtype) -> None:
+def _check_dtype(
+    model: nn.Module, key: str, t: torch.Tensor, file: str, target: torch.dtype, stored: str | None = None
+) -> None:
     """A checkpoint tensor may differ in dtype from the model's only when both are high-precision
-    floating point (then it is cast, as load_state_dict does); no fp8, int or bool is cast."""
+    floating point (then it is cast, as load_state_dict does); no fp8, int or bool is cast. ``key``:
+    the model's key; ``stored``: the checkpoint's name of it (errors name that), default ``key``."""
+    owner_key, key = key, stored or key
     if t.dtype in FP8_DTYPES and target not in FP8_DTYPES:
-        owner_name = key.rpartition(".")[0]
+        owner_name = owner_key.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
         reason = fp8_ineligible_reason(owner) or "not an Fp8BlockwiseLinear"
         raise CheckpointDtypeError(

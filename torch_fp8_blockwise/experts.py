@@ -23,7 +23,8 @@ summed back per token in a fixed order). Pairs whose expert id falls outside ``[
 last group, so the grouped op returns 0 for them.
 
 Checkpoint key mapping (used by :mod:`.checkpoint`): :func:`per_expert_keys`,
-:func:`split_per_expert`, :func:`plan_load`.
+:func:`split_per_expert`, :func:`plan_load`; Mixtral's original names (``block_sparse_moe.experts.{e}.w1``
+/ ``w3`` / ``w2``) beside DeepSeek / Qwen3's (:func:`mixtral_block_names`, :func:`uses_mixtral_names`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ from .nn import (
 FORWARD_PARAMS: tuple[str, ...] = ("hidden_states", "top_k_index", "top_k_weights")
 #: Per-expert projection names of a DeepSeek-V3 / Qwen3 checkpoint.
 PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+#: The same projections in Mixtral's original checkpoints (``block_sparse_moe.experts.{e}.w1`` ...):
+#: w1 is the gate, w3 the up, w2 the down projection (transformers' conversion_mapping "mixtral",
+#: vLLM's Mixtral loader ``ckpt_names=("w1", "w2", "w3")``).
+MIXTRAL_PROJECTIONS: dict[str, str] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+#: transformers 5 names a Mixtral layer's MoE block ``mlp``; its checkpoints (and vLLM) ``block_sparse_moe``.
+MIXTRAL_BLOCK = "block_sparse_moe"
 #: state_dict names of the fused tensors (transformers' FP8Experts; ours).
 FUSED_KEYS: tuple[str, ...] = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
 #: Attributes of transformers modules whose gate is not ``act_fn(gate) * up`` (clamped / softcapped
@@ -534,17 +541,57 @@ def requantize_experts(layer: Fp8Experts, block: int) -> Fp8Experts:
 
 
 # ------------------------------------------------------------------------------ checkpoint keys
-def per_expert_keys(name: str, expert: int, projection: str) -> tuple[str, str]:
-    """(weight key, scale key) of one expert's projection in a DeepSeek-V3 / Qwen3 FP8 checkpoint:
-    ``<name>.<expert>.<projection>.weight`` and ``...weight_scale_inv``."""
+def per_expert_keys(name: str, expert: int, projection: str, *, mixtral: bool = False) -> tuple[str, str]:
+    """(weight key, scale key) of one expert's projection (one of :data:`PROJECTIONS`) of the experts
+    module registered as ``name`` in the model.
+
+    DeepSeek-V3 / Qwen3 layout (default): ``<name>.<expert>.<projection>.weight`` and
+    ``...weight_scale_inv``. ``mixtral=True``: Mixtral's original layout, the MoE block named
+    ``block_sparse_moe`` (:func:`mixtral_block_names`) and the projections w1 / w3 / w2
+    (:data:`MIXTRAL_PROJECTIONS`): ``model.layers.0.mlp.experts`` expert 3's gate_proj is
+    ``model.layers.0.block_sparse_moe.experts.3.w1.weight``."""
+    if mixtral:
+        block, stored = mixtral_block_names(name)
+        name, projection = stored + name[len(block) :], MIXTRAL_PROJECTIONS[projection]
     base = f"{name}.{expert}.{projection}"
     return base + ".weight", base + ".weight_scale_inv"
 
 
-def split_per_expert(name: str, layer: Fp8Experts) -> dict[str, torch.Tensor]:
+def mixtral_block_names(name: str) -> tuple[str, str]:
+    """(the model's name, Mixtral checkpoints' name) of the MoE block holding experts module ``name``:
+    ``model.layers.0.mlp.experts`` -> ("model.layers.0.mlp", "model.layers.0.block_sparse_moe"). A
+    block already named ``block_sparse_moe`` (or anything but ``mlp``) keeps its name; a top-level
+    experts module has the block "" on both sides."""
+    block = name.rpartition(".")[0]
+    parent, _, last = block.rpartition(".")
+    if last == "mlp":
+        return block, f"{parent}.{MIXTRAL_BLOCK}" if parent else MIXTRAL_BLOCK
+    return block, block
+
+
+def uses_mixtral_names(model: nn.Module) -> bool:
+    """Whether :func:`.checkpoint.save` writes ``model``'s experts under Mixtral's original names
+    (:func:`per_expert_keys` with ``mixtral=True``, and the rest of each MoE block under
+    ``block_sparse_moe``): a transformers model whose ``config.model_type`` is "mixtral", as
+    transformers' own save_pretrained (its conversion_mapping reversed) and vLLM's Mixtral loader
+    name them."""
+    return getattr(getattr(model, "config", None), "model_type", None) == "mixtral"
+
+
+def file_uses_mixtral_names(name: str, keys: dict | set) -> bool:
+    """Whether a checkpoint (``keys``: its tensor keys) holds experts module ``name``'s experts under
+    Mixtral's original names (expert 0's w1 weight or scale) and not under DeepSeek / Qwen3's."""
+    deepseek = per_expert_keys(name, 0, "gate_proj")
+    if deepseek[0] in keys or deepseek[1] in keys:
+        return False
+    return any(k in keys for k in per_expert_keys(name, 0, "gate_proj", mixtral=True))
+
+
+def split_per_expert(name: str, layer: Fp8Experts, *, mixtral: bool = False) -> dict[str, torch.Tensor]:
     """The per-expert checkpoint tensors of ``layer`` (registered as ``name``): for each expert e,
     gate_proj [I, H] / up_proj [I, H] / down_proj [H, I] fp8 ``.weight`` + float32
-    ``.weight_scale_inv`` (gate: scale rows [0, I/bn), up: [I/bn, 2I/bn)). Copies on the CPU,
+    ``.weight_scale_inv`` (gate: scale rows [0, I/bn), up: [I/bn, 2I/bn)), named by
+    :func:`per_expert_keys` (``mixtral``: Mixtral's w1 / w3 / w2 names). Copies on the CPU,
     contiguous, sharing no storage (safetensors refuses shared storage); codes and scales as they are."""
     i, bn = layer.intermediate_dim, layer.config.block_shape[0]
     gu, gu_s = layer.gate_up_proj.detach().cpu(), layer.gate_up_proj_scale_inv.detach().cpu()
@@ -557,7 +604,7 @@ def split_per_expert(name: str, layer: Fp8Experts) -> dict[str, torch.Tensor]:
             "down_proj": (dn[e], dn_s[e]),
         }
         for proj, (w, s) in parts.items():
-            w_key, s_key = per_expert_keys(name, e, proj)
+            w_key, s_key = per_expert_keys(name, e, proj, mixtral=mixtral)
             out[w_key], out[s_key] = w.clone(), s.clone()
     return out
 
@@ -571,14 +618,18 @@ def plan_load(
     read_scale: Callable[[str, torch.Tensor, str], torch.Tensor],
     error: type[Exception],
     dtype_error: type[Exception],
+    *,
+    mixtral: bool = False,
 ) -> tuple[Fp8Experts | None, set[str], dict[str, LayerReport]]:
     """Build the :class:`Fp8Experts` that ``module`` (a fused experts module, float or ours, possibly
     on the meta device) becomes from a checkpoint's fp8 tensors, checking every tensor first.
 
-    Reads either the per-expert keys (:func:`per_expert_keys`: gate / up stacked and fused without
-    dequantizing) or our fused keys (``<name>.gate_up_proj`` fp8 + ``_scale_inv``, ...).
+    Reads either the per-expert keys (:func:`per_expert_keys`, Mixtral's names when ``mixtral``:
+    gate / up stacked and fused without dequantizing) or our fused keys (``<name>.gate_up_proj`` fp8
+    + ``_scale_inv``, ...).
     ``tensors``: key -> (tensor, file); ``config``: the file's format with the load's activation;
-    ``requantize_block``: re-quantize to (b, b) blocks (:func:`requantize_experts`) or None;
+    ``requantize_block``: re-quantize to (b, b) blocks (:func:`requantize_experts`; the rows then
+    report each projection's SQNR vs the file's weight, ``sqnr_vs_128_db``) or None;
     ``read_scale(key, t, file)`` -> float32 scale (the checkpoint's scale rule); ``error`` /
     ``dtype_error``: the exception classes raised, naming the key and the file.
 
@@ -590,7 +641,7 @@ def plan_load(
     e, h, i = _dims(module)
     bn, bk = config.block_shape
     fused = f"{name}.gate_up_proj"
-    first = per_expert_keys(name, 0, "gate_proj")
+    first = per_expert_keys(name, 0, "gate_proj", mixtral=mixtral)
     if first[0] in tensors and first[1] not in tensors and tensors[first[0]][0].dtype not in FP8_DTYPES:
         t, file = tensors[first[0]]
         raise dtype_error(
@@ -599,7 +650,7 @@ def plan_load(
         )
     if first[0] in tensors or first[1] in tensors:
         gu, gu_s, dn, dn_s, used = _stack_per_expert(
-            name, e, h, i, tensors, config, read_scale, error, dtype_error
+            name, e, h, i, tensors, config, read_scale, error, dtype_error, mixtral
         )
     elif fused in tensors and tensors[fused][0].dtype in FP8_DTYPES:
         used, got = set(), []
@@ -636,10 +687,16 @@ def plan_load(
         gu.contiguous().to(device), gu_s.contiguous().to(device), dn.contiguous().to(device),
         dn_s.contiguous().to(device), config, module.act_fn,
     )  # fmt: skip
+    file_layer = layer
     if requantize_block is not None:
         layer = requantize_experts(layer, requantize_block)
-    reports = {f"{name}.{proj}": r for proj, r in experts_reports(layer, None).items()}
-    return layer, used, reports
+    reports = experts_reports(layer, None)
+    if layer is not file_layer:  # re-quantized: what the larger blocks cost, per projection
+        for r, new, old in zip(
+            reports.values(), layer.dequantized_weights(), file_layer.dequantized_weights(), strict=True
+        ):
+            r.sqnr_vs_128_db = weight_sqnr_db(new, old)
+    return layer, used, {f"{name}.{proj}": r for proj, r in reports.items()}
 
 
 def _dims(module: nn.Module) -> tuple[int, int, int]:
@@ -649,7 +706,7 @@ def _dims(module: nn.Module) -> tuple[int, int, int]:
     return e, h, two_i // 2
 
 
-def _stack_per_expert(name, e, h, i, tensors, config, read_scale, error, dtype_error):
+def _stack_per_expert(name, e, h, i, tensors, config, read_scale, error, dtype_error, mixtral):
     bn, bk = config.block_shape
     shapes = {"gate_proj": ((i, h), (cdiv(i, bn), cdiv(h, bk))), "up_proj": ((i, h), (cdiv(i, bn), cdiv(h, bk))),
               "down_proj": ((h, i), (cdiv(h, bn), cdiv(i, bk)))}  # fmt: skip
@@ -657,7 +714,7 @@ def _stack_per_expert(name, e, h, i, tensors, config, read_scale, error, dtype_e
     used: set[str] = set()
     for x in range(e):
         for proj in PROJECTIONS:
-            w_key, s_key = per_expert_keys(name, x, proj)
+            w_key, s_key = per_expert_keys(name, x, proj, mixtral=mixtral)
             for key in (w_key, s_key):
                 if key not in tensors:
                     files = sorted({f for _, f in tensors.values()})

@@ -374,7 +374,11 @@ class LayerReport:
 
 @dataclass
 class QuantizationSummary:
-    """What :func:`quantize_model_` (or ``checkpoint.load``) did. ``str()`` is a readable table."""
+    """What :func:`quantize_model_` (or ``checkpoint.load``) did. ``str()`` is a readable table: its
+    header counts layers (a MoE experts module once), its rows are those of ``converted``.
+
+    ``converted``: one row per Linear layer, and per fused projection of an experts module
+    (``<name>.gate_up_proj``, ``<name>.down_proj``: ``experts`` set); ``skipped``: module -> why."""
 
     converted: dict[str, LayerReport] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -414,7 +418,18 @@ class QuantizationSummary:
             rows.append(row)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        lines = [f"fp8 block-wise: {len(self.converted)} layers converted, {len(self.skipped)} skipped"]
+        # An experts module is one layer with one row per fused projection (<name>.gate_up_proj, ...).
+        experts = {name.rpartition(".")[0] for name, r in self.converted.items() if r.experts is not None}
+        linear = sum(r.experts is None for r in self.converted.values())
+        count = linear + len(experts)
+        what = f"{count} layer{'s' * (count != 1)} converted"
+        if experts:
+            projections = (len(self.converted) - linear) // len(experts)
+            what += (
+                f" ({linear} Linear, {len(experts)} MoE experts module{'s' * (len(experts) != 1)}"
+                f" of {projections} projections{' each' * (len(experts) != 1)})"
+            )
+        lines = [f"fp8 block-wise: {what}, {len(self.skipped)} skipped"]
         if rows:
             lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
             lines += [fmt.format(*r) for r in rows]

@@ -205,6 +205,20 @@ def validate_partition_blocks(
             )
 
 
+def check_scales_loaded(scale: torch.Tensor, name: str) -> None:
+    """Refuse block scales that are not all positive finite numbers: the parameters are created
+    NaN-filled, so a block the checkpoint never filled stays NaN (a corrupt file may hold 0, a
+    negative or inf). ``scale``: any shape, float32 / bf16 / fp16; ``name``: the parameter, for the
+    ValueError (which counts the bad blocks)."""
+    values = scale.float()
+    bad = ~(values > 0) | ~torch.isfinite(values)
+    if bool(bad.any()):
+        raise ValueError(
+            f"fp8_blockwise: {name}: {int(bad.sum())} of {scale.numel()} block scales are not positive "
+            "finite numbers (never loaded, or a corrupt checkpoint)"
+        )
+
+
 @register_weight_loader_v2_supported_method
 class Fp8BlockwiseLinearMethod(LinearMethodBase):
     """A vLLM linear method holding a DeepSeek-layout FP8 weight, computed by ``torch.ops.fp8``.
@@ -267,13 +281,7 @@ class Fp8BlockwiseLinearMethod(LinearMethodBase):
         """Check every scale was loaded, and put weight and scales in the layout the op reads
         (row-major, float32 scales) once here, keeping vLLM's parameter objects."""
         scale = layer.weight_scale_inv.data
-        bad = ~(scale.float() > 0) | ~torch.isfinite(scale.float())
-        if bool(bad.any()):
-            raise ValueError(
-                f"fp8_blockwise: {getattr(layer, 'prefix', '') or 'layer'}.weight_scale_inv: "
-                f"{int(bad.sum())} of {scale.numel()} block scales are not positive finite numbers "
-                "(never loaded, or a corrupt checkpoint)"
-            )
+        check_scales_loaded(scale, f"{getattr(layer, 'prefix', '') or 'layer'}.weight_scale_inv")
         if not layer.weight.data.is_contiguous():
             replace_parameter(layer, "weight", layer.weight.data.contiguous())
         if scale.dtype != torch.float32 or not scale.is_contiguous():
@@ -418,13 +426,7 @@ class Fp8BlockwiseMoEMethod(FusedMoEMethodBase):
         parameters, made contiguous float32 scales only where they are not."""
         for name in ("w13_weight_scale_inv", "w2_weight_scale_inv"):
             scale = getattr(layer, name).data
-            bad = ~(scale.float() > 0) | ~torch.isfinite(scale.float())
-            if bool(bad.any()):
-                raise ValueError(
-                    f"fp8_blockwise: {getattr(layer, 'layer_name', '') or 'experts'}.{name}: "
-                    f"{int(bad.sum())} of {scale.numel()} block scales are not positive finite numbers "
-                    "(never loaded, or a corrupt checkpoint)"
-                )
+            check_scales_loaded(scale, f"{getattr(layer, 'layer_name', '') or 'experts'}.{name}")
             if scale.dtype != torch.float32 or not scale.is_contiguous():
                 replace_parameter(layer, name, scale.float().contiguous())
         for name in ("w13_weight", "w2_weight"):
