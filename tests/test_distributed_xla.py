@@ -135,6 +135,15 @@ def test_spmd_meta_model_loaded_sharded_from_a_checkpoint(spmd):
         "experts.down_proj": "{devices=[4,1,1]0,1,2,3}",
         "embed_tokens.weight": "",  # replicated
     }
+    # Each sharded tensor was placed from 4 host pieces, one device's slice each (never whole):
+    # attention's q/k/v weight rows and scale rows, o_proj's columns, 2 of 8 experts per device.
+    placed = {tuple(shape): pieces for shape, pieces in spmd["meta_placed"]}
+    assert [[128, 512]] * 4 in [p for s, p in spmd["meta_placed"] if s == [512, 512]]  # q/k/v
+    assert [[512, 128]] * 4 in [p for s, p in spmd["meta_placed"] if s == [512, 512]]  # o_proj
+    assert placed[(8, 256, 512)] == [[2, 256, 512]] * 4  # experts' gate_up_proj
+    assert placed[(8, 512, 128)] == [[2, 512, 128]] * 4  # down_proj
+    assert len(spmd["meta_placed"]) == 4 * 2 + 4  # q/k/v/o weight + scale, the 4 fused experts tensors
+    assert spmd["fused_keys_load_equal"] is True  # fused keys in the file instead, by expert rows
 
 
 def test_spmd_refusals_before_anything_moves(spmd):

@@ -113,29 +113,73 @@ def experts_parallel(res: dict, mesh, dev, dump: str, ckpt_dir: str) -> None:
         torch_xla.sync()
         res["experts_collectives"] = collectives(dump, before)
         res["experts_out_shape"] = list(y.shape)
-        # A meta model, parallelized, filled by the checkpoint loader (each tensor placed sharded).
-        checkpoint.save(model, ckpt_dir)
-        meta = tiny_moe(family, device="meta")
-        meta_report = parallelize(meta, mesh, config=Fp8Config(activation=activation))
-        tp_checkpoint.load(meta, ckpt_dir)
-        meta.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(dev)  # non-persistent
-        with torch.no_grad():
-            loaded = meta(ids.to(dev)).logits.cpu()
-        res["meta_load_equal"] = torch.equal(loaded, out)
-        res["meta_load_rel"] = rel_error(loaded, out)
-        res["meta_report_bytes"] = [meta_report.rank_bytes, meta_report.full_bytes]
-        layer = meta.model.layers[0]
-        res["meta_specs"] = {
-            name: torch_xla._XLAC._get_xla_sharding_spec(t)
-            for name, t in (
-                ("q_proj.weight", layer.self_attn.q_proj.weight),
-                ("o_proj.weight_scale_inv", layer.self_attn.o_proj.weight_scale_inv),
-                ("experts.down_proj", layer.mlp.experts.down_proj),
-                ("embed_tokens.weight", meta.model.embed_tokens.weight),
-            )
-        }
-        res["meta_devices"] = sorted({t.device.type for t in [*meta.parameters(), *meta.buffers()]})
-        refusals(res, model, mesh, ckpt_dir)
+        meta_load(res, model, mesh, ckpt_dir, ids, out, dev)
+
+
+def placed_pieces(fn) -> list:
+    """Run ``fn()`` recording (global shape, host piece shapes) of each tensor torch_xla builds from
+    per-device host pieces (``_global_tensor_from_cpu_shards``)."""
+    placed = []
+    from_shards = torch_xla._XLAC._global_tensor_from_cpu_shards
+
+    def spy(shards, sharding, shape=None):
+        placed.append([list(shape), [list(s.shape) for s in shards]])
+        return from_shards(shards, sharding, shape)
+
+    torch_xla._XLAC._global_tensor_from_cpu_shards = spy
+    try:
+        fn()
+    finally:
+        torch_xla._XLAC._global_tensor_from_cpu_shards = from_shards
+    return placed
+
+
+def meta_load(res: dict, model, mesh, ckpt_dir: str, ids, out, dev) -> None:
+    """A meta model, parallelized, filled by the checkpoint loader (each tensor placed sharded)."""
+    checkpoint.save(model, ckpt_dir)
+    meta = tiny_moe("qwen3_moe", device="meta")
+    meta_report = parallelize(meta, mesh, config=Fp8Config(activation="dynamic"))
+    res["meta_placed"] = placed_pieces(lambda: tp_checkpoint.load(meta, ckpt_dir))
+    meta.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(dev)  # non-persistent
+    with torch.no_grad():
+        loaded = meta(ids.to(dev)).logits.cpu()
+    res["meta_load_equal"] = torch.equal(loaded, out)
+    res["meta_load_rel"] = rel_error(loaded, out)
+    res["meta_report_bytes"] = [meta_report.rank_bytes, meta_report.full_bytes]
+    layer = meta.model.layers[0]
+    res["meta_specs"] = {
+        name: torch_xla._XLAC._get_xla_sharding_spec(t)
+        for name, t in (
+            ("q_proj.weight", layer.self_attn.q_proj.weight),
+            ("o_proj.weight_scale_inv", layer.self_attn.o_proj.weight_scale_inv),
+            ("experts.down_proj", layer.mlp.experts.down_proj),
+            ("embed_tokens.weight", meta.model.embed_tokens.weight),
+        )
+    }
+    res["meta_devices"] = sorted({t.device.type for t in [*meta.parameters(), *meta.buffers()]})
+    res["fused_keys_load_equal"] = fused_keys_load(model, mesh, ckpt_dir, ids, out, dev)
+    refusals(res, model, mesh, ckpt_dir)
+
+
+def fused_keys_load(model, mesh, ckpt_dir: str, ids, out, dev) -> bool:
+    """The same checkpoint with each experts module's per-expert keys replaced by fused keys
+    (``<experts>.gate_up_proj``, ...: transformers' FP8Experts names), read by expert rows per device."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(f"{ckpt_dir}/model.safetensors")
+    experts = model.model.layers[0].mlp.experts
+    prefix = "model.layers.0.mlp.experts."
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    tensors.update({prefix + k: getattr(experts, k).contiguous() for k in FUSED})
+    fused_dir = f"{ckpt_dir}_fused"
+    shutil.copytree(ckpt_dir, fused_dir)
+    save_file(tensors, f"{fused_dir}/model.safetensors")
+    meta = tiny_moe("qwen3_moe", device="meta")
+    parallelize(meta, mesh)
+    tp_checkpoint.load(meta, fused_dir)
+    meta.model.rotary_emb = type(model.model.rotary_emb)(model.config).to(dev)
+    with torch.no_grad():
+        return torch.equal(meta(ids.to(dev)).logits.cpu(), out)
 
 
 def _error(fn) -> str:

@@ -14,11 +14,12 @@ and puts each tensor on the XLA devices as it is read, already sharded:
   (``<name>.<e>.{gate,up,down}_proj.weight`` / ``.weight_scale_inv``, what ``checkpoint.save``
   writes) are checked on the host as they arrive (dtype, shape, fp8 codes, scales) and held until
   the fused tensor they belong to is complete (all experts' gate and up, or all down), which then
-  goes to the devices sharded by expert: the host holds at most one layer's experts of one fused
-  tensor at a time;
+  goes to the devices sharded by expert: the host holds the pieces of at most about one fused
+  tensor (one layer's experts of gate + up, or of down) and the device slices built from them;
 * every other tensor whole, replicated (``tensor.to(xla)``).
 
-The host therefore never holds more than about one tensor (one fused experts tensor) of the model.
+The host therefore never holds the model: about one tensor at a time (twice one fused experts
+tensor at the peak).
 The device tensors then go through ``checkpoint.load``'s own plan (the same shape, dtype, fp8-code
 and scale checks, run on the devices, and the same all-or-nothing commit: on any error the model
 is unchanged) and finally every sharded tensor is (re-)annotated with its sharding.
