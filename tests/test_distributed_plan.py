@@ -417,10 +417,10 @@ def test_expert_style_keeps_a_contiguous_expert_range_and_refuses_before_moving(
         parallelize(nn.Sequential(_Mlp(1024, 2048)), fake_world8, expert_dispatch="all2all")
 
 
-def test_explicit_expert_plan_on_meta_and_torch_xla_keeps_experts_replicated(fake_world8):
-    """An explicit "expert" plan makes a meta transformers experts module a meta Fp8Experts shard;
-    on a torch_xla Mesh (no expert parallelism there) the default plan keeps experts replicated and
-    says why, an explicit "expert" is refused before anything moves."""
+def test_expert_plan_on_meta_makes_a_meta_shard(fake_world8):
+    """The default plan and an explicit "expert" plan both split a meta transformers experts module
+    (the same assignment on a DeviceMesh and a torch_xla Mesh); on a DeviceMesh it becomes a meta
+    Fp8Experts shard."""
     import transformers
 
     from torch_fp8_blockwise.distributed.parallelize import _assignment
@@ -430,12 +430,8 @@ def test_explicit_expert_plan_on_meta_and_torch_xla_keeps_experts_replicated(fak
     moe = nn.Sequential()
     with torch.device("meta"):
         moe.add_module("experts", transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(cfg))
-    assigned, replicated = _assignment(moe, None, 8, Fp8Config(), True)
-    assert not assigned and "torch_xla SPMD Mesh experts stay replicated" in replicated["experts"]
-    with pytest.raises(
-        ValueError, match="asks for 'expert', but expert parallelism runs on a torch DeviceMesh"
-    ):
-        _assignment(moe, {"experts": "expert"}, 8, Fp8Config(), True)
+    assert _assignment(moe, None, 8, Fp8Config()) == ({"experts": "expert"}, {})
+    assert _assignment(moe, {"experts": "expert"}, 8, Fp8Config()) == ({"experts": "expert"}, {})
     report = parallelize(moe, fake_world8, {"experts": "expert"}, config=Fp8Config(activation="none"))
     assert isinstance(moe.experts, Fp8ShardedExperts) and moe.experts.config.activation == "none"
     assert (moe.experts.expert_offset, moe.experts.num_experts) == (6, 2)

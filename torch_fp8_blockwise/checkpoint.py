@@ -1002,7 +1002,9 @@ def _plan_layer(
     elif b_key in tensors and strict:
         raise CheckpointError(f"{b_key} in {tensors[b_key][1]}: unexpected, the model's {name} has no bias")
 
-    device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
+    # A meta layer is created where the file's tensors are (CPU; the xla device for
+    # distributed.xla_checkpoint, which places each tensor on the device as it is read).
+    device = module.weight.device if module.weight.device.type != "meta" else weight.device
     bias = None if bias is None else bias.to(device)
     layer = Fp8BlockwiseLinear.from_quantized(weight.to(device), scale.to(device), bias, file_config)
     size = _nbytes(weight, scale, bias)

@@ -633,7 +633,7 @@ def plan_load(
     ``read_scale(key, t, file)`` -> float32 scale (the checkpoint's scale rule); ``error`` /
     ``dtype_error``: the exception classes raised, naming the key and the file.
 
-    Returns (layer on the module's device, CPU for meta; the keys used; the summary rows
+    Returns (layer on the module's device, for meta where the tensors read are (CPU); the keys used; the summary rows
     ``<name>.gate_up_proj`` / ``<name>.down_proj``), or (None, empty, empty) when the checkpoint holds
     no fp8 experts tensors for ``name`` and the module is not an Fp8Experts (a float experts module
     loaded like any other tensor).
@@ -682,7 +682,7 @@ def plan_load(
     except (TypeError, ValueError) as exc:
         raise error(f"{exc} (in {tensors[next(iter(sorted(used)))][1]})") from exc
     ref = module.gate_up_proj
-    device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+    device = ref.device if ref.device.type != "meta" else gu.device  # meta: where the file's tensors are
     layer = Fp8Experts.from_quantized(
         gu.contiguous().to(device), gu_s.contiguous().to(device), dn.contiguous().to(device),
         dn_s.contiguous().to(device), config, module.act_fn,

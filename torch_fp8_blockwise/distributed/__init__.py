@@ -9,7 +9,10 @@
   ``src_data_rank`` as torch's: 0 (default) scatters rank 0's shards, None slices locally.
 * a DTensor sharding rule for ``torch.ops.fp8.blockwise_matmul`` (registered on import) for users who
   call the op on DTensors.
-* :mod:`.checkpoint`: per-rank load (each rank reads only its slices) and save of a sharded model.
+* :mod:`.checkpoint`: per-rank load (each rank reads only its slices) and save of a sharded model;
+  a model parallelized over a torch_xla Mesh (possibly on the meta device) is loaded by
+  :mod:`.xla_checkpoint` (each tensor placed on the devices, sharded, as it is read).
+* torch_xla SPMD: :mod:`.xla` (column- / row-parallel layers), :mod:`.xla_experts` (expert parallel).
 
 The block-alignment rule lives in :mod:`.alignment` (one function, :func:`shard_problem`).
 """

@@ -81,9 +81,17 @@ def load(
     ``.weight_scale_inv`` with e0 <= e < e1 (other ranks' keys are never opened), or the rows
     ``[e0, e1)`` of fused fp8 keys (``<name>.gate_up_proj``, ...), and stays expert-parallel.
 
+    A model parallelized over a torch_xla SPMD ``Mesh`` is loaded by
+    :func:`~torch_fp8_blockwise.distributed.xla_checkpoint.load` (each tensor placed on the devices,
+    sharded, as it is read).
+
     Returns: the QuantizationSummary of ``checkpoint.load`` (local shapes for sharded layers).
     Raises: CheckpointError (a ValueError) naming the tensor and the file; the model is unchanged.
     """
+    from . import xla_checkpoint
+
+    if xla_checkpoint.xla_modules(model):  # parallelized over a torch_xla SPMD mesh
+        return xla_checkpoint.load(model, path, strict=strict, activation=activation)
     if activation is not None:
         _ckpt.Fp8Config(activation=activation)  # validates the name
     root, files = _ckpt._files(path)

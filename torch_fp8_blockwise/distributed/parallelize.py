@@ -11,7 +11,7 @@ from torch import nn
 from ..experts import Fp8Experts
 from ..nn import Fp8BlockwiseLinear, Fp8Config
 from .alignment import BlockShardingError
-from .experts import Fp8ShardedExperts, check_dispatch, meta_experts, shard_experts_
+from .experts import check_dispatch, meta_experts, shard_experts_
 from .layers import check_src_data_rank, shard_layer_
 from .plan import check_plan, default_assignment, expert_problem, planned_layers
 
@@ -107,12 +107,6 @@ def _meta_fp8(linear: nn.Linear, config: Fp8Config) -> Fp8BlockwiseLinear:
     )
 
 
-XLA_EXPERTS = (
-    "expert parallelism runs on a torch DeviceMesh (torch.distributed); on a torch_xla SPMD Mesh "
-    "experts stay replicated"
-)
-
-
 DP_ATTENTION = (
     "data-parallel attention (dp_attention=True): each rank runs its own tokens through a full copy"
 )
@@ -123,7 +117,6 @@ def _assignment(
     plan: dict[str, str | None] | None,
     tp: int,
     config: Fp8Config,
-    xla_mesh: bool,
     dp_attention: bool = False,
 ) -> tuple[dict[str, str], dict[str, str]]:
     if plan is None:
@@ -131,10 +124,6 @@ def _assignment(
         if dp_attention:  # only the experts are split; everything else runs data-parallel
             for name in [n for n, kind in assigned.items() if kind != "expert"]:
                 replicated[name] = DP_ATTENTION
-                del assigned[name]
-        if xla_mesh:
-            for name in [n for n, kind in assigned.items() if kind == "expert"]:
-                replicated[name] = f"experts kept replicated: {XLA_EXPERTS}"
                 del assigned[name]
         return assigned, replicated
     assigned = check_plan(model, plan, tp, block_shape=config.block_shape)
@@ -145,8 +134,6 @@ def _assignment(
             "its own tokens, so only experts can be split ('expert'); map the others to None"
         )
     experts = sorted(name for name, kind in assigned.items() if kind == "expert")
-    if experts and xla_mesh:
-        raise ValueError(f"plan: {experts[0]} asks for 'expert', but {XLA_EXPERTS}: map it to None")
     layers, _ = planned_layers(model, {name: "expert" for name in experts}, config.block_shape)
     for name in experts:
         why = expert_problem(name, model.get_submodule(name), layers[name], tp, config.block_shape)
@@ -180,24 +167,30 @@ def parallelize(
         model: a model whose linear layers are :class:`Fp8BlockwiseLinear` (after quantize_model_),
             or a model on the meta device (its planned nn.Linear layers become meta
             Fp8BlockwiseLinear shards of ``config``; fill them with
-            :func:`torch_fp8_blockwise.distributed.checkpoint.load`, so no rank holds the full model).
-            Every rank must call this with the same model structure (values: see ``src_data_rank``).
+            :func:`torch_fp8_blockwise.distributed.checkpoint.load`, so no rank holds the full model;
+            on a torch_xla Mesh that loader places each tensor on the devices, sharded, as it is
+            read: :mod:`.xla_checkpoint`). Every rank must call this with the same model structure
+            (values: see ``src_data_rank``). On a torch_xla Mesh the model is on torch_xla's device
+            or meta.
         mesh: a 1-D ``torch.distributed.device_mesh.DeviceMesh`` (this process is one rank: the
             layers become :class:`Fp8ColwiseLinear` / :class:`Fp8RowwiseLinear` holding local
             shards, collectives on the mesh's process group), or a 1-D torch_xla SPMD
             ``torch_xla.distributed.spmd.Mesh`` (one process drives every device: the layers become
-            :class:`~.xla.Fp8XlaColwiseLinear` / ``Fp8XlaRowwiseLinear`` running the kernel on local
-            shapes inside manual-sharding regions).
+            :class:`~.xla.Fp8XlaColwiseLinear` / ``Fp8XlaRowwiseLinear`` and experts
+            :class:`~.xla_experts.Fp8XlaExperts`, running the kernels on local shapes inside
+            manual-sharding regions).
         plan: ``{pattern: "colwise" | "rowwise" | "expert" | None}``, checked by :func:`check_plan`
             (all or nothing: :class:`BlockShardingError` before anything moves). None: the default
             plan (:data:`DEFAULT_PLAN`), made safe: an attention / MLP block whose layers do not all
             satisfy the alignment rule (or would split heads) stays replicated, with the reason in the
-            report; experts are split by whole experts (:class:`~.experts.Fp8ShardedExperts`) when
-            ``num_experts % tp == 0`` on a DeviceMesh, else kept replicated with the reason.
+            report; experts are split by whole experts (:class:`~.experts.Fp8ShardedExperts`,
+            :class:`~.xla_experts.Fp8XlaExperts` on a torch_xla Mesh) when ``num_experts % tp == 0``,
+            else kept replicated with the reason.
         config: Fp8Config for meta nn.Linear layers and meta experts modules (default Fp8Config()).
         expert_dispatch: "allreduce" (all tokens on every rank, one float32 all-reduce, no host
             sync) or "alltoall" (fp8 activations + scales with all_to_all_single; one host read of
-            the split sizes per call): see :mod:`torch_fp8_blockwise.distributed.experts`.
+            the split sizes per call): see :mod:`torch_fp8_blockwise.distributed.experts`. A
+            torch_xla Mesh takes "allreduce" only (ValueError otherwise).
         dp_attention: data-parallel attention (vLLM's DP attention + expert parallel, SGLang's
             ``--enable-dp-attention``): every rank runs its own requests (its own tokens, T per rank
             may differ, 0 allowed) through full copies of everything but the experts, which are
@@ -220,9 +213,13 @@ def parallelize(
     config = Fp8Config() if config is None else config
     check_dispatch(expert_dispatch, dp_attention)
     if _is_xla_mesh(mesh) and dp_attention:
-        raise ValueError(f"dp_attention=True splits only experts, but on a torch_xla Mesh {XLA_EXPERTS}")
+        raise ValueError(
+            "dp_attention=True: data-parallel attention needs the 'alltoall' dispatch of a torch "
+            "DeviceMesh (each rank its own tokens); a torch_xla SPMD Mesh is one program over every "
+            "device, whose experts use 'allreduce'"
+        )
     if _is_xla_mesh(mesh):
-        from . import xla
+        from . import xla, xla_experts
 
         tp = xla.mesh_size(mesh)
         engine = "torch_xla SPMD"
@@ -240,18 +237,25 @@ def parallelize(
         tp = mesh.size()
         engine = f"torch.distributed {mesh.get_group().name()}"
         check_src_data_rank(src_data_rank, tp)
+    if _is_xla_mesh(mesh) and expert_dispatch != "allreduce":
+        raise ValueError(
+            f"expert_dispatch: {expert_dispatch!r} runs on a torch DeviceMesh only; on a torch_xla Mesh "
+            "experts use 'allreduce' (XLA's all-to-all needs split sizes known at compile time)"
+        )
     for name, module in model.named_modules():  # refuse before anything moves
-        if isinstance(module, (Fp8BlockwiseLinear, Fp8ShardedExperts)) and getattr(module, "kind", "") in (
+        if isinstance(module, (Fp8BlockwiseLinear, Fp8Experts)) and getattr(module, "kind", "") in (
             "colwise", "rowwise", "expert",
         ):  # fmt: skip
             raise ValueError(f"model: {name} is already split ({type(module).__name__}); parallelize once")
-    assigned, replicated = _assignment(model, plan, tp, config, _is_xla_mesh(mesh), dp_attention)
-    for name in assigned:
+    assigned, replicated = _assignment(model, plan, tp, config, dp_attention)
+    for name, kind in assigned.items():
         module = model.get_submodule(name)
-        if _is_xla_mesh(mesh) and module.weight.device.type != "xla":
+        key = "gate_up_proj" if kind == "expert" else "weight"
+        device = getattr(module, key).device
+        if _is_xla_mesh(mesh) and device.type not in ("xla", "meta"):
             raise ValueError(
-                f"model: {name}.weight is on {module.weight.device}; on a torch_xla Mesh the model must "
-                "be on torch_xla's device (meta models: load the checkpoint, then move)"
+                f"model: {name}.{key} is on {device}; on a torch_xla Mesh the model must be on torch_xla's "
+                "device, or on the meta device (then fill it with torch_fp8_blockwise.distributed.checkpoint.load)"
             )
 
     layers: dict[str, nn.Module] = {}
@@ -273,17 +277,20 @@ def parallelize(
         if kind == "expert":
             full_e = layer.num_experts
             shape = (2 * layer.intermediate_dim, layer.hidden_dim)
-            layer = shard_experts_(
-                layer,
-                mesh.get_local_rank(),
-                tp,
-                mesh.get_group(),
-                expert_dispatch,
-                src_data_rank,
-                dp_attention,
-            )
+            if _is_xla_mesh(mesh):  # the module holds every expert; each device E / tp of them
+                layer = xla_experts.shard_experts_(layer, mesh)
+            else:
+                layer = shard_experts_(
+                    layer,
+                    mesh.get_local_rank(),
+                    tp,
+                    mesh.get_group(),
+                    expert_dispatch,
+                    src_data_rank,
+                    dp_attention,
+                )
             report.sharded[name] = ShardedLayer(
-                kind, shape, shape, layer.config.block_shape, (full_e, layer.num_experts), expert_dispatch,
+                kind, shape, shape, layer.config.block_shape, (full_e, full_e // tp), expert_dispatch,
                 dp_attention,
             )  # fmt: skip
             continue

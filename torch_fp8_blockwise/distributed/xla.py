@@ -13,6 +13,7 @@ all-gathers, 8 all-reduces and 54 collective-permutes for one sharded matmul).
   float32 partials stacked [tp, ..., N], summed by the partitioner with exactly one all-reduce, bias
   added once, one cast.
 
+Experts: :mod:`.xla_experts` (expert parallel, one all-reduce). Meta models: :mod:`.xla_checkpoint`.
 The alignment rule is the one of :mod:`.alignment` (checked by :func:`parallelize`). jax
 ``custom_partitioning`` is avoided on purpose (reported broken on TPU, jax-ml/jax#38196).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..experts import FUSED_KEYS
 from ..nn import Fp8BlockwiseLinear
 
 
@@ -107,10 +109,11 @@ def shard_layer_(layer: Fp8BlockwiseLinear, kind: str, mesh: object) -> _Fp8XlaS
     manual-region layer, in place. The caller has checked the alignment rule."""
     import torch_xla.distributed.spmd as xs
 
-    if layer.weight.device.type != "xla":
+    if layer.weight.device.type not in ("xla", "meta"):
         raise ValueError(
             f"parallelize on a torch_xla Mesh: the layer's weight is on {layer.weight.device}; move the "
-            "model to torch_xla's device first (meta models: load the checkpoint, then move)"
+            "model to torch_xla's device first (or parallelize it on the meta device and fill it with "
+            "torch_fp8_blockwise.distributed.checkpoint.load)"
         )
     a = _axis(mesh)
     if kind == "colwise":
@@ -119,18 +122,34 @@ def shard_layer_(layer: Fp8BlockwiseLinear, kind: str, mesh: object) -> _Fp8XlaS
         w_spec, b_spec, cls = (None, a), (None,), Fp8XlaRowwiseLinear
     else:
         raise ValueError(f"kind: expected 'colwise' or 'rowwise', got {kind!r}")
-    xs.mark_sharding(layer.weight, mesh, w_spec)
-    xs.mark_sharding(layer.weight_scale_inv, mesh, w_spec)
-    if layer.bias is not None:
-        xs.mark_sharding(layer.bias, mesh, b_spec)
+    if layer.weight.device.type == "xla":  # meta: the checkpoint loader places each tensor sharded
+        xs.mark_sharding(layer.weight, mesh, w_spec)
+        xs.mark_sharding(layer.weight_scale_inv, mesh, w_spec)
+        if layer.bias is not None:
+            xs.mark_sharding(layer.bias, mesh, b_spec)
     layer.__class__ = cls
     layer.mesh, layer.tp_size = mesh, mesh_size(mesh)
     return layer  # type: ignore[return-value]
 
 
+def sharded_dim(module: nn.Module, name: str) -> int | None:
+    """The dimension along which tensor ``name`` of ``module`` is split over the mesh, or None
+    (replicated): column-parallel weight / scale / bias rows (0), row-parallel weight / scale
+    columns (1), expert-parallel fused tensors' experts (0)."""
+    from .xla_experts import Fp8XlaExperts
+
+    if isinstance(module, Fp8XlaColwiseLinear):
+        return 0 if name in ("weight", "weight_scale_inv", "bias") else None
+    if isinstance(module, Fp8XlaRowwiseLinear):
+        return 1 if name in ("weight", "weight_scale_inv") else None
+    if isinstance(module, Fp8XlaExperts):
+        return 0 if name in FUSED_KEYS else None
+    return None
+
+
 def rank_bytes(model: nn.Module) -> int:
-    """Bytes one device holds: sharded layers' weight and scales (and a column-parallel bias) count
-    1 / tp, everything else in full."""
+    """Bytes one device holds: sharded tensors (:func:`sharded_dim`) count 1 / tp, everything else
+    in full (meta tensors counted by shape, shared tensors once)."""
     seen: set[int] = set()
     total = 0
     for module in model.modules():
@@ -139,9 +158,7 @@ def rank_bytes(model: nn.Module) -> int:
                 continue
             seen.add(id(t))
             n = t.numel() * t.element_size()
-            if isinstance(module, _Fp8XlaShardedLinear) and (
-                name != "bias" or isinstance(module, Fp8XlaColwiseLinear)
-            ):
+            if sharded_dim(module, name) is not None:
                 n //= module.tp_size
             total += n
     return total
