@@ -28,7 +28,7 @@ import os
 import re
 import reprlib
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -756,7 +756,13 @@ def _plan(
     requantize_block: int | None,
     strict: bool,
     activation: str | None,
+    file_keys: Collection[str] | None = None,
 ) -> _Plan:
+    """Read and check everything :func:`load` will do (nothing changes). ``file_keys``: every key of
+    the checkpoint's files, which decide per experts module whether the file uses Mixtral's names
+    (:func:`_mixtral_experts`); default: the keys of ``tensors`` (distributed.checkpoint.load passes
+    the files' keys: it reads local experts' per-expert keys into fused tensors and never reads
+    other ranks')."""
     summary = QuantizationSummary()
     used: set[str] = set()
     new_layers: dict[str, nn.Module] = {}
@@ -765,9 +771,8 @@ def _plan(
     handled_prefixes: list[str] = []  # experts modules: their keys are planned by experts.py
     experts = {name for name, m in model.named_modules() if _experts.is_fused_experts(m)}
     # Experts stored under Mixtral's original names; their MoE blocks' other keys (the router) too.
-    mixtral = {name for name in experts if _experts.file_uses_mixtral_names(name, tensors)}
-    aliases = dict(_experts.mixtral_block_names(name) for name in mixtral)
-    aliases = {block: stored for block, stored in aliases.items() if block != stored}
+    mixtral = _mixtral_experts(experts, tensors if file_keys is None else file_keys)
+    aliases = _mixtral_aliases(mixtral)
     stored = {name: _stored_key(name, aliases) for name in experts}
     # Each key's dotted prefixes looked up once (not every key tested per experts module: DeepSeek-V3
     # has 58 of them and ~90k keys).
@@ -827,6 +832,20 @@ def _plan(
     if unexpected:
         logger.warning("checkpoint.load: ignored %d unexpected keys, e.g. %s", len(unexpected), unexpected[0])
     return _Plan(new_layers, fill_layers, rest, summary, assign=any_meta)
+
+
+def _mixtral_experts(experts: Iterable[str], keys: Collection[str]) -> set[str]:
+    """The experts modules (model names in ``experts``) whose per-expert keys a checkpoint holding
+    ``keys`` stores under Mixtral's original names (:func:`.experts.file_uses_mixtral_names`)."""
+    return {name for name in experts if _experts.file_uses_mixtral_names(name, keys)}
+
+
+def _mixtral_aliases(mixtral: Iterable[str]) -> dict[str, str]:
+    """Model module name -> the checkpoint's name (:func:`_stored_key`) of each MoE block holding an
+    experts module of ``mixtral``: ``model.layers.0.mlp`` -> ``model.layers.0.block_sparse_moe``
+    (the whole block is stored there: its router, a Linear in it)."""
+    aliases = dict(_experts.mixtral_block_names(name) for name in mixtral)
+    return {block: stored for block, stored in aliases.items() if block != stored}
 
 
 def _keys_under(tensors: dict[str, object], names: set[str]) -> dict[str, list[str]]:
