@@ -477,3 +477,26 @@ def test_keys_under_groups_keys_by_dotted_prefix_as_startswith_would() -> None:
     got = checkpoint._keys_under(tensors, names)
     assert got == {name: [k for k in keys if k.startswith(name + ".")] for name in names}
     assert got["model.layers.1.mlp.experts"] == keys[:2] and got["nothing"] == []
+
+
+def test_under_any_selects_exactly_what_startswith_selected() -> None:
+    """checkpoint._under_any (each dotted prefix of the key looked up in a set), which _plan_rest uses
+    to skip the keys of planned layers, selects exactly what its old scan selected:
+    ``any(key.startswith(name + ".") for name in names)``; on random keys built from segments that
+    are prefixes of one another ("1" / "10", "experts" / "experts2"), empty segments included, and a
+    name "" (whose "." prefix matches only keys starting with a dot)."""
+    import random
+
+    rng = random.Random(0)
+    segments = ["model", "layers", "1", "10", "mlp", "experts", "experts2", "gate_up_proj", "weight", ""]
+    keys = {".".join(rng.choice(segments) for _ in range(rng.randint(1, 6))) for _ in range(3000)}
+    for _ in range(30):
+        names = {".".join(rng.choice(segments) for _ in range(rng.randint(1, 4))) for _ in range(8)}
+        names |= set(rng.sample(sorted(keys), 4)) | {""}
+        for key in keys:
+            old = any(key.startswith(p) for p in [n + "." for n in names])
+            assert checkpoint._under_any(key, names) == old, (key, names)
+    assert checkpoint._under_any("model.layers.1.mlp.weight", {"model.layers.1"})
+    assert not checkpoint._under_any("model.layers.10.mlp.weight", {"model.layers.1"})
+    assert not checkpoint._under_any("model.layers.1", {"model.layers.1"})  # the name itself
+    assert checkpoint._under_any(".weight", {""}) and not checkpoint._under_any("weight", {""})

@@ -244,6 +244,93 @@ def test_expert_parallel_rank_reads_only_its_experts(mesh8, tmp_path, monkeypatc
     assert torch.equal(model.experts.gate_up_proj.view(torch.uint8), ref.gate_up_proj[6:8].view(torch.uint8))
 
 
+def _mixtral_block(device: str | None = None) -> nn.Module:
+    """``layers.0.mlp``, a Mixtral MoE block as transformers 5 names it: ``experts`` (MixtralExperts,
+    16 experts of [H 256, I 128]), its router ``gate`` and an _Mlp ``shared`` (the default plan splits
+    its gate/up column- and down row-parallel); ``config.model_type`` "mixtral"."""
+    import transformers
+
+    mixtral = transformers.models.mixtral.modeling_mixtral
+    cfg = transformers.MixtralConfig(hidden_size=256, intermediate_size=128, num_local_experts=16)
+    model = nn.Module()
+    model.config = cfg
+    with torch.device(device or "cpu"):
+        model.layers = nn.ModuleList([nn.Module()])
+        block = model.layers[0].mlp = nn.Module()
+        block.experts, block.gate = mixtral.MixtralExperts(cfg), mixtral.MixtralTopKRouter(cfg)
+        block.shared = _Mlp()
+    if device is None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_expert_parallel_rank_reads_only_its_experts_under_mixtral_names(mesh8, tmp_path, monkeypatch):
+    """A Mixtral-named file (checkpoint.save of a mixtral model: block_sparse_moe.experts.{e}.w1 / w3 /
+    w2): rank 3 of 8 reads only experts 6 and 7's keys, into the slots the one-process load fills,
+    the router and the split Linear's slices from block_sparse_moe.; a missing local key is named as
+    the file names it; nothing changes on an error."""
+    from safetensors.torch import load_file, save_file
+
+    from torch_fp8_blockwise.distributed import Fp8ShardedExperts
+
+    torch.manual_seed(0)
+    full = _mixtral_block()
+    quantize_model_(full, Fp8Config(), progress=False)
+    ckpt.save(full, tmp_path)
+    file = tmp_path / "model.safetensors"
+    good = load_file(file)
+    stored = "layers.0.block_sparse_moe"
+    assert f"{stored}.experts.15.w2.weight" in good and not any(".mlp." in k for k in good)
+    one = _mixtral_block("meta")
+    ckpt.load(one, tmp_path)  # the one-process load: what each rank's slots must hold
+    model = _mixtral_block("meta")
+    report = parallelize(model, mesh8)
+    assert report.sharded["layers.0.mlp.experts"].experts == (16, 2)
+    assert report.sharded["layers.0.mlp.shared.gate_proj"].kind == "colwise"
+    _SpyOpen.whole, _SpyOpen.sliced = [], []
+    monkeypatch.setattr(safetensors, "safe_open", _SpyOpen)
+    read_into, into = dckpt.read_into, []
+    monkeypatch.setattr(
+        dckpt, "read_into", lambda o, key, f, dst: (into.append(key), read_into(o, key, f, dst))
+    )
+    dckpt.load(model, tmp_path)
+    local = {f"{stored}.experts.{e}.{w}.{t}" for e in (6, 7) for w in ("w1", "w2", "w3")
+             for t in ("weight", "weight_scale_inv")}  # fmt: skip
+    scales = {k for k in local if k.endswith("_scale_inv")}
+    assert set(into) == local - scales  # fp8 weights straight into the fused local buffers
+    experts_read = {k for k in _SpyOpen.whole + _SpyOpen.sliced if ".experts." in k}
+    assert experts_read == local  # other ranks' experts never opened
+    assert f"{stored}.gate.weight" in _SpyOpen.whole
+    assert f"{stored}.shared.gate_proj.weight" in _SpyOpen.sliced  # this rank's rows only
+    ep, ref = model.layers[0].mlp.experts, one.layers[0].mlp.experts
+    assert isinstance(ep, Fp8ShardedExperts) and (ep.expert_offset, ep.num_experts) == (6, 2)
+    for key in ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv"):
+        got, want = getattr(ep, key), getattr(ref, key)[6:8]
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
+    assert torch.equal(model.layers[0].mlp.gate.weight, one.layers[0].mlp.gate.weight)
+    rows = slice(3 * 256, 4 * 256)
+    got, want = model.layers[0].mlp.shared.gate_proj.weight, one.layers[0].mlp.shared.gate_proj.weight
+    assert torch.equal(got.view(torch.uint8), want[rows].view(torch.uint8))
+
+    # other ranks' experts may be missing; a local one missing is named by the file's key
+    monkeypatch.setattr(safetensors, "safe_open", _REAL_OPEN)
+    cases = {f"{stored}.experts.0.w3.weight": None, f"{stored}.experts.7.w2.weight_scale_inv": "missing",
+             f"{stored}.experts.6.w1.weight": "missing"}  # fmt: skip
+    for key, words in cases.items():
+        save_file({k: v for k, v in good.items() if k != key}, file)
+        model = _mixtral_block("meta")
+        parallelize(model, mesh8)
+        if words is None:
+            dckpt.load(model, tmp_path)
+            continue
+        with pytest.raises(ckpt.CheckpointError, match=rf"{key}: {words} .* \[6, 8\) of 16"):
+            dckpt.load(model, tmp_path)
+        assert model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"  # nothing changed
+    save_file(good, file)
+
+
 # ---- per-rank peak memory of distributed.checkpoint.load: 2 gloo ranks (loopback, timeout)
 # 48 MiB of dense fp8 weights (8 MiB tensors) + 8 experts of 6 MiB per-expert keys: 96 MiB in all
 MEM_LAYERS, MEM_HIDDEN, MEM_INTER, MEM_EXPERTS, MEM_EXPERT_INTER = 2, 1024, 8192, 8, 2048
@@ -336,3 +423,42 @@ def test_read_into_refuses_a_byte_count_mismatch_and_a_short_file(tmp_path):
             dckpt.read_into((f, 4, {"k": {"data_offsets": [0, 10]}}), "k", str(path), dst)
         with pytest.raises(ckpt.CorruptCheckpointError, match="k: cannot read .*: it ends early"):
             dckpt.read_into((f, 12, {"k": {"data_offsets": [0, 8]}}), "k", str(path), dst)
+
+
+@pytest.mark.slow  # two processes importing transformers: ~20 s on our shared 2-core machines
+def test_mixtral_checkpoint_on_two_expert_parallel_ranks(tmp_path):
+    """2 gloo ranks (tests/mixtral_ckpt_worker.py): a tiny Mixtral converted and saved with
+    checkpoint.save (Mixtral's names: block_sparse_moe.experts.{e}.w1 / w3 / w2) loads per rank into
+    a parallelized meta model, each rank reading only its 4 of 8 experts per layer, and gives one
+    device's logits; the split model's sharded save holds checkpoint.save's keys and bytes, and the
+    one-process load reads it back to the same logits."""
+    import json
+    import os
+
+    from gloo_ranks import free_port, run_ranks, worker_env
+
+    from torch_fp8_blockwise.testing import KERNEL_ERROR_BOUND
+
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = os.path.join(root, "tests", "mixtral_ckpt_worker.py")
+    run_ranks(lambda r: [worker, str(r), "2", str(port), str(tmp_path)], 2, worker_env(root), 300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, res in enumerate(ranks):
+        assert res["experts_split"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+        assert res["experts"] == ["Fp8ShardedExperts", 4 * r, 4]
+        local = {
+            f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
+            for layer in range(2) for e in range(4 * r, 4 * r + 4) for w in ("w1", "w2", "w3")
+        }  # fmt: skip
+        assert set(res["read_into"]) == local  # fp8 weights straight into the slots; only local ones
+        assert res["load_equal_ep"] is True  # bit-equal to splitting the converted model in memory
+        assert res["load_rel"] <= KERNEL_ERROR_BOUND
+        assert res["written"] == ranks[0]["written"] and "model.safetensors.index.json" in res["written"]
+    res = ranks[0]
+    assert len(res["written"]) > 3  # several shards + index + config
+    assert "model.layers.1.block_sparse_moe.experts.7.w2.weight_scale_inv" in res["resave_keys"]
+    assert "model.layers.0.block_sparse_moe.gate.weight" in res["resave_keys"]
+    assert not any(".mlp." in k for k in res["resave_keys"])
+    assert res["resave_keys"] == res["saved_keys"] and res["resave_equal"] is True
+    assert res["one_process_load_equal"] is True

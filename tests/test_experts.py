@@ -672,6 +672,30 @@ def test_mixtral_checkpoint_errors_name_the_stored_key(tmp_path) -> None:
         assert model.model.layers[1].mlp.experts is before
 
 
+def test_parse_per_expert_key_inverts_per_expert_keys_exactly() -> None:
+    """distributed.checkpoint maps a file's key to its expert slot with parse_per_expert_key: it must
+    accept exactly what per_expert_keys writes (DeepSeek / Qwen3 names, or Mixtral's w1 / w3 / w2)."""
+    from torch_fp8_blockwise import experts as ex
+
+    name = "model.layers.3.mlp.experts"
+    for mixtral in (False, True):
+        stem = ex.per_expert_stem(name, mixtral=mixtral)
+        for e in (0, 7, 10, 255):
+            for proj in ex.PROJECTIONS:
+                for key, suffix in zip(ex.per_expert_keys(name, e, proj, mixtral=mixtral), ("weight", "weight_scale_inv"), strict=True):  # fmt: skip
+                    assert key.startswith(stem + ".")
+                    assert ex.parse_per_expert_key(key[len(stem) + 1 :], mixtral=mixtral) == (e, proj, suffix)
+    assert ex.per_expert_stem(name, mixtral=True) == "model.layers.3.block_sparse_moe.experts"
+    assert ex.parse_per_expert_key("4.w3.weight", mixtral=True) == (4, "up_proj", "weight")
+    down_scale = ("down_proj", "weight_scale_inv")
+    assert ex.parse_per_expert_key("4.w2.weight_scale_inv", mixtral=True) == (4, *down_scale)
+    refused = ["4.w1.weight", "04.gate_proj.weight", "+4.gate_proj.weight", "\u0664.gate_proj.weight",
+               "4.gate_proj.bias", "4.gate_proj", "x.4.gate_proj.weight", "4.gate.weight", "-1.up_proj.weight"]  # fmt: skip
+    for rest in refused:
+        assert ex.parse_per_expert_key(rest) is None, rest
+    assert ex.parse_per_expert_key("4.gate_proj.weight", mixtral=True) is None
+
+
 @pytest.mark.parametrize(
     "key, value, exc, words",
     [

@@ -28,7 +28,7 @@ import os
 import re
 import reprlib
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -756,18 +756,23 @@ def _plan(
     requantize_block: int | None,
     strict: bool,
     activation: str | None,
+    file_keys: Collection[str] | None = None,
 ) -> _Plan:
+    """Read and check everything :func:`load` will do (nothing changes). ``file_keys``: every key of
+    the checkpoint's files, which decide per experts module whether the file uses Mixtral's names
+    (:func:`_mixtral_experts`); default: the keys of ``tensors`` (distributed.checkpoint.load passes
+    the files' keys: it reads local experts' per-expert keys into fused tensors and never reads
+    other ranks')."""
     summary = QuantizationSummary()
     used: set[str] = set()
     new_layers: dict[str, nn.Module] = {}
     fill_layers: dict[str, Fp8BlockwiseLinear] = {}
     parents = module_parents(model)
-    handled_prefixes: list[str] = []  # experts modules: their keys are planned by experts.py
+    handled: set[str] = set()  # experts modules: their keys are planned by experts.py
     experts = {name for name, m in model.named_modules() if _experts.is_fused_experts(m)}
     # Experts stored under Mixtral's original names; their MoE blocks' other keys (the router) too.
-    mixtral = {name for name in experts if _experts.file_uses_mixtral_names(name, tensors)}
-    aliases = dict(_experts.mixtral_block_names(name) for name in mixtral)
-    aliases = {block: stored for block, stored in aliases.items() if block != stored}
+    mixtral = _mixtral_experts(experts, tensors if file_keys is None else file_keys)
+    aliases = _mixtral_aliases(mixtral)
     stored = {name: _stored_key(name, aliases) for name in experts}
     # Each key's dotted prefixes looked up once (not every key tested per experts module: DeepSeek-V3
     # has 58 of them and ~90k keys).
@@ -793,7 +798,7 @@ def _plan(
             if layer is not None:
                 used.update(keys)
                 summary.converted.update(reports)
-                handled_prefixes.append(name + ".")
+                handled.add(name)
                 new_layers[name] = layer
             continue
         if not isinstance(module, (nn.Linear, Fp8BlockwiseLinear)):
@@ -816,8 +821,7 @@ def _plan(
         used.update(keys)
         (fill_layers if isinstance(module, Fp8BlockwiseLinear) else new_layers)[name] = layer
 
-    prefixes = [n + "." for n in summary.converted] + handled_prefixes
-    rest, any_meta = _plan_rest(model, tensors, prefixes, used, strict, aliases)
+    rest, any_meta = _plan_rest(model, tensors, handled | set(summary.converted), used, strict, aliases)
     unexpected = sorted(set(tensors) - used)
     if strict and unexpected:
         key = unexpected[0]
@@ -827,6 +831,20 @@ def _plan(
     if unexpected:
         logger.warning("checkpoint.load: ignored %d unexpected keys, e.g. %s", len(unexpected), unexpected[0])
     return _Plan(new_layers, fill_layers, rest, summary, assign=any_meta)
+
+
+def _mixtral_experts(experts: Iterable[str], keys: Collection[str]) -> set[str]:
+    """The experts modules (model names in ``experts``) whose per-expert keys a checkpoint holding
+    ``keys`` stores under Mixtral's original names (:func:`.experts.file_uses_mixtral_names`)."""
+    return {name for name in experts if _experts.file_uses_mixtral_names(name, keys)}
+
+
+def _mixtral_aliases(mixtral: Iterable[str]) -> dict[str, str]:
+    """Model module name -> the checkpoint's name (:func:`_stored_key`) of each MoE block holding an
+    experts module of ``mixtral``: ``model.layers.0.mlp`` -> ``model.layers.0.block_sparse_moe``
+    (the whole block is stored there: its router, a Linear in it)."""
+    aliases = dict(_experts.mixtral_block_names(name) for name in mixtral)
+    return {block: stored for block, stored in aliases.items() if block != stored}
 
 
 def _keys_under(tensors: dict[str, object], names: set[str]) -> dict[str, list[str]]:
@@ -842,6 +860,18 @@ def _keys_under(tensors: dict[str, object], names: set[str]) -> dict[str, list[s
                 found.append(key)
             dot = key.find(".", dot + 1)
     return out
+
+
+def _under_any(key: str, names: set[str]) -> bool:
+    """Whether ``key.startswith(name + ".")`` for some ``name`` in ``names``: each of the key's dotted
+    prefixes looked up once (O(depth) per key, not O(len(names)): DeepSeek-V3 has ~1,400 state keys
+    and ~1,000 fp8 layers)."""
+    dot = key.find(".")
+    while dot != -1:
+        if key[:dot] in names:
+            return True
+        dot = key.find(".", dot + 1)
+    return False
 
 
 def _stored_key(key: str, aliases: dict[str, str]) -> str:
@@ -1015,21 +1045,22 @@ def _plan_layer(
 def _plan_rest(
     model: nn.Module,
     tensors: dict[str, tuple[torch.Tensor, str]],
-    handled_prefixes: list[str],
+    handled: set[str],
     used: set[str],
     strict: bool,
     aliases: dict[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Every other model tensor, like load_state_dict but checked before anything changes:
-    (key -> tensor in the model's dtype, whether any target is on the meta device). ``aliases``:
-    model module name -> the checkpoint's name of it (:func:`_stored_key`); errors name the
-    checkpoint's key."""
+    (key -> tensor in the model's dtype, whether any target is on the meta device). ``handled``:
+    names of the modules already planned (fp8 layers, experts), whose keys (``<name>.``...) are
+    skipped. ``aliases``: model module name -> the checkpoint's name of it (:func:`_stored_key`);
+    errors name the checkpoint's key."""
     aliases = aliases or {}
     ties = _tie_groups(model)
     rest: dict[str, torch.Tensor] = {}
     any_meta = False
     for key, target in model.state_dict().items():
-        if any(key.startswith(p) for p in handled_prefixes):
+        if _under_any(key, handled):
             continue
         stored = _stored_key(key, aliases)
         if stored not in tensors:

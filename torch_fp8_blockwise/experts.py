@@ -22,9 +22,10 @@ summed back per token in a fixed order). Pairs whose expert id falls outside ``[
 ``expert_offset``: transformers' sentinel ``E``, or experts another rank owns) are sorted past the
 last group, so the grouped op returns 0 for them.
 
-Checkpoint key mapping (used by :mod:`.checkpoint`): :func:`per_expert_keys`,
-:func:`split_per_expert`, :func:`plan_load`; Mixtral's original names (``block_sparse_moe.experts.{e}.w1``
-/ ``w3`` / ``w2``) beside DeepSeek / Qwen3's (:func:`mixtral_block_names`, :func:`uses_mixtral_names`).
+Checkpoint key mapping (used by :mod:`.checkpoint` and :mod:`.distributed.checkpoint`):
+:func:`per_expert_keys` (and its inverse :func:`parse_per_expert_key`), :func:`split_per_expert`,
+:func:`plan_load`; Mixtral's original names (``block_sparse_moe.experts.{e}.w1`` / ``w3`` / ``w2``)
+beside DeepSeek / Qwen3's (:func:`mixtral_block_names`, :func:`uses_mixtral_names`).
 """
 
 from __future__ import annotations
@@ -550,11 +551,44 @@ def per_expert_keys(name: str, expert: int, projection: str, *, mixtral: bool = 
     ``block_sparse_moe`` (:func:`mixtral_block_names`) and the projections w1 / w3 / w2
     (:data:`MIXTRAL_PROJECTIONS`): ``model.layers.0.mlp.experts`` expert 3's gate_proj is
     ``model.layers.0.block_sparse_moe.experts.3.w1.weight``."""
+    base = f"{per_expert_stem(name, mixtral=mixtral)}.{expert}.{_stored_projections(mixtral)[projection]}"
+    return base + ".weight", base + ".weight_scale_inv"
+
+
+def per_expert_stem(name: str, *, mixtral: bool = False) -> str:
+    """What every per-expert key of experts module ``name`` starts with (before ``.<e>.``):
+    ``name`` itself, or with ``mixtral`` its MoE block renamed (``model.layers.0.mlp.experts`` ->
+    ``model.layers.0.block_sparse_moe.experts``)."""
     if mixtral:
         block, stored = mixtral_block_names(name)
-        name, projection = stored + name[len(block) :], MIXTRAL_PROJECTIONS[projection]
-    base = f"{name}.{expert}.{projection}"
-    return base + ".weight", base + ".weight_scale_inv"
+        return stored + name[len(block) :]
+    return name
+
+
+def _stored_projections(mixtral: bool) -> dict[str, str]:
+    """Projection (one of :data:`PROJECTIONS`) -> its name in the checkpoint's keys."""
+    return MIXTRAL_PROJECTIONS if mixtral else _SAME_PROJECTIONS
+
+
+_SAME_PROJECTIONS: dict[str, str] = {p: p for p in PROJECTIONS}
+
+
+def parse_per_expert_key(rest: str, *, mixtral: bool = False) -> tuple[int, str, str] | None:
+    """The inverse of :func:`per_expert_keys` after the stem: ``rest`` = what follows
+    ``per_expert_stem(name, mixtral=mixtral) + "."`` in a key -> (expert, projection (one of
+    :data:`PROJECTIONS`), "weight" or "weight_scale_inv"), exactly when :func:`per_expert_keys` gives
+    that key for them (an expert id in its canonical decimal form: no sign, no leading zero); else
+    None. (distributed.checkpoint maps a file's key to the local expert slot it fills.)"""
+    parts = rest.split(".")
+    if len(parts) != 3 or parts[2] not in ("weight", "weight_scale_inv"):
+        return None
+    e, stored, suffix = parts
+    if not (e.isascii() and e.isdigit()) or str(int(e)) != e:
+        return None
+    for proj, name in _stored_projections(mixtral).items():
+        if name == stored:
+            return int(e), proj, suffix
+    return None
 
 
 def mixtral_block_names(name: str) -> tuple[str, str]:

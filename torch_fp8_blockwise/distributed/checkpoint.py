@@ -1,6 +1,7 @@
 """Per-rank checkpoint I/O for a model split by :func:`~torch_fp8_blockwise.distributed.parallelize`
 on a torch ``DeviceMesh``: the same DeepSeek / HF fp8 safetensors format as
-:mod:`torch_fp8_blockwise.checkpoint`.
+:mod:`torch_fp8_blockwise.checkpoint`, with its names (Mixtral's original expert names included:
+the rule stays in checkpoint.py / experts.py).
 
 * :func:`load`: each rank reads only its slices of the sharded layers (safetensors ``get_slice``:
   a column-parallel layer's rows are read without touching the rest of the tensor; a row-parallel
@@ -29,7 +30,6 @@ on a torch ``DeviceMesh``: the same DeepSeek / HF fp8 safetensors format as
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 import torch.distributed as dist
@@ -40,8 +40,6 @@ from .. import experts as _experts
 from ..nn import Fp8BlockwiseLinear, QuantizationSummary
 from .experts import Fp8ShardedExperts, like_shard
 from .layers import Fp8ColwiseLinear, _Fp8ShardedLinear
-
-_PER_EXPERT = re.compile(r"(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)")
 
 _SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
@@ -80,6 +78,10 @@ def load(
     ``[e0, e1)`` here) reads only the per-expert keys ``<name>.<e>.{gate,up,down}_proj.weight`` /
     ``.weight_scale_inv`` with e0 <= e < e1 (other ranks' keys are never opened), or the rows
     ``[e0, e1)`` of fused fp8 keys (``<name>.gate_up_proj``, ...), and stays expert-parallel.
+    Mixtral's original names are read as ``checkpoint.load`` reads them, decided the same way on the
+    files' keys: ``<layer>.block_sparse_moe.experts.<e>.w1`` (gate) / ``w3`` (up) / ``w2`` (down)
+    for ``<layer>.mlp.experts`` (only the local experts' keys, as above), and the rest of that MoE
+    block (the router; a sharded Linear's slices too) under ``block_sparse_moe.``.
 
     A model parallelized over a torch_xla SPMD ``Mesh`` is loaded by
     :func:`~torch_fp8_blockwise.distributed.xla_checkpoint.load` (each tensor placed on the devices,
@@ -104,11 +106,16 @@ def load(
             f"{cfg_path}: a compressed-tensors checkpoint; loading it into a parallelized model is not "
             "supported yet (load it into one process, or save it in the 'fp8' format)"
         )
-    slices = {
-        f"{name}.{suffix}": (layer, sl)
-        for name, layer in sharded.items()
-        for suffix, sl in _local_slices(layer).items()
-    }
+    # Which experts modules the file stores under Mixtral's names: checkpoint.load's rule on every key
+    # of the files (the tensors read below lack the per-expert keys, local ones read into fused
+    # buffers, other ranks' never read), and the MoE blocks stored under block_sparse_moe. with them.
+    file_keys, mixtral, aliases = None, set(), {}
+    if sharded or experts:
+        file_keys = {key for file in files for key in _ckpt._header_keys(file)}
+        fused = [name for name, m in model.named_modules() if _experts.is_fused_experts(m)]
+        mixtral = _ckpt._mixtral_experts(fused, file_keys)
+        aliases = _ckpt._mixtral_aliases(mixtral)
+    expert_keys = _ExpertKeys(experts, mixtral)
     for name, layer in [*sharded.items(), *experts.items()]:
         if layer.config.block_shape != fmt.block:
             raise _ckpt.CheckpointError(
@@ -116,6 +123,11 @@ def load(
                 f"blocks, the checkpoint has weight_block_size {list(fmt.block)} ({cfg_path}); parallelize "
                 "with config=Fp8Config(block_shape=...) matching the file"
             )
+    slices = {  # the file's key (Mixtral: block_sparse_moe.) -> (layer, this rank's (rows, columns))
+        _ckpt._stored_key(f"{name}.{suffix}", aliases): (layer, sl)
+        for name, layer in sharded.items()
+        for suffix, sl in _local_slices(layer).items()
+    }
 
     buffers: dict[str, _LocalExperts] = {}  # per-expert keys go straight into the fused buffers
 
@@ -123,11 +135,12 @@ def load(
         """(key, tensor) as this rank holds it: a sharded layer's slice (get_slice reads only
         those rows), None for a per-expert key (another rank's: never read; a local one: read
         into this rank's fused experts buffers), every other tensor whole."""
-        owner = _expert_owner(key, experts)
+        owner = expert_keys.owner(key)
         if owner is not None:
-            if owner not in buffers:
-                buffers[owner] = _LocalExperts(owner, experts[owner], fmt)
-            return _read_local_expert(f, key, owner, experts[owner], file, buffers[owner])
+            name, parsed = owner
+            if name not in buffers:
+                buffers[name] = _LocalExperts(name, experts[name], fmt, name in expert_keys.mixtral)
+            return _read_local_expert(f, key, parsed, experts[name], file, buffers[name])
         if key not in slices:
             return key, f.get_tensor(key)
         layer, (rows, cols) = slices[key]
@@ -157,8 +170,8 @@ def load(
         if name in buffers and buffers[name].filled:
             buffers[name].publish(tensors, files)
         else:
-            _check_local_experts(name, layer, tensors, files)
-    plan = _ckpt._plan(model, tensors, fmt, None, strict, activation)
+            _check_local_experts(name, layer, tensors, files, name in expert_keys.mixtral)
+    plan = _ckpt._plan(model, tensors, fmt, None, strict, activation, file_keys)
     for name, layer in plan.new_layers.items():
         if name in experts:
             plan.new_layers[name] = like_shard(layer, experts[name])
@@ -181,14 +194,32 @@ def _column_slice(file: str, key: str, rows: slice, cols: slice) -> torch.Tensor
         return f.get_slice(key)[rows, cols].contiguous()
 
 
-def _expert_owner(key: str, experts: dict[str, Fp8ShardedExperts]) -> str | None:
-    """The expert-parallel module a checkpoint key belongs to (per-expert or fused key), or None."""
-    for name in experts:
-        if key.startswith(name + "."):
-            rest = key[len(name) + 1 :]
-            if _PER_EXPERT.fullmatch(rest) or rest in _experts.FUSED_KEYS:
-                return name
-    return None
+class _ExpertKeys:
+    """Which expert-parallel module a checkpoint key belongs to, by one dict lookup per key (not
+    every key tested against every module: DeepSeek-V3 has 58 of them): a per-expert key by its stem
+    (:func:`~torch_fp8_blockwise.experts.per_expert_stem`, Mixtral's names for the modules in
+    ``mixtral``) and :func:`~torch_fp8_blockwise.experts.parse_per_expert_key`, a fused key
+    (``<name>.gate_up_proj`` ...) by the module's name."""
+
+    def __init__(self, experts: dict[str, Fp8ShardedExperts], mixtral: set[str]) -> None:
+        self.mixtral = mixtral
+        self.names = set(experts)
+        self.stems = {_experts.per_expert_stem(name, mixtral=name in mixtral): name for name in experts}
+
+    def owner(self, key: str) -> tuple[str, tuple[int, str, str] | None] | None:
+        """(module name, (expert, projection, suffix) of a per-expert key or None for a fused key), or
+        None when ``key`` is neither of an expert-parallel module."""
+        parts = key.rsplit(".", 3)
+        if len(parts) == 4 and parts[0] in self.stems:
+            name = self.stems[parts[0]]
+            rest = key[len(parts[0]) + 1 :]
+            parsed = _experts.parse_per_expert_key(rest, mixtral=name in self.mixtral)
+            if parsed is not None:
+                return name, parsed
+        name, _, last = key.rpartition(".")
+        if name in self.names and last in _experts.FUSED_KEYS:
+            return name, None
+        return None
 
 
 class _LocalExperts:
@@ -199,8 +230,8 @@ class _LocalExperts:
     them to the loader as the fused keys ``<name>.gate_up_proj`` ..., whose path checks them again.
     """
 
-    def __init__(self, name: str, layer: Fp8ShardedExperts, fmt) -> None:
-        self.name, self.layer, self.fmt = name, layer, fmt
+    def __init__(self, name: str, layer: Fp8ShardedExperts, fmt, mixtral: bool) -> None:
+        self.name, self.layer, self.fmt, self.mixtral = name, layer, fmt, mixtral
         self._tensors: dict[str, torch.Tensor] = {}  # allocated by the first per-expert key read
         self.filled: dict[tuple[int, str, str], str] = {}  # (local e, proj, suffix) -> file
         self._files: dict[str, tuple[object, int, dict]] = {}  # file -> (raw handle, data offset, header)
@@ -272,8 +303,9 @@ class _LocalExperts:
             for proj in _experts.PROJECTIONS:
                 for suffix in ("weight", "weight_scale_inv"):
                     if (e, proj, suffix) not in self.filled:
+                        w_key, s_key = _experts.per_expert_keys(self.name, e0 + e, proj, mixtral=self.mixtral)
                         raise _ckpt.CheckpointError(
-                            f"{self.name}.{e0 + e}.{proj}.{suffix}: missing from the checkpoint ({self.name} "
+                            f"{w_key if suffix == 'weight' else s_key}: missing from the checkpoint ({self.name} "
                             f"holds experts [{e0}, {e0 + layer.num_experts}) of {layer.full_num_experts} "
                             f"on this rank; files: {sorted(map(str, files))})"
                         )
@@ -307,19 +339,25 @@ def read_into(opened: tuple[object, int, dict], key: str, file: str, dst: torch.
         done += got
 
 
-def _read_local_expert(f, key: str, name: str, layer: Fp8ShardedExperts, file: str, local: _LocalExperts):
-    """For a key of ``name``: a per-expert key of a local expert is read into ``local`` (returns
-    None), another rank's is never read (None); fused keys: (key, rows [e0, e1) by get_slice)."""
-    rest = key[len(name) + 1 :]
+def _read_local_expert(
+    f,
+    key: str,
+    parsed: tuple[int, str, str] | None,
+    layer: Fp8ShardedExperts,
+    file: str,
+    local: _LocalExperts,
+):
+    """For a key of ``layer``: a per-expert key (``parsed``: (expert, projection, suffix)) of a local
+    expert is read into ``local`` (returns None), another rank's is never read (None); fused keys
+    (``parsed`` None): (key, rows [e0, e1) by get_slice)."""
     e0, e1 = layer.expert_offset, layer.expert_offset + layer.num_experts
-    match = _PER_EXPERT.fullmatch(rest)
-    if match is not None:
-        e = int(match.group(1))
+    if parsed is not None:
+        e, proj, suffix = parsed
         if e >= layer.full_num_experts:  # not an expert of the model: kept, so strict load names it
             return key, f.get_tensor(key)
         if not e0 <= e < e1:
             return None
-        local.read(f, key, file, e - e0, match.group(2), match.group(3))
+        local.read(f, key, file, e - e0, proj, suffix)
         return None
     part = f.get_slice(key)
     shape = tuple(part.get_shape())
@@ -330,18 +368,19 @@ def _read_local_expert(f, key: str, name: str, layer: Fp8ShardedExperts, file: s
     return key, part[e0:e1].contiguous()
 
 
-def _check_local_experts(name: str, layer: Fp8ShardedExperts, tensors: dict, files: list) -> None:
-    """Every local expert's per-expert keys are present (named by their GLOBAL expert id)."""
+def _check_local_experts(
+    name: str, layer: Fp8ShardedExperts, tensors: dict, files: list, mixtral: bool
+) -> None:
+    """Every local expert's per-expert keys are present (named by their GLOBAL expert id, as the
+    file names them: Mixtral's names with ``mixtral``)."""
     if f"{name}.gate_up_proj" in tensors:
         return
-    for e in range(layer.num_experts):
+    for e in range(layer.expert_offset, layer.expert_offset + layer.num_experts):
         for proj in _experts.PROJECTIONS:
-            for key in _experts.per_expert_keys(name, e, proj):
+            for key in _experts.per_expert_keys(name, e, proj, mixtral=mixtral):
                 if key not in tensors:
-                    g = layer.expert_offset + e
-                    missing = key.replace(f"{name}.{e}.", f"{name}.{g}.", 1)
                     raise _ckpt.CheckpointError(
-                        f"{missing}: missing from the checkpoint ({name} holds experts "
+                        f"{key}: missing from the checkpoint ({name} holds experts "
                         f"[{layer.expert_offset}, {layer.expert_offset + layer.num_experts}) of "
                         f"{layer.full_num_experts} on this rank; files: {sorted(map(str, files))})"
                     )
@@ -385,7 +424,9 @@ def unshard_experts(layer: Fp8ShardedExperts) -> _experts.Fp8Experts:
 
 def save(model: nn.Module, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> list[str]:
     """Write a parallelized ``model`` as ``checkpoint.save`` writes the unsharded one (every rank
-    calls it; rank 0 writes). Returns the file names written (on every rank)."""
+    calls it; rank 0 writes: ``checkpoint.save`` on the model with the gathered layers swapped in,
+    so the same keys, e.g. Mixtral's names for a Mixtral model). Returns the file names written (on
+    every rank)."""
     sharded = [
         (name, m)
         for name, m in model.named_modules()
