@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -39,32 +39,29 @@ def test_library_builds_where_a_compiler_exists():
     assert cpu.kernel_status().startswith("compiled ("), cpu.kernel_status()
 
 
-def _has_avx2() -> bool:
+def _on_path(name, monkeypatch):
     lib = cpu_kernels.library()
-    if lib is None:
-        return False
-    isa = lib.fp8_get_isa()
-    ok = lib.fp8_set_isa(1) == 1
-    lib.fp8_set_isa(isa)
-    return ok
-
-
-@pytest.fixture(params=["avx2", "scalar", "torch"])
-def path(request, monkeypatch):
-    """Run the test body on one of the CPU backend's paths."""
-    lib = cpu_kernels.library()
-    if request.param == "torch":
+    if name == "torch":
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
     if lib is None:
         pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
-    if request.param == "avx2" and not _has_avx2():
-        pytest.skip("this CPU has no AVX2 + FMA + F16C")
-    before = lib.fp8_get_isa()
-    lib.fp8_set_isa(1 if request.param == "avx2" else 0)
-    yield request.param
+    before = use_isa(lib, name)
+    yield name
     lib.fp8_set_isa(before)
+
+
+@pytest.fixture(params=["avx2", "scalar", "torch"])
+def path(request, monkeypatch):
+    """Run the test body on one of the CPU backend's paths ("avx2": without the AVX512-BF16 GEMM)."""
+    yield from _on_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
+def mm_path(request, monkeypatch):
+    """``path`` plus the AVX512-BF16 fused GEMM (skipped where the CPU lacks it): the matmul tests."""
+    yield from _on_path(request.param, monkeypatch)
 
 
 # --------------------------------------------------------------------------------- matmul
@@ -101,7 +98,7 @@ def _inputs(m, n, k, mode, wdtype, fmt, block, bias):
 
 
 @pytest.mark.parametrize("m,n,k,mode,wdtype,fmt,block,out_dtype,bias", CASES, ids=str)
-def test_matmul_matches_reference(path, m, n, k, mode, wdtype, fmt, block, out_dtype, bias):
+def test_matmul_matches_reference(mm_path, m, n, k, mode, wdtype, fmt, block, out_dtype, bias):
     x, wq, ws, kwargs, exact = _inputs(m, n, k, mode, wdtype, fmt, block, bias)
     ref = reference.blockwise_matmul(
         x,
@@ -115,12 +112,12 @@ def test_matmul_matches_reference(path, m, n, k, mode, wdtype, fmt, block, out_d
     )
     with tfb.use_backend("cpu"):
         y = tfb.blockwise_matmul(x, wq, ws, block, out_dtype=out_dtype, **kwargs)
-    assert_kernel_close(y, ref, f"{path} {mode}")
+    assert_kernel_close(y, ref, f"{mm_path} {mode}")
     assert sqnr(y, exact) >= sqnr_floor(wdtype, fmt)
 
 
 @pytest.mark.parametrize("m", [3, 60, 300])
-def test_matmul_non_contiguous_x_and_batch_dims(path, m):
+def test_matmul_non_contiguous_x_and_batch_dims(mm_path, m):
     wq, ws = reference.quantize(torch.randn(300, 640), (128, 128), E4M3, "fp32")
     x = torch.randn(2, 640, m, dtype=torch.bfloat16).transpose(1, 2)  # [2, m, 640], K stride m
     ref = reference.blockwise_matmul(
@@ -128,13 +125,13 @@ def test_matmul_non_contiguous_x_and_batch_dims(path, m):
     )
     with tfb.use_backend("cpu"):
         y = tfb.blockwise_matmul(x, wq, ws, activation="none")
-    assert_kernel_close(y.reshape(-1, 300), ref, path)
+    assert_kernel_close(y.reshape(-1, 300), ref, mm_path)
 
 
 @pytest.mark.parametrize("m", [1, 2])
-def test_matmul_nan_and_inf_in_the_weight_propagate(path, m):
+def test_matmul_nan_and_inf_in_the_weight_propagate(mm_path, m):
     """fp8 nan / inf codes must reach the output as the reference has them, not as finite values:
-    e4m3 nan of both signs in the GEMV's (m = 1) and the tile path's (m = 2) 16-wide loops and
+    e4m3 nan of both signs in the GEMV's (m = 1) and the tile mm_path's (m = 2) 16-wide loops and
     scalar tails (K = 277: blocks of 128, 128, 21), one where x is 0 (nan * 0 = nan)."""
     wq, ws = reference.quantize(torch.randn(8, 277), (128, 128), E4M3, "fp32")
     codes = wq.view(torch.uint8)
@@ -147,7 +144,7 @@ def test_matmul_nan_and_inf_in_the_weight_propagate(path, m):
         ref = reference.blockwise_matmul(x, w, s, (128, 128), None, None, torch.float32, "none")
         with tfb.use_backend("cpu"):
             y = tfb.blockwise_matmul(x, w, s, activation="none")
-        assert_kernel_close(y, ref, path)
+        assert_kernel_close(y, ref, mm_path)
     assert y.isinf().any() and ref.isinf().any()  # the inf check above saw an inf
 
 
@@ -271,7 +268,7 @@ def test_mxfp8_quantize_bit_exact(path, dtype):
 
 @pytest.mark.parametrize("m", [1, 13, 60, 300])
 @pytest.mark.parametrize("fp8_x", [False, True], ids=["dynamic", "fp8_x"])
-def test_mxfp8_matmul(path, m, fp8_x):
+def test_mxfp8_matmul(mm_path, m, fp8_x):
     """MXFP8 runs the blockwise machinery with (bn, bk) = (1, 32)."""
     w_true, x_true = torch.randn(600, 96), torch.randn(m, 96)
     wq, ws = reference.mxfp8_quantize(w_true, E4M3)
@@ -279,7 +276,7 @@ def test_mxfp8_matmul(path, m, fp8_x):
     ref = reference.mxfp8_matmul(x, wq, ws, x_scale, None, torch.float32)
     with tfb.use_backend("cpu"):
         y = tfb.mxfp8_matmul(x, wq, ws, x_scale, out_dtype=torch.float32)
-    assert_kernel_close(y, ref, path)
+    assert_kernel_close(y, ref, mm_path)
 
 
 # ------------------------------------------------------------------ threads, call counts, build

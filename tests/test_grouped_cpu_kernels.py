@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, use_isa
 from grouped_cases import (
     assert_quantization_loss_ok,
     check_gmm,
@@ -34,18 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = "cpu"
 
 
-@pytest.fixture(params=["avx2", "scalar", "torch"])
+@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
 def path(request, monkeypatch):
-    """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path)."""
+    """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path). "avx2": without the AVX512-BF16 GEMM; "avx512bf16" skipped where the CPU lacks it."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
     lib = compiled_or_fail()
-    before = lib.fp8_get_isa()
-    if lib.fp8_set_isa(1 if request.param == "avx2" else 0) != (1 if request.param == "avx2" else 0):
-        lib.fp8_set_isa(before)
-        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    before = use_isa(lib, request.param)
     yield request.param
     lib.fp8_set_isa(before)
 
@@ -180,15 +177,21 @@ def _call_gmm(sizes, n, k, mode, x_dtype=torch.bfloat16):
         tfb.grouped_matmul(**case["args"])
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512bf16"])
 @pytest.mark.parametrize(
     "mode,x_dtype,act",
     [("dynamic", torch.bfloat16, 1), ("fp8", torch.float32, 1), ("none", torch.float32, 0)],
 )
-def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
+def test_gmm_c_calls_at_decode_sizes(isa, monkeypatch, mode, x_dtype, act):
     """One activation call for all rows (none for fp32 W8A16 x), one overflow-edge check of all
     of it, then ONE grouped fused GEMM call for all non-empty groups, whatever the number of groups and K blocks: no weight is ever
-    dequantized at decode sizes, and there is one parallel region per call, not one per group."""
-    spy = CallSpy(compiled_or_fail())
+    dequantized at decode sizes, and there is one parallel region per call, not one per group.
+    With the AVX512-BF16 kernels, where they are exact (W8A8), ONE call does all of it
+    (fp8_gemm_grouped_x: activation, edge check and GEMM); where they are not (fp32 x under W8A16)
+    that call refuses and the AVX2 calls follow."""
+    lib = compiled_or_fail()
+    before = use_isa(lib, isa)
+    spy = CallSpy(lib)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
 
     def no_torch_dequantize(*args):
@@ -200,18 +203,32 @@ def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
         spy.calls.clear()
         _call_gmm(DECODE, 136, k, mode, x_dtype)
         assert sum(1 for s in DECODE if s) > 1
-        assert spy.names == ["fp8_prepare_x"] * act + ["fp8_overflow_edge", "fp8_gemm_grouped"], k
+        fp32 = ["fp8_prepare_x"] * act + ["fp8_overflow_edge", "fp8_gemm_grouped"]
+        if isa == "avx512bf16":
+            assert spy.names == ["fp8_gemm_grouped_x"] + ([] if act else fp32), k
+        else:
+            assert spy.names == fp32, k
+    lib.fp8_set_isa(before)
 
 
 def test_gmm_c_calls_with_a_large_group(monkeypatch):
     """A 300-row group takes the dense large-M path: cdiv(N, 512) dequantized weight panels (the
     prepared activation is reused, not prepared again, nor checked for the overflow edge again); the
     decode groups stay fused, in one call."""
-    spy = CallSpy(compiled_or_fail())
+    lib = compiled_or_fail()
+    spy = CallSpy(lib)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "BF16_PANELS", False)  # bf16 panels would convert the fp32 activation
+    panels = ["fp8_prepare_x", "fp8_overflow_edge", *["fp8_dequantize"] * 3]
+    before = lib.fp8_get_isa()
+    if lib.fp8_set_isa(2) == 2:  # the decode groups first, on the AVX512-BF16 kernels
+        _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
+        assert spy.names == ["fp8_gemm_grouped_x", *panels]
+        spy.calls.clear()
+    use_isa(lib, "avx2")
     _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
-    assert spy.names == ["fp8_prepare_x", "fp8_overflow_edge", *["fp8_dequantize"] * 3, "fp8_gemm_grouped"]
+    lib.fp8_set_isa(before)
+    assert spy.names == [*panels, "fp8_gemm_grouped"]
 
 
 def test_gmm_torch_path_dequantizes_each_used_weight_once(monkeypatch):

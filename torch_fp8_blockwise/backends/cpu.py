@@ -9,6 +9,9 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   each thread widens 4 weight rows x 512 K of fp8 into float32 times their block scale (integer
   ops + F16C, exact) in L1 and multiplies them with all M rows; the weight is read once and no
   dequantized copy exists (extra memory: the fp32 activation, 8 KB per thread and the output).
+  On an AVX512-BF16 CPU the same call runs ``vdpbf16ps`` on exact bf16 operands where they exist
+  (W8A16 with bf16 x; W8A8's e4m3 codes with their scales per K block), decided inside C
+  (docs/cpu.md; ``FP8_CPU_ISA=avx2`` turns it off).
 * M > ``SMALL_M`` (and, for weights under 2M elements, M > 256): the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
   buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
@@ -110,7 +113,8 @@ _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def kernel_status() -> str:
-    """Whether the compiled kernels run ("compiled (avx2): <path>") or why the torch path is used."""
+    """Whether the compiled kernels run ("compiled (avx2): <path>", "compiled (avx512bf16): <path>")
+    or why the torch path is used."""
     return cpu_kernels.status()
 
 

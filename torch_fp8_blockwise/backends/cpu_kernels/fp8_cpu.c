@@ -31,6 +31,16 @@
 #define FP8_HAVE_X86 0
 #endif
 
+/* The AVX512-BF16 kernels (vdpbf16ps) need a compiler that knows the ISA: gcc 10 / clang 9. Older
+ * ones build everything else; the CPU check below then never selects ISA 2. */
+#if FP8_HAVE_X86 && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define FP8_HAVE_BF16 1
+#define BF16_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#include <cpuid.h>
+#else
+#define FP8_HAVE_BF16 0
+#endif
+
 /* Forces inlining into a caller with constant dtype/kind arguments, so each specialization's
  * loops carry no per-element dtype or format branches. */
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -53,7 +63,7 @@
  * projections (576 x 576, 192 x 576) stay on one. */
 #define GEMV_PAR_MIN (1 << 19)
 
-static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
+static int g_isa = -1; /* 0 scalar, 1 avx2, 2 avx2 + the avx512-bf16 GEMM; -1 = not chosen yet */
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -612,17 +622,37 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
+/* AVX512-F/BW/VL/DQ with the OS saving zmm state (libgcc's check) and AVX512_BF16 (CPUID leaf 7
+ * sub-leaf 1, EAX bit 5: the avx512_bf16 flag of /proc/cpuinfo). */
+static int cpu_has_avx512_bf16(void) {
+#if FP8_HAVE_BF16
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    __builtin_cpu_init();
+    if (!(cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+        return 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    return (a >> 5) & 1;
+#else
+    return 0;
+#endif
+}
+
+static void init_bf16_tables(void);
+
 static void ensure_init(void) {
     if (g_isa < 0) {
         init_tables();
-        g_isa = cpu_has_avx2();
+        init_bf16_tables();
+        g_isa = cpu_has_avx512_bf16() ? 2 : cpu_has_avx2();
     }
 }
 
-/* Force the scalar path (0) or the AVX2 path (1, if the CPU has it); returns the ISA in use. */
+/* Force the scalar path (0), the AVX2 path (1) or AVX2 + the AVX512-BF16 GEMM (2), each only if
+ * the CPU has it (else the best one below it); returns the ISA in use. */
 int fp8_set_isa(int isa) {
     ensure_init();
-    g_isa = (isa == 1 && cpu_has_avx2()) ? 1 : 0;
+    g_isa = (isa >= 2 && cpu_has_avx512_bf16()) ? 2 : (isa >= 1 && cpu_has_avx2()) ? 1 : 0;
     return g_isa;
 }
 
@@ -1177,6 +1207,288 @@ static void store_tile(const float *acc, int64_t M, int64_t N, int64_t n0, const
     }
 }
 
+/* ------------------------------------------------------- the AVX512-BF16 fused GEMM (ISA 2) */
+/* torch's bf16 GEMM runs vdpbf16ps (32 bf16 products per instruction into 16 fp32 lanes), ~2x its
+ * fp32 GEMM on AVX512-BF16 CPUs; the fused GEMM above multiplies in AVX2 fp32. This one multiplies
+ * bf16 operands that are EXACT, so its only rounding is fp32 accumulation, as the reference's:
+ *   weight: fp8 codes widened to bf16 (e4m3 / e5m2 fit bf16's 8-bit significand and exponent
+ *     range, subnormals included: they become normal bf16 values, which vdpbf16ps's DAZ keeps;
+ *     nan / inf codes stay nan / inf), the block scale applied per K block to the partial sum;
+ *   activation (bf16_prepare): W8A16 bf16 x as it is; W8A8 the e4m3 codes of the dynamic
+ *     quantization (or fp8 x's codes) widened the same way, with their 1 x bk scale applied per K
+ *     block, so y = sum_kb ((sum_k xq * wq) * xs) * ws, the reference's order of scaling.
+ * Anything else (fp32 / fp16 x under W8A16: not exact in bf16) stays on the fp32 kernels.
+ * vdpbf16ps flushes denormal inputs and results: fp8 codes never make one (the smallest product of
+ * two codes is 2^-32), and a W8A16 bf16 x with a nonzero |x| below 2^-100 is sent to the fp32
+ * kernels (BF16_NOT_EXACT): above it every product, and every partial sum (a multiple of
+ * 2^-123), is 0 or a normal fp32 value. */
+#define BF16_NOT_EXACT 3 /* internal: the caller takes the fp32 kernels */
+
+/* bf16 bits of |code| for the 128 magnitudes of each fp8 format (the sign is bit 7 -> bit 15). */
+static uint16_t g_bf16_tab[2][128] __attribute__((aligned(64)));
+
+static void init_bf16_tables(void) {
+    for (int u = 0; u < 128; u++) {
+        g_bf16_tab[KIND_E4M3][u] = f32_to_bf16(g_e4m3[u]);
+        g_bf16_tab[KIND_E5M2][u] = f32_to_bf16(g_e5m2[u]);
+    }
+}
+
+#if FP8_HAVE_BF16
+typedef struct {
+    __m512i t0, t1, t2, t3; /* magnitudes 0-31, 32-63, 64-95, 96-127 */
+} bf16_table;
+
+BF16_FN static ALWAYS_INLINE bf16_table bf16_table_of(int kind) {
+    const uint16_t *t = g_bf16_tab[kind];
+    bf16_table r = {_mm512_load_si512(t), _mm512_load_si512(t + 32), _mm512_load_si512(t + 64),
+                    _mm512_load_si512(t + 96)};
+    return r;
+}
+
+/* 32 fp8 codes (the bytes in b's 16-bit lanes, sign-extended) -> 32 bf16 values exactly: two
+ * 64-entry word permutes look the magnitude up (index bits 0-5; bit 6 picks the result), one
+ * ternary logic ORs the sign (bit 15 of the sign-extended byte). 6 instructions per 32 codes
+ * where widening to fp32 through fp16 takes ~14 per 16. */
+BF16_FN static ALWAYS_INLINE __m512i bf16_from_codes(__m512i s, const bf16_table *t) {
+    const __m512i lo = _mm512_permutex2var_epi16(t->t0, s, t->t1);
+    const __m512i hi = _mm512_permutex2var_epi16(t->t2, s, t->t3);
+    const __m512i r = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(s, _mm512_set1_epi16(0x40)), lo, hi);
+    return _mm512_ternarylogic_epi32(r, s, _mm512_set1_epi32((int)0x80008000u), 0xF8); /* r | (s & sign) */
+}
+
+/* codes p[0 : n] -> bf16 out[0 : n] (n <= 32 per masked step). */
+BF16_FN static ALWAYS_INLINE void bf16_widen(const uint8_t *p, int64_t n, const bf16_table *t, uint16_t *out) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32)
+        _mm512_storeu_si512(out + j, bf16_from_codes(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + j))), t));
+    if (j < n) {
+        const __mmask32 m = (__mmask32)((1ull << (n - j)) - 1);
+        const __m512i s = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, p + j));
+        _mm512_mask_storeu_epi16(out + j, m, bf16_from_codes(s, t));
+    }
+}
+
+/* NR weight rows [n0, n0 + NR) x [k0, k0 + klen) widened into buf [NR, KC] bf16, zero up to kpad
+ * (a multiple of 32) and in rows past N. */
+BF16_FN static void bf16_widen_tile(const uint8_t *w, const bf16_table *t, int64_t N, int64_t K, int64_t n0,
+                                    int64_t k0, int64_t klen, int64_t kpad, uint16_t *buf) {
+    for (int r = 0; r < NR; r++) {
+        uint16_t *dst = buf + r * KC;
+        if (n0 + r >= N) {
+            memset(dst, 0, 2 * kpad);
+            continue;
+        }
+        bf16_widen(w + (n0 + r) * K + k0, klen, t, dst);
+        if (kpad > klen) memset(dst + klen, 0, 2 * (kpad - klen));
+    }
+}
+
+/* tot[i][r] (16 fp32 lanes each) += the K blocks of chunk [k0, k0 + klen) of x rows [m, m + MR)
+ * (bf16, K columns; masked past K) against the NR widened rows in buf, each block's partial sum
+ * times its scales: ((part * xs[m, kb]) fused-multiply-added with ws[n, kb]) with xs (W8A8), or
+ * part fused with ws (W8A16, xs NULL). bk is a multiple of 32 and divides KC (128/256/512, MX 32). */
+#define BF16_TILE_MR(MR)                                                                                      \
+    BF16_FN static void bf16_tile_mr##MR(const uint16_t *x, const float *xs, int64_t K, int64_t KB, int64_t bk,  \
+                                         int64_t k0, int64_t klen, const uint16_t *buf, const float *const *srow, \
+                                         int64_t m, __m512 *tot) {                                               \
+        __m512 t[MR][NR];                                                                                     \
+        for (int i = 0; i < MR; i++)                                                                          \
+            for (int r = 0; r < NR; r++) t[i][r] = tot[(m + i) * NR + r];                                     \
+        for (int64_t c0 = 0; c0 < klen; c0 += bk) {                                                           \
+            const int64_t c1 = c0 + bk < klen ? c0 + bk : klen, kb = (k0 + c0) / bk;                          \
+            __m512 p[MR][NR];                                                                                 \
+            for (int i = 0; i < MR; i++)                                                                      \
+                for (int r = 0; r < NR; r++) p[i][r] = _mm512_setzero_ps();                                   \
+            for (int64_t k = c0; k < c1; k += 32) {                                                           \
+                const __mmask32 mk = c1 - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (c1 - k)) - 1); \
+                __m512i wv[NR];                                                                               \
+                for (int r = 0; r < NR; r++) wv[r] = _mm512_load_si512(buf + r * KC + k);                     \
+                for (int i = 0; i < MR; i++) {                                                                \
+                    const __m512i xv = _mm512_maskz_loadu_epi16(mk, x + (m + i) * K + k0 + k);                \
+                    for (int r = 0; r < NR; r++)                                                              \
+                        p[i][r] = _mm512_dpbf16_ps(p[i][r], (__m512bh)xv, (__m512bh)wv[r]);                   \
+                }                                                                                             \
+            }                                                                                                 \
+            for (int r = 0; r < NR; r++) {                                                                    \
+                const __m512 s = _mm512_set1_ps(srow[r][kb]);                                                 \
+                for (int i = 0; i < MR; i++) {                                                                \
+                    const __m512 q = xs ? _mm512_mul_ps(p[i][r], _mm512_set1_ps(xs[(m + i) * KB + kb])) : p[i][r]; \
+                    t[i][r] = _mm512_fmadd_ps(q, s, t[i][r]);                                                 \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int i = 0; i < MR; i++)                                                                          \
+            for (int r = 0; r < NR; r++) tot[(m + i) * NR + r] = t[i][r];                                     \
+    }
+BF16_TILE_MR(1)
+BF16_TILE_MR(2)
+#undef BF16_TILE_MR
+
+/* acc[M, NR] = the product of x rows [0, M) (bf16, with xs [M, KB] or NULL) with weight rows
+ * [n0, n0 + NR): bf16_widen_tile + bf16_tile_mr per KC chunk. buf: NR x KC bf16, tot: M x NR
+ * vectors of scratch. */
+BF16_FN static void bf16_gemm_tile(const uint16_t *x, const float *xs, int64_t M, int64_t K, const uint8_t *w,
+                                   int kind, const float *ws, int64_t N, int64_t bn, int64_t bk, int64_t n0,
+                                   float *acc, uint16_t *buf, __m512 *tot) {
+    const int64_t KB = cdiv64(K, bk);
+    const bf16_table t = bf16_table_of(kind);
+    const float *srow[NR];
+    for (int r = 0; r < NR; r++) srow[r] = ws + ((n0 + r < N ? n0 + r : N - 1) / bn) * KB; /* rows past N: 0 */
+    for (int64_t i = 0; i < M * NR; i++) tot[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t klen = K - k0 < KC ? K - k0 : KC, kpad = (klen + 31) / 32 * 32;
+        bf16_widen_tile(w, &t, N, K, n0, k0, klen, kpad, buf);
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) bf16_tile_mr2(x, xs, K, KB, bk, k0, klen, buf, srow, m, tot);
+        if (m < M) bf16_tile_mr1(x, xs, K, KB, bk, k0, klen, buf, srow, m, tot);
+    }
+    for (int64_t i = 0; i < M * NR; i++) acc[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
+/* 1 when a bf16 x [n] has a nonzero |x| below 2^-100 (see the section comment). */
+BF16_FN static int bf16_has_tiny(const uint16_t *x, int64_t n) {
+    const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(27 << 7);
+    __mmask32 any = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512i a = _mm512_and_si512(_mm512_loadu_si512(x + i), mag);
+        any |= _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(a, a), a, lim);
+    }
+    for (; i < n; i++) {
+        const uint16_t a = x[i] & 0x7FFF;
+        any |= a && a < (27 << 7);
+    }
+    return any != 0;
+}
+
+/* The activation of the bf16 kernels from x (as fp8_gemm takes it, M x K): *xb bf16 [M, K] (x
+ * itself for W8A16 bf16 x, else a malloc'd array in *own) and *xsc [M, KB] float32 (NULL for
+ * W8A16; fp8 x's own xs, or the dynamic quantization's scales, also in *own). Then the fp32
+ * overflow edge on the activation as the fp32 kernels would see it: max over K blocks of
+ * |xq|max * |xs| equals max |xq * xs| (rounding is monotonic), so the decision is theirs.
+ * Returns 0, FP8_ERR_NOMEM, FP8_EDGE or BF16_NOT_EXACT (nothing allocated is left behind
+ * except on 0, where the caller frees *own). */
+BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t K,
+                                int64_t bk, int kind, const float *ws, int64_t nws, const uint16_t **xb,
+                                const float **xsc, void **own) {
+    const int64_t KB = cdiv64(K, bk);
+    *own = NULL;
+    if (xdt == DT_BF16 && !dynamic) {
+        if (bf16_has_tiny((const uint16_t *)x, M * K)) return BF16_NOT_EXACT;
+        if (fp8_overflow_edge(x, DT_BF16, M * K, NULL, 0, ws, nws, K, kind, 1)) return FP8_EDGE;
+        *xb = (const uint16_t *)x, *xsc = NULL;
+        return 0;
+    }
+    if (!dynamic && xdt < 3) return BF16_NOT_EXACT; /* W8A16 with fp32 / fp16 x */
+    uint16_t *b = (uint16_t *)malloc(2 * M * K + sizeof(float) * M * KB + 64);
+    if (b == NULL) return FP8_ERR_NOMEM;
+    float *s = (float *)(((uintptr_t)(b + M * K) + 63) & ~(uintptr_t)63);
+    uint32_t am = 0;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t kb = 0; kb < KB; kb++) {
+            const int64_t c0 = kb * bk, n = (c0 + bk < K ? c0 + bk : K) - c0;
+            uint8_t q[512];
+            const uint8_t *codes = q;
+            float sc;
+            if (dynamic) {
+                sc = dyn_quant_seg_avx2(x, xdt, m * K + c0, n, q);
+            } else {
+                codes = (const uint8_t *)x + m * K + c0, sc = xs[m * KB + kb];
+            }
+            s[m * KB + kb] = sc;
+            const bf16_table t = bf16_table_of(dynamic ? KIND_E4M3 : xdt - 3);
+            bf16_widen(codes, n, &t, b + m * K + c0);
+            uint32_t top = 0; /* the largest |code| of the block, nan as 0 */
+            for (int64_t j = 0; j < n; j++) {
+                const uint32_t a = b[m * K + c0 + j] & 0x7FFFu;
+                top = a <= 0x7F80u && a > top ? a : top;
+            }
+            float v = u2f(top << 16) * fabsf(sc);
+            v = v != v ? 0.0f : v;
+            am = f2u(v) > am ? f2u(v) : am;
+        }
+    }
+    const float amax = u2f(am);
+    if (fp8_overflow_edge(&amax, DT_F32, 1, dynamic ? NULL : xs, M * KB, ws, nws, K, kind, 1)) {
+        free(b);
+        return FP8_EDGE;
+    }
+    *xb = b, *xsc = s, *own = b;
+    return 0;
+}
+
+/* The tasks of fp8_gemm / fp8_gemm_grouped on the bf16 kernels: for each listed group i, y rows
+ * [y_row[i], + rows[i]) = xb rows [x_row[i], + rows[i]) (xsc likewise) @ (w[gid[i]] * ws[gid[i]])^T
+ * (+ bias). Returns 0 or FP8_ERR_NOMEM. */
+BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
+                            const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
+                            int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
+                            const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
+    const int64_t tiles = cdiv64(N, NR), tasks = L * tiles, KB = cdiv64(K, bk);
+    const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * KB, ysize = ydt == DT_F32 ? 4 : 2;
+    int64_t total = 0, max_rows = 0;
+    for (int64_t i = 0; i < L; i++) {
+        total += rows[i];
+        max_rows = rows[i] > max_rows ? rows[i] : max_rows;
+    }
+    const int nt = nthreads > 0 ? nthreads : 1;
+    float *accs = (float *)malloc(sizeof(float) * max_rows * NR * nt);
+    __m512 *tots = (__m512 *)aligned_alloc(64, sizeof(__m512) * max_rows * NR * nt);
+    if (accs == NULL || tots == NULL) {
+        free(accs);
+        free(tots);
+        return FP8_ERR_NOMEM;
+    }
+#pragma omp parallel num_threads(nthreads) \
+    if (tasks > 1 && (max_rows == 1 ? total * N * K >= GEMV_PAR_MIN : total * N * K >= 4 * PAR_MIN))
+    {
+        uint16_t buf[NR * KC] __attribute__((aligned(64)));
+#ifdef _OPENMP
+        const int id = omp_get_thread_num();
+#else
+        const int id = 0;
+#endif
+        float *acc = accs + max_rows * NR * id;
+        __m512 *tot = tots + max_rows * NR * id;
+#pragma omp for schedule(dynamic, 4) nowait
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t i = t / tiles, n0 = (t % tiles) * NR, g = gid[i];
+            bf16_gemm_tile(xb + x_row[i] * K, xsc ? xsc + x_row[i] * KB : NULL, rows[i], K, w + g * w_step, kind,
+                           ws + g * ws_step, N, bn, bk, n0, acc, buf, tot);
+            store_tile(acc, rows[i], N, n0, bias, bias_dt, (char *)y + y_row[i] * N * ysize, ydt);
+        }
+    }
+    free(accs);
+    free(tots);
+    return 0;
+}
+#endif
+
+/* fp8_gemm / fp8_gemm_grouped on the bf16 kernels from x as fp8_gemm takes it; BF16_NOT_EXACT
+ * where they do not apply (the caller then runs the fp32 kernels). */
+static int bf16_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t L, const int64_t *gid,
+                     const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w, int kind,
+                     const float *ws, int64_t nws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias,
+                     int bias_dt, void *y, int ydt, int nthreads) {
+#if FP8_HAVE_BF16
+    const uint16_t *xb = NULL;
+    const float *xsc = NULL;
+    void *own = NULL;
+    if (g_isa != 2) return BF16_NOT_EXACT;
+    int rc = bf16_prepare(x, xdt, xs, dynamic, M, K, bk, kind, ws, nws, &xb, &xsc, &own);
+    if (rc) return rc;
+    rc = bf16_run(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+    free(own);
+    return rc;
+#else
+    (void)x, (void)xdt, (void)xs, (void)dynamic, (void)M, (void)L, (void)gid, (void)x_row, (void)y_row, (void)rows;
+    (void)w, (void)kind, (void)ws, (void)nws, (void)N, (void)K, (void)bn, (void)bk, (void)bias, (void)bias_dt;
+    (void)y, (void)ydt, (void)nthreads;
+    return BF16_NOT_EXACT;
+#endif
+}
+
 /* y [M, N] (dtype ydt) = x [M, K] @ (w [N, K] fp8 * w_scale [cdiv(N, bn), cdiv(K, bk)])^T + bias [N]
  * (dtype bias_dt, or NULL), x as in prepare_row, accumulated in fp32. Each weight tile (4 rows x
  * 512 K) is widened once into L1 and used by all M rows: the fp8 weight is streamed once and the
@@ -1186,6 +1498,12 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
              const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt,
              void *y, int ydt, int nthreads) {
     ensure_init();
+    if (g_isa == 2) { /* the bf16 kernels where they are exact (bf16_gemm), else the fp32 ones below */
+        const int64_t zero = 0;
+        const int rc = bf16_gemm(x, xdt, xs, dynamic, M, 1, &zero, &zero, &zero, &M, w, kind, ws,
+                                 cdiv64(N, bn) * cdiv64(K, bk), N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+        if (rc != BF16_NOT_EXACT) return rc;
+    }
     const int64_t tiles = cdiv64(N, NR);
     const int isa = g_isa;
     const int convert = !(xdt == DT_F32 && !dynamic);
@@ -1264,4 +1582,18 @@ int fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64
     }
     free(accs);
     return 0;
+}
+
+/* fp8_gemm_grouped from the activation as fp8_gemm takes it (x [M, K] of dtype xdt, xs, dynamic:
+ * see prepare_row), on the AVX512-BF16 kernels: the groups' rows are offsets into x's M rows, w
+ * holds G weights. Returns 0, FP8_ERR_NOMEM, FP8_EDGE (the fp32 overflow edge over all M rows:
+ * nothing written) or 3 where the bf16 kernels are not exact for this activation or not in use
+ * (ISA below 2): then nothing is written and the caller runs fp8_prepare_x + fp8_gemm_grouped. */
+int fp8_gemm_grouped_x(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t L, const int64_t *gid,
+                       const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w, int kind,
+                       const float *ws, int64_t G, int64_t N, int64_t K, int64_t bn, int64_t bk, void *y, int ydt,
+                       int nthreads) {
+    ensure_init();
+    return bf16_gemm(x, xdt, xs, dynamic, M, L, gid, x_row, y_row, rows, w, kind, ws,
+                     G * cdiv64(N, bn) * cdiv64(K, bk), N, K, bn, bk, NULL, 0, y, ydt, nthreads);
 }
