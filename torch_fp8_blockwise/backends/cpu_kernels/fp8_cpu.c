@@ -1465,6 +1465,13 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
 }
 #endif
 
+/* Whether the bf16 kernels beat the AVX2 ones for M rows of an N x K weight: always from M = 2
+ * (half the CPU time at N = K = 4096, M = 4-48); at M = 1 only from GEMV_PAR_MIN weights up (the
+ * AVX2 GEMV widens in registers with no buffer: median us on one Zen 4 thread through the op, W8A16
+ * bf16 x, AVX2 / bf16: 4096 x 4096 2522 / 2065, 1536 x 576 126 / 114, but 576 x 576 54 / 57 and
+ * 192 x 576 27 / 34, W8A8 46 / 62 and 22 / 34). */
+static int bf16_pays(int64_t M, int64_t N, int64_t K) { return M > 1 || N * K >= GEMV_PAR_MIN; }
+
 /* fp8_gemm / fp8_gemm_grouped on the bf16 kernels from x as fp8_gemm takes it; BF16_NOT_EXACT
  * where they do not apply (the caller then runs the fp32 kernels). */
 static int bf16_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t L, const int64_t *gid,
@@ -1498,7 +1505,7 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
              const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt,
              void *y, int ydt, int nthreads) {
     ensure_init();
-    if (g_isa == 2) { /* the bf16 kernels where they are exact (bf16_gemm), else the fp32 ones below */
+    if (g_isa == 2 && bf16_pays(M, N, K)) { /* the bf16 kernels where exact (bf16_gemm), else fp32 ones */
         const int64_t zero = 0;
         const int rc = bf16_gemm(x, xdt, xs, dynamic, M, 1, &zero, &zero, &zero, &M, w, kind, ws,
                                  cdiv64(N, bn) * cdiv64(K, bk), N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
@@ -1587,13 +1594,17 @@ int fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64
 /* fp8_gemm_grouped from the activation as fp8_gemm takes it (x [M, K] of dtype xdt, xs, dynamic:
  * see prepare_row), on the AVX512-BF16 kernels: the groups' rows are offsets into x's M rows, w
  * holds G weights. Returns 0, FP8_ERR_NOMEM, FP8_EDGE (the fp32 overflow edge over all M rows:
- * nothing written) or 3 where the bf16 kernels are not exact for this activation or not in use
- * (ISA below 2): then nothing is written and the caller runs fp8_prepare_x + fp8_gemm_grouped. */
+ * nothing written) or 3 where the bf16 kernels are not exact for this activation, do not pay
+ * (bf16_pays, on the largest group) or are not in use (ISA below 2): then nothing is written and
+ * the caller runs fp8_prepare_x + fp8_gemm_grouped. */
 int fp8_gemm_grouped_x(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t L, const int64_t *gid,
                        const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w, int kind,
                        const float *ws, int64_t G, int64_t N, int64_t K, int64_t bn, int64_t bk, void *y, int ydt,
                        int nthreads) {
     ensure_init();
+    int64_t max_rows = 0;
+    for (int64_t i = 0; i < L; i++) max_rows = rows[i] > max_rows ? rows[i] : max_rows;
+    if (!bf16_pays(max_rows, N, K)) return BF16_NOT_EXACT;
     return bf16_gemm(x, xdt, xs, dynamic, M, L, gid, x_row, y_row, rows, w, kind, ws,
                      G * cdiv64(N, bn) * cdiv64(K, bk), N, K, bn, bk, NULL, 0, y, ydt, nthreads);
 }
