@@ -21,7 +21,7 @@ from cpu_kernel_helpers import compiled_or_fail, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
-from torch_fp8_blockwise.backends import cpu
+from torch_fp8_blockwise.backends import cpu, cpu_kernels
 from torch_fp8_blockwise.testing import assert_kernel_close
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -119,3 +119,26 @@ def test_env_forces_the_avx2_kernels():
     lib.fp8_set_isa(before)
     if has_bf16:
         assert cpu.kernel_status().startswith("compiled (avx512bf16)") or os.environ.get("FP8_CPU_ISA")
+
+
+@pytest.mark.parametrize("n", [500, 512])  # x 1024: below and at BF16_GEMV_MIN
+def test_one_row_rule_is_the_same_in_python_and_c(lib, n):
+    """cpu_grouped sends a one-row group to the bf16 kernels by cpu_kernels.BF16_GEMV_MIN, the C
+    rule of fp8_gemm (bf16_pays): a one-row group of each size is the dense matmul bit for bit."""
+    k = 1024
+    assert (n * k >= cpu_kernels.BF16_GEMV_MIN) is (n == 512)
+    wq, ws = reference.quantize(torch.randn(2, n, k), (128, 128), E4M3, "fp32")
+    x = torch.randn(4, k).bfloat16()
+    sizes = torch.tensor([1, 3], dtype=torch.int32)
+    for act in ("none", "dynamic"):
+        y = cpu.grouped_matmul(x, wq, ws, sizes, (128, 128), None, torch.float32, act)
+        dense = cpu.blockwise_matmul(x[:1], wq[0], ws[0], (128, 128), None, None, torch.float32, act)
+        assert torch.equal(y[:1], dense), act
+        y_c = torch.empty(1, n)
+        zero, one = torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
+        rc = lib.fp8_gemm_grouped_x(
+            x.data_ptr(), 1, None, act == "dynamic", 1, 1, zero.data_ptr(), zero.data_ptr(), zero.data_ptr(),
+            one.data_ptr(), wq.data_ptr(), 0, ws.data_ptr(), 2, n, k, 128, 128,
+            y_c.data_ptr(), 0, 1,
+        )  # fmt: skip
+        assert rc == (0 if n == 512 else cpu_kernels.NOT_BF16), rc

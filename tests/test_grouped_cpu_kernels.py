@@ -188,7 +188,7 @@ def test_gmm_c_calls_at_decode_sizes(isa, monkeypatch, mode, x_dtype, act):
     dequantized at decode sizes, and there is one parallel region per call, not one per group.
     With the AVX512-BF16 kernels, where they are exact (W8A8), ONE call does all of it
     (fp8_gemm_grouped_x: activation, edge check and GEMM); where they are not (fp32 x under W8A16)
-    that call refuses and the AVX2 calls follow."""
+    that call refuses and the AVX2 calls follow, as they do for one-row groups of a small weight."""
     lib = compiled_or_fail()
     before = use_isa(lib, isa)
     spy = CallSpy(lib)
@@ -204,7 +204,10 @@ def test_gmm_c_calls_at_decode_sizes(isa, monkeypatch, mode, x_dtype, act):
         _call_gmm(DECODE, 136, k, mode, x_dtype)
         assert sum(1 for s in DECODE if s) > 1
         fp32 = ["fp8_prepare_x"] * act + ["fp8_overflow_edge", "fp8_gemm_grouped"]
-        if isa == "avx512bf16":
+        if isa == "avx512bf16":  # DECODE's one-row groups of this small weight: the AVX2 GEMV
+            assert spy.names == ["fp8_gemm_grouped_x", *fp32], k
+            spy.calls.clear()
+            _call_gmm([s for s in DECODE if s != 1], 136, k, mode, x_dtype)
             assert spy.names == ["fp8_gemm_grouped_x"] + ([] if act else fp32), k
         else:
             assert spy.names == fp32, k

@@ -155,15 +155,19 @@ def grouped_matmul(
     # Decode-sized groups go to ONE C call (one parallel region: a barrier per call, not per group,
     # and no per-group Python); larger groups take the dense large-M path on their rows.
     fused = [(g, s - lo, s, e - s) for g, s, e in ranges if cpu.uses_fused_gemm(e - s, n, k, grouped=True)]
-    if fused and lib.fp8_get_isa() == 2:  # the AVX512-BF16 kernels, where they are exact (fp8_cpu.c)
-        rc = _fused_bf16(lib, x[lo:hi], xs, activation, fused, w, w_scale, block_shape, y, out_dtype)
+    # The AVX512-BF16 kernels where they are exact (fp8_cpu.c) and pay: the dense rule per group
+    # (one row only for a weight of BF16_GEMV_MIN elements or more), so a group's rows stay
+    # exactly the dense matmul's.
+    on_bf16 = [f for f in fused if f[3] > 1 or n * k >= cpu_kernels.BF16_GEMV_MIN]
+    if on_bf16 and lib.fp8_get_isa() == 2:
+        rc = _fused_bf16(lib, x[lo:hi], xs, activation, on_bf16, w, w_scale, block_shape, y, out_dtype)
         if rc == cpu_kernels.EDGE:
             return reference.grouped_matmul(*args)
         if rc == 0:
-            if len(fused) == len(ranges):
+            if len(on_bf16) == len(ranges):
                 return y
-            done = {g for g, *_ in fused}
-            ranges, fused = [r for r in ranges if r[0] not in done], []
+            done = {g for g, *_ in on_bf16}
+            ranges, fused = [r for r in ranges if r[0] not in done], [f for f in fused if f[0] not in done]
     # W8A16 with bf16 / fp16 x and no fused group: each panel group takes its rows of x as they are
     # (the dense path converts them only where its GEMM is fp32), so no float32 copy of every row is
     # made (at prefill size a fresh 32 MB array, most of it page faults: ~24 ms of CPU time at

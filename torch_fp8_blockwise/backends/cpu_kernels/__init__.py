@@ -43,6 +43,9 @@ ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512bf16"}
 #: Return codes of fp8_gemm / fp8_gemm_grouped / fp8_gemm_grouped_x (0 = done; NOT_BF16: only
 #: fp8_gemm_grouped_x, whose bf16 kernels are not exact for that activation or not in use).
 ERR_NOMEM, EDGE, NOT_BF16 = 1, 2, 3
+#: fp8_cpu.c's GEMV_PAR_MIN: one row (M = 1, or a one-row group) takes the AVX512-BF16 GEMM only for
+#: a weight of this many elements or more (``bf16_pays``), else the AVX2 GEMV.
+BF16_GEMV_MIN = 1 << 19
 
 _UNSET = object()
 _lib: object = _UNSET
