@@ -291,11 +291,15 @@ def test_mxfp8_matmul(mm_path, m, fp8_x):
 # ------------------------------------------------------------------ threads, call counts, build
 @pytest.mark.parametrize("k", [128, 4096])
 @pytest.mark.parametrize("mode", ["dynamic", "none"])
-def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
+@pytest.mark.parametrize("isa", ["avx2", "avx512bf16"])
+def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode, isa):
     """One fused GEMM call at small M; one dequantize call per 512-row panel at large M, plus one
     for the activation and one for the overflow-edge check. 32 K blocks cost the same number of
-    calls as 1."""
-    spy = CallSpy(compiled_or_fail())
+    calls as 1. With the AVX512-BF16 kernels, large M with fp32 output first offers the bf16 GEMM
+    (one call: activation, edge check, product), which takes W8A8 and refuses fp32 x under W8A16."""
+    lib = compiled_or_fail()
+    before = use_isa(lib, isa)
+    spy = CallSpy(lib)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1100, k), (128, 128), E4M3, "fp32")
     with tfb.use_backend("cpu"):
@@ -304,10 +308,15 @@ def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
         spy.calls.clear()
         tfb.blockwise_matmul(torch.randn(cpu.SMALL_WEIGHT_MAX_M + 1, k), wq, ws, activation=mode)
         large = spy.names
+    lib.fp8_set_isa(before)
     assert small == ["fp8_gemm"]  # activation, product, bias and cast in one call
     act = ["fp8_prepare_x"] if mode == "dynamic" else []  # fp32 x is used as it is
     # cdiv(1100, 512) panels
-    assert large == [*act, "fp8_overflow_edge", "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]
+    panels = [*act, "fp8_overflow_edge", "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]
+    if isa == "avx512bf16":
+        assert large == ["fp8_gemm_grouped_x"] + (panels if mode == "none" else [])
+    else:
+        assert large == panels
 
 
 def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):

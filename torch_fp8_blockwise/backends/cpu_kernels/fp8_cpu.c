@@ -1468,17 +1468,27 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
                             const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
                             int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
                             const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
-    const int64_t tiles = cdiv64(N, NR), tasks = L * tiles, KB = cdiv64(K, bk);
+    const int64_t tiles = cdiv64(N, NR), KB = cdiv64(K, bk);
     const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * KB, ysize = ydt == DT_F32 ? 4 : 2;
+    /* Rows per task: every weight tile re-reads its task's x rows, so they are kept to <= 256 KB
+     * of bf16 (L2); a row's result does not depend on which rows share its task. */
+    const int64_t RB = (256 * 1024) / (2 * K) > 2 ? (256 * 1024) / (2 * K) : 2;
     int64_t total = 0, max_rows = 0;
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (L + 1)); /* first row block of each group */
+    if (first == NULL) return FP8_ERR_NOMEM;
+    first[0] = 0;
     for (int64_t i = 0; i < L; i++) {
         total += rows[i];
         max_rows = rows[i] > max_rows ? rows[i] : max_rows;
+        first[i + 1] = first[i] + cdiv64(rows[i], RB);
     }
+    max_rows = max_rows < RB ? max_rows : RB;
+    const int64_t tasks = first[L] * tiles;
     const int nt = nthreads > 0 ? nthreads : 1;
     float *accs = (float *)malloc(sizeof(float) * max_rows * NR * nt);
     __m512 *tots = (__m512 *)aligned_alloc(64, sizeof(__m512) * max_rows * NR * nt);
     if (accs == NULL || tots == NULL) {
+        free(first);
         free(accs);
         free(tots);
         return FP8_ERR_NOMEM;
@@ -1496,12 +1506,21 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
         __m512 *tot = tots + max_rows * NR * id;
 #pragma omp for schedule(dynamic, 4) nowait
         for (int64_t t = 0; t < tasks; t++) {
-            const int64_t i = t / tiles, n0 = (t % tiles) * NR, g = gid[i];
-            bf16_gemm_tile(xb + x_row[i] * K, xsc ? xsc + x_row[i] * KB : NULL, rows[i], K, w + g * w_step, kind,
-                           ws + g * ws_step, N, bn, bk, n0, acc, buf, tot);
-            store_tile(acc, rows[i], N, n0, bias, bias_dt, (char *)y + y_row[i] * N * ysize, ydt);
+            const int64_t blk = t / tiles, n0 = (t % tiles) * NR;
+            int64_t lo = 0, hi = L; /* the group i with first[i] <= blk < first[i + 1] */
+            while (hi - lo > 1) {
+                const int64_t mid = (lo + hi) / 2;
+                if (first[mid] <= blk) lo = mid;
+                else hi = mid;
+            }
+            const int64_t i = lo, g = gid[i], r0 = (blk - first[i]) * RB;
+            const int64_t nr = rows[i] - r0 < RB ? rows[i] - r0 : RB, xr = x_row[i] + r0;
+            bf16_gemm_tile(xb + xr * K, xsc ? xsc + xr * KB : NULL, nr, K, w + g * w_step, kind, ws + g * ws_step, N,
+                           bn, bk, n0, acc, buf, tot);
+            store_tile(acc, nr, N, n0, bias, bias_dt, (char *)y + (y_row[i] + r0) * N * ysize, ydt);
         }
     }
+    free(first);
     free(accs);
     free(tots);
     return 0;
