@@ -16,7 +16,9 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
   With bf16 output on a CPU with native bf16 GEMM (AVX512-BF16 / AMX), the panels and the
-  activation are bf16 instead (``BF16_PANELS``). The grouped ops route each group by the same rule,
+  activation are bf16 instead (``BF16_PANELS``). On an AVX512-BF16 CPU, where the panels would be
+  float32 (output not bf16) and bf16 operands are exact, the AVX512-BF16 GEMM takes large M too
+  (bf16 products at twice the fp32 GEMM's rate, no panel). The grouped ops route each group by the same rule,
   except that on a CPU with AVX-512 (``AVX512_GEMM``) a group of ``GROUPED_PANEL_MIN_M`` rows or more
   takes the panels whatever its weight's size (``uses_fused_gemm(grouped=True)``).
 
