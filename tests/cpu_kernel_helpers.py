@@ -21,9 +21,28 @@ def compiled_or_fail():
     return lib
 
 
+#: The C library's ISA codes (fp8_set_isa) and why a CPU may lack one.
+ISA = {"scalar": 0, "avx2": 1, "avx512bf16": 2}
+_MISSING = {
+    "avx2": "this CPU has no AVX2 + FMA + F16C",
+    "avx512bf16": "this CPU (or the compiler, gcc < 10 / clang < 9) has no AVX512-F/BW/VL/DQ + AVX512_BF16: "
+    "the vdpbf16ps kernels cannot run here",
+}
+
+
+def use_isa(lib, name: str) -> int:
+    """Switch the library to ISA ``name`` ("scalar", "avx2": AVX2 without the bf16 GEMM,
+    "avx512bf16"); returns the ISA to restore afterwards. Skips where the CPU lacks it."""
+    before = lib.fp8_get_isa()
+    if lib.fp8_set_isa(ISA[name]) != ISA[name]:
+        lib.fp8_set_isa(before)
+        pytest.skip(_MISSING[name])
+    return before
+
+
 class CallSpy:
     """Stands in for the ctypes library: records (function name, nthreads = last argument) of every
-    call; ``names`` lists the names alone."""
+    kernel call (not the ISA queries ``fp8_get_isa`` / ``fp8_set_isa`` / ``fp8_bf16_pays``); ``names`` lists the names alone."""
 
     def __init__(self, lib) -> None:
         self.lib, self.calls = lib, []
@@ -34,6 +53,8 @@ class CallSpy:
 
     def __getattr__(self, name):
         fn = getattr(self.lib, name)
+        if name in ("fp8_get_isa", "fp8_set_isa", "fp8_bf16_pays"):
+            return fn
 
         def call(*args):
             self.calls.append((name, args[-1]))

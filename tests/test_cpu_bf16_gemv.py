@@ -1,8 +1,9 @@
 """The AVX512-BF16 GEMV of the CPU backend (fp8_cpu.c, ``gemv_bf16_rows``): the M = 1 product of a
 bf16-exact activation (bf16 x of W8A16; W8A8's e4m3 codes, dynamic or given) with e4m3 weights.
 
-It runs only on a CPU with AVX512-F/BW/VL/VBMI/BF16; elsewhere every test here but the routing
-ones is skipped with that reason (the AVX2 GEMV is then the one ``test_cpu_kernels.py`` tests).
+It is part of the kernels' ISA 2 (test_cpu_bf16_gemm.py) and also needs AVX512-VBMI; elsewhere
+every test here is skipped with that reason (ISA 2's buffered kernel or the AVX2 GEMV then serves
+one-row products, as test_cpu_kernels.py / test_cpu_bf16_gemm.py test).
 Against the reference within the kernel-error bound for ragged K (masked tail), every e4m3 code
 (subnormals, -0, nan) widened exactly, tiny activations that vdpbf16ps would flush routed to the
 AVX2 GEMV, and the inputs it must not take (fp32 / fp16 x of W8A16, e5m2 weights, M > 1) left to
@@ -12,39 +13,26 @@ the AVX2 kernels bit for bit.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import compiled_or_fail
+from cpu_kernel_helpers import compiled_or_fail, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
-from torch_fp8_blockwise.backends import cpu
 from torch_fp8_blockwise.testing import assert_kernel_close, sqnr, sqnr_floor
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def lib():
-    """The library with the AVX2 ISA on; restores the AVX512-BF16 switch afterwards."""
+def bf16(request):
+    """The library on ISA 2 with the one-row GEMV (AVX512-VBMI too); restores the ISA afterwards."""
     lib = compiled_or_fail()
-    isa, bf16 = lib.fp8_get_isa(), lib.fp8_get_bf16()
-    if lib.fp8_set_isa(1) != 1:
-        pytest.skip("this CPU has no AVX2 + FMA + F16C")
-    yield lib
-    lib.fp8_set_isa(isa)
-    lib.fp8_set_bf16(bf16)
-
-
-@pytest.fixture
-def bf16(lib):
-    if lib.fp8_set_bf16(1) != 1:
-        pytest.skip("this CPU has no AVX512-F/BW/VL/VBMI/BF16 (the AVX512-BF16 GEMV cannot run here)")
+    before = use_isa(lib, "avx512bf16")
+    request.addfinalizer(lambda: lib.fp8_set_isa(before))
+    if not lib.fp8_bf16_pays(1, 1, 1, 0, 128):  # a one-row product of a tiny e4m3 weight
+        pytest.skip("this CPU has no AVX512-VBMI: one-row products keep the AVX2 GEMV")
     return lib
 
 
@@ -54,12 +42,11 @@ def _mm(x, wq, ws, block=(128, 128), **kw):
 
 
 def _both(lib, *args, **kw):
-    """(AVX512-BF16 result, AVX2 result) of the same call."""
-    lib.fp8_set_bf16(1)
+    """(ISA 2 result, AVX2 result) of the same call."""
     y1 = _mm(*args, **kw)
-    lib.fp8_set_bf16(0)
+    lib.fp8_set_isa(1)
     y0 = _mm(*args, **kw)
-    lib.fp8_set_bf16(1)
+    lib.fp8_set_isa(2)
     return y1, y0
 
 
@@ -90,12 +77,11 @@ def test_matches_reference(bf16, n, k, mode):
 
 def test_it_is_the_path_taken(bf16):
     """The switch changes the result's rounding on random data (another summation order): the
-    AVX512-BF16 GEMV does run, and FP8_CPU_BF16=0 / fp8_set_bf16(0) turns it off."""
+    AVX512-BF16 GEMV does run, and ISA 1 (FP8_CPU_ISA=avx2) turns it off."""
     wq, ws = reference.quantize(torch.randn(256, 1024), (128, 128), E4M3, "fp32")
     x = torch.randn(1, 1024, dtype=torch.bfloat16)
     y1, y0 = _both(bf16, x, wq, ws, activation="none", out_dtype=torch.float32)
     assert not torch.equal(y1, y0)
-    assert "avx512-bf16 gemv" in cpu.kernel_status()
 
 
 def test_every_e4m3_code_is_widened_exactly(bf16):
@@ -123,9 +109,10 @@ def test_nan_codes_give_nan_rows(bf16):
 
 def test_tiny_activations_take_the_avx2_gemv(bf16):
     """vdpbf16ps flushes subnormal inputs and results: an activation with a nonzero value below
-    2^-80 goes to the AVX2 GEMV (bit-equal to it), one at 2^-79 stays on the AVX512-BF16 one."""
+    2^-100 goes to the AVX2 GEMV (bit-equal to it; ISA 2's one rule, bf16_has_tiny), one at 2^-99
+    stays on the AVX512-BF16 one."""
     wq, ws = reference.quantize(torch.randn(64, 256), (128, 128), E4M3, "fp32")
-    for tiny, routed in ((2.0**-100, True), (1e-40, True), (2.0**-79, False)):
+    for tiny, routed in ((2.0**-110, True), (1e-40, True), (2.0**-99, False)):
         x = torch.randn(1, 256, dtype=torch.bfloat16)
         x[0, 0], x[0, 200] = tiny, -tiny
         y1, y0 = _both(bf16, x, wq, ws, activation="none", out_dtype=torch.float32)
@@ -146,8 +133,9 @@ def test_tiny_activations_take_the_avx2_gemv(bf16):
     ["fp32_x", "fp16_x", "e5m2_w", "m2", "bk256", "bn_any"],
 )
 def test_what_it_does_not_take_stays_bit_exact_with_avx2(bf16, case):
-    """fp32 / fp16 x of W8A16 (not exact in bf16), e5m2 weights and M > 1 keep the AVX2 kernels:
-    the switch changes nothing. Blocks of 256 along K and of 64 along N are taken (and checked)."""
+    """fp32 / fp16 x of W8A16 (not exact in bf16) and e5m2 weights of this small size keep the AVX2
+    GEMV: ISA 2 changes nothing. M = 2 (ISA 2's buffered kernel), blocks of 256 along K and of 256
+    along N are taken (and checked against the reference)."""
     k, n, block, wdtype, xdtype, m = 512, 96, (128, 128), E4M3, torch.bfloat16, 1
     if case == "fp32_x":
         xdtype = torch.float32
@@ -166,7 +154,7 @@ def test_what_it_does_not_take_stays_bit_exact_with_avx2(bf16, case):
     y1, y0 = _both(bf16, x, wq, ws, block, activation="none", out_dtype=torch.float32)
     ref = reference.blockwise_matmul(x, wq, ws, block, None, None, torch.float32, "none")
     assert_kernel_close(y1, ref, case)
-    if case in ("fp32_x", "fp16_x", "e5m2_w", "m2"):
+    if case in ("fp32_x", "fp16_x", "e5m2_w"):
         assert torch.equal(y1, y0), case
 
 
@@ -183,14 +171,3 @@ def test_results_do_not_depend_on_the_thread_count(bf16):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[0], out[1])
-
-
-def test_env_switch_turns_it_off():
-    """FP8_CPU_BF16=0 keeps the AVX2 GEMV (kernel_status says which runs)."""
-    code = "from torch_fp8_blockwise.backends import cpu, cpu_kernels; cpu_kernels.library(); print(cpu.kernel_status())"
-    env = {**os.environ, "FP8_CPU_BF16": "0", "PYTHONPATH": ROOT}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    if not out.stdout.startswith("compiled ("):
-        pytest.skip(f"compiled kernels unavailable here: {out.stdout.strip()}")
-    assert "avx512-bf16" not in out.stdout, out.stdout

@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 import torch
-from cpu_kernel_helpers import compiled_or_fail
+from cpu_kernel_helpers import compiled_or_fail, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -43,18 +43,15 @@ def _run(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedPro
     )
 
 
-@pytest.fixture(params=["avx2", "scalar", "torch"])
+@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
 def path(request, monkeypatch):
-    """Run the test body on one of the CPU backend's paths (as test_cpu_kernels.py)."""
+    """Run the test body on one of the CPU backend's paths (as test_cpu_kernels.py). "avx2": without the AVX512-BF16 GEMM; "avx512bf16" skipped where the CPU lacks it."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
     lib = compiled_or_fail()
-    before = lib.fp8_get_isa()
-    if lib.fp8_set_isa(1 if request.param == "avx2" else 0) != (request.param == "avx2"):
-        lib.fp8_set_isa(before)
-        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    before = use_isa(lib, request.param)
     yield request.param
     lib.fp8_set_isa(before)
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -39,34 +39,29 @@ def test_library_builds_where_a_compiler_exists():
     assert cpu.kernel_status().startswith("compiled ("), cpu.kernel_status()
 
 
-def _has_avx2() -> bool:
+def _on_path(name, monkeypatch):
     lib = cpu_kernels.library()
-    if lib is None:
-        return False
-    isa = lib.fp8_get_isa()
-    ok = lib.fp8_set_isa(1) == 1
-    lib.fp8_set_isa(isa)
-    return ok
-
-
-@pytest.fixture(params=["avx2", "scalar", "torch"])
-def path(request, monkeypatch):
-    """Run the test body on one of the CPU backend's paths."""
-    lib = cpu_kernels.library()
-    if request.param == "torch":
+    if name == "torch":
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
     if lib is None:
         pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
-    if request.param == "avx2" and not _has_avx2():
-        pytest.skip("this CPU has no AVX2 + FMA + F16C")
-    before, before_bf16 = lib.fp8_get_isa(), lib.fp8_get_bf16()
-    lib.fp8_set_isa(1 if request.param == "avx2" else 0)
-    lib.fp8_set_bf16(0)  # the AVX2 GEMV at M = 1 (test_cpu_bf16_gemv.py covers the AVX512-BF16 one)
-    yield request.param
+    before = use_isa(lib, name)
+    yield name
     lib.fp8_set_isa(before)
-    lib.fp8_set_bf16(before_bf16)
+
+
+@pytest.fixture(params=["avx2", "scalar", "torch"])
+def path(request, monkeypatch):
+    """Run the test body on one of the CPU backend's paths ("avx2": without the AVX512-BF16 GEMM)."""
+    yield from _on_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
+def mm_path(request, monkeypatch):
+    """``path`` plus the AVX512-BF16 fused GEMM (skipped where the CPU lacks it): the matmul tests."""
+    yield from _on_path(request.param, monkeypatch)
 
 
 # --------------------------------------------------------------------------------- matmul
@@ -103,7 +98,7 @@ def _inputs(m, n, k, mode, wdtype, fmt, block, bias):
 
 
 @pytest.mark.parametrize("m,n,k,mode,wdtype,fmt,block,out_dtype,bias", CASES, ids=str)
-def test_matmul_matches_reference(path, m, n, k, mode, wdtype, fmt, block, out_dtype, bias):
+def test_matmul_matches_reference(mm_path, m, n, k, mode, wdtype, fmt, block, out_dtype, bias):
     x, wq, ws, kwargs, exact = _inputs(m, n, k, mode, wdtype, fmt, block, bias)
     ref = reference.blockwise_matmul(
         x,
@@ -117,12 +112,12 @@ def test_matmul_matches_reference(path, m, n, k, mode, wdtype, fmt, block, out_d
     )
     with tfb.use_backend("cpu"):
         y = tfb.blockwise_matmul(x, wq, ws, block, out_dtype=out_dtype, **kwargs)
-    assert_kernel_close(y, ref, f"{path} {mode}")
+    assert_kernel_close(y, ref, f"{mm_path} {mode}")
     assert sqnr(y, exact) >= sqnr_floor(wdtype, fmt)
 
 
 @pytest.mark.parametrize("m", [3, 60, 300])
-def test_matmul_non_contiguous_x_and_batch_dims(path, m):
+def test_matmul_non_contiguous_x_and_batch_dims(mm_path, m):
     wq, ws = reference.quantize(torch.randn(300, 640), (128, 128), E4M3, "fp32")
     x = torch.randn(2, 640, m, dtype=torch.bfloat16).transpose(1, 2)  # [2, m, 640], K stride m
     ref = reference.blockwise_matmul(
@@ -130,13 +125,13 @@ def test_matmul_non_contiguous_x_and_batch_dims(path, m):
     )
     with tfb.use_backend("cpu"):
         y = tfb.blockwise_matmul(x, wq, ws, activation="none")
-    assert_kernel_close(y.reshape(-1, 300), ref, path)
+    assert_kernel_close(y.reshape(-1, 300), ref, mm_path)
 
 
 @pytest.mark.parametrize("m", [1, 2])
-def test_matmul_nan_and_inf_in_the_weight_propagate(path, m):
+def test_matmul_nan_and_inf_in_the_weight_propagate(mm_path, m):
     """fp8 nan / inf codes must reach the output as the reference has them, not as finite values:
-    e4m3 nan of both signs in the GEMV's (m = 1) and the tile path's (m = 2) 16-wide loops and
+    e4m3 nan of both signs in the GEMV's (m = 1) and the tile mm_path's (m = 2) 16-wide loops and
     scalar tails (K = 277: blocks of 128, 128, 21), one where x is 0 (nan * 0 = nan)."""
     wq, ws = reference.quantize(torch.randn(8, 277), (128, 128), E4M3, "fp32")
     codes = wq.view(torch.uint8)
@@ -149,7 +144,7 @@ def test_matmul_nan_and_inf_in_the_weight_propagate(path, m):
         ref = reference.blockwise_matmul(x, w, s, (128, 128), None, None, torch.float32, "none")
         with tfb.use_backend("cpu"):
             y = tfb.blockwise_matmul(x, w, s, activation="none")
-        assert_kernel_close(y, ref, path)
+        assert_kernel_close(y, ref, mm_path)
     assert y.isinf().any() and ref.isinf().any()  # the inf check above saw an inf
 
 
@@ -250,7 +245,7 @@ def test_quantize_batched_and_non_contiguous(path):
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_dequantize_every_code_bit_exact(path, dtype, out_dtype):
+def test_dequantize_every_code_bit_exact(mm_path, dtype, out_dtype):
     """Every code (nan, inf, subnormals) in every block, times scales whose products over- or
     underflow in some output dtypes; ragged edge blocks on both dims."""
     codes = (torch.arange(200)[:, None] + torch.arange(700)[None, :]) % 256
@@ -260,6 +255,15 @@ def test_dequantize_every_code_bit_exact(path, dtype, out_dtype):
     with tfb.use_backend("cpu"):
         y = tfb.dequantize(q, scale, (128, 256), out_dtype)
     torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+    if mm_path == "avx512bf16":  # its AVX-512 dequantization is the AVX2 one bit for bit (subnormals too)
+        lib = cpu_kernels.library()
+        before = use_isa(lib, "avx2")
+        with tfb.use_backend("cpu"):
+            y_avx2 = tfb.dequantize(q, scale, (128, 256), out_dtype)
+        lib.fp8_set_isa(before)
+        bits = {torch.float32: torch.int32}.get(out_dtype, torch.int16)
+        same = y.view(bits) == y_avx2.view(bits)
+        assert (same | (y.isnan() & y_avx2.isnan())).all()  # a fp32 nan's payload may differ
 
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=str)
@@ -273,7 +277,7 @@ def test_mxfp8_quantize_bit_exact(path, dtype):
 
 @pytest.mark.parametrize("m", [1, 13, 60, 300])
 @pytest.mark.parametrize("fp8_x", [False, True], ids=["dynamic", "fp8_x"])
-def test_mxfp8_matmul(path, m, fp8_x):
+def test_mxfp8_matmul(mm_path, m, fp8_x):
     """MXFP8 runs the blockwise machinery with (bn, bk) = (1, 32)."""
     w_true, x_true = torch.randn(600, 96), torch.randn(m, 96)
     wq, ws = reference.mxfp8_quantize(w_true, E4M3)
@@ -281,17 +285,21 @@ def test_mxfp8_matmul(path, m, fp8_x):
     ref = reference.mxfp8_matmul(x, wq, ws, x_scale, None, torch.float32)
     with tfb.use_backend("cpu"):
         y = tfb.mxfp8_matmul(x, wq, ws, x_scale, out_dtype=torch.float32)
-    assert_kernel_close(y, ref, path)
+    assert_kernel_close(y, ref, mm_path)
 
 
 # ------------------------------------------------------------------ threads, call counts, build
 @pytest.mark.parametrize("k", [128, 4096])
 @pytest.mark.parametrize("mode", ["dynamic", "none"])
-def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
+@pytest.mark.parametrize("isa", ["avx2", "avx512bf16"])
+def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode, isa):
     """One fused GEMM call at small M; one dequantize call per 512-row panel at large M, plus one
     for the activation and one for the overflow-edge check. 32 K blocks cost the same number of
-    calls as 1."""
-    spy = CallSpy(compiled_or_fail())
+    calls as 1. With the AVX512-BF16 kernels, large M with fp32 output first offers the bf16 GEMM
+    (one call: activation, edge check, product), which takes W8A8 and refuses fp32 x under W8A16."""
+    lib = compiled_or_fail()
+    before = use_isa(lib, isa)
+    spy = CallSpy(lib)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1100, k), (128, 128), E4M3, "fp32")
     with tfb.use_backend("cpu"):
@@ -300,10 +308,15 @@ def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode):
         spy.calls.clear()
         tfb.blockwise_matmul(torch.randn(cpu.SMALL_WEIGHT_MAX_M + 1, k), wq, ws, activation=mode)
         large = spy.names
+    lib.fp8_set_isa(before)
     assert small == ["fp8_gemm"]  # activation, product, bias and cast in one call
     act = ["fp8_prepare_x"] if mode == "dynamic" else []  # fp32 x is used as it is
     # cdiv(1100, 512) panels
-    assert large == [*act, "fp8_overflow_edge", "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]
+    panels = [*act, "fp8_overflow_edge", "fp8_dequantize", "fp8_dequantize", "fp8_dequantize"]
+    if isa == "avx512bf16":
+        assert large == ["fp8_gemm_grouped_x"] + (panels if mode == "none" else [])
+    else:
+        assert large == panels
 
 
 def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):

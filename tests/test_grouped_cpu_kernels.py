@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, use_isa
 from grouped_cases import (
     assert_quantization_loss_ok,
     check_gmm,
@@ -34,19 +34,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = "cpu"
 
 
-@pytest.fixture(params=["avx2", "scalar", "torch"])
+@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
 def path(request, monkeypatch):
-    """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path)."""
+    """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path). "avx2": without the AVX512-BF16 GEMM; "avx512bf16" skipped where the CPU lacks it."""
     if request.param == "torch":
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
     lib = compiled_or_fail()
-    before = lib.fp8_get_isa()
-    if lib.fp8_set_isa(1 if request.param == "avx2" else 0) != (1 if request.param == "avx2" else 0):
-        lib.fp8_set_isa(before)
-        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    before = use_isa(lib, request.param)
     yield request.param
+    lib.fp8_set_isa(before)
+
+
+@pytest.fixture
+def avx2_kernels():
+    """The library on its AVX2 kernels (for the tests of their routing), restored afterwards."""
+    lib = compiled_or_fail()
+    before = use_isa(lib, "avx2")
+    yield lib
     lib.fp8_set_isa(before)
 
 
@@ -116,11 +122,12 @@ def test_gmm_rows_equal_the_dense_cpu_matmul_bit_for_bit(monkeypatch, mode, bf16
 
 @pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("mode", ["dynamic", "none"])
-def test_gmm_prefill_group_of_a_small_weight(monkeypatch, avx512, mode):
+def test_gmm_prefill_group_of_a_small_weight(avx2_kernels, monkeypatch, avx512, mode):
     """A group of GROUPED_PANEL_MIN_M rows of a weight under SMALL_WEIGHT takes the panels on an
     AVX-512 CPU (``cpu.AVX512_GEMM``), the fused GEMM elsewhere; either way its rows are exactly the
-    dense matmul's by the grouped rule, within the kernel-error bound of the reference."""
-    spy = CallSpy(compiled_or_fail())
+    dense matmul's by the grouped rule, within the kernel-error bound of the reference. (On the
+    AVX2 kernels: the AVX512-BF16 ones take such a group whenever its panels would be fp32.)"""
+    spy = CallSpy(avx2_kernels)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "AVX512_GEMM", avx512)
     rows = cpu.GROUPED_PANEL_MIN_M
@@ -142,12 +149,12 @@ def test_gmm_prefill_group_of_a_small_weight(monkeypatch, avx512, mode):
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
-def test_gmm_w8a16_panel_groups_take_x_as_it_is(monkeypatch, x_dtype):
+def test_gmm_w8a16_panel_groups_take_x_as_it_is(avx2_kernels, monkeypatch, x_dtype):
     """W8A16 with bf16 / fp16 x and only panel groups: no float32 copy of every row
     (no fp8_prepare_x call for the whole x; the dense path converts a group's rows only where its GEMM
     is fp32), the overflow edge checked once on x itself, and the result bit for bit what the
     prepared float32 copy gives (the dense matmul of each group's fp32 rows)."""
-    spy = CallSpy(compiled_or_fail())
+    spy = CallSpy(avx2_kernels)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     sizes = [300, 0, 260]
     case = gmm_inputs(sizes, n=600, k=300, mode="none", x_dtype=x_dtype, extra_rows=3)
@@ -180,15 +187,22 @@ def _call_gmm(sizes, n, k, mode, x_dtype=torch.bfloat16):
         tfb.grouped_matmul(**case["args"])
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512bf16"])
 @pytest.mark.parametrize(
     "mode,x_dtype,act",
     [("dynamic", torch.bfloat16, 1), ("fp8", torch.float32, 1), ("none", torch.float32, 0)],
 )
-def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
+def test_gmm_c_calls_at_decode_sizes(request, isa, monkeypatch, mode, x_dtype, act):
     """One activation call for all rows (none for fp32 W8A16 x), one overflow-edge check of all
     of it, then ONE grouped fused GEMM call for all non-empty groups, whatever the number of groups and K blocks: no weight is ever
-    dequantized at decode sizes, and there is one parallel region per call, not one per group."""
-    spy = CallSpy(compiled_or_fail())
+    dequantized at decode sizes, and there is one parallel region per call, not one per group.
+    With the AVX512-BF16 kernels, where they are exact (W8A8), ONE call does all of it
+    (fp8_gemm_grouped_x: activation, edge check and GEMM); where they are not (fp32 x under W8A16)
+    that call refuses and the AVX2 calls follow, as they do for one-row groups of a small weight."""
+    lib = compiled_or_fail()
+    before = use_isa(lib, isa)
+    request.addfinalizer(lambda: lib.fp8_set_isa(before))
+    spy = CallSpy(lib)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
 
     def no_torch_dequantize(*args):
@@ -200,17 +214,37 @@ def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
         spy.calls.clear()
         _call_gmm(DECODE, 136, k, mode, x_dtype)
         assert sum(1 for s in DECODE if s) > 1
-        assert spy.names == ["fp8_prepare_x"] * act + ["fp8_overflow_edge", "fp8_gemm_grouped"], k
+        fp32 = ["fp8_prepare_x"] * act + ["fp8_overflow_edge", "fp8_gemm_grouped"]
+        if isa == "avx512bf16" and lib.fp8_bf16_pays(1, 136, k, 0, 128):  # + VBMI: the one-row GEMV
+            assert spy.names == ["fp8_gemm_grouped_x"] + ([] if act else fp32), k
+        elif isa == "avx512bf16":  # DECODE's one-row groups of this small weight: the AVX2 GEMV
+            assert spy.names == ["fp8_gemm_grouped_x", *fp32], k
+            spy.calls.clear()
+            _call_gmm([s for s in DECODE if s != 1], 136, k, mode, x_dtype)
+            assert spy.names == ["fp8_gemm_grouped_x"] + ([] if act else fp32), k
+        else:
+            assert spy.names == fp32, k
 
 
 def test_gmm_c_calls_with_a_large_group(monkeypatch):
     """A 300-row group takes the dense large-M path: cdiv(N, 512) dequantized weight panels (the
     prepared activation is reused, not prepared again, nor checked for the overflow edge again); the
-    decode groups stay fused, in one call."""
-    spy = CallSpy(compiled_or_fail())
+    decode groups stay fused, in one call. With the AVX512-BF16 kernels and fp32 panels, ONE call
+    (fp8_gemm_grouped_x) takes every group, the 300-row one included."""
+    lib = compiled_or_fail()
+    spy = CallSpy(lib)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "BF16_PANELS", False)  # bf16 panels would convert the fp32 activation
-    _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
+    before = lib.fp8_get_isa()
+    try:
+        if lib.fp8_set_isa(2) == 2:
+            _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
+            assert spy.names == ["fp8_gemm_grouped_x"]
+            spy.calls.clear()
+        use_isa(lib, "avx2")
+        _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
+    finally:
+        lib.fp8_set_isa(before)
     assert spy.names == ["fp8_prepare_x", "fp8_overflow_edge", *["fp8_dequantize"] * 3, "fp8_gemm_grouped"]
 
 

@@ -9,18 +9,20 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   each thread widens 4 weight rows x 512 K of fp8 into float32 times their block scale (integer
   ops + F16C, exact) in L1 and multiplies them with all M rows; the weight is read once and no
   dequantized copy exists (extra memory: the fp32 activation, 8 KB per thread and the output).
-* M = 1 on a CPU with AVX512-BF16 and AVX512-VBMI (decode), when the activation is exactly bf16
-  (a bf16 x of W8A16, or W8A8's e4m3 codes with their 1 x bk scales) and the weight e4m3 with bk a
-  multiple of 64: the fused call runs ``vdpbf16ps`` on weight codes widened exactly to bf16 by byte
-  lookups, ~2x fewer instructions per weight than the AVX2 GEMV (fp8_cpu.c's AVX512-BF16 section;
-  ``FP8_CPU_BF16=0`` turns it off). Within the kernel-error bound of the reference, but not
-  bit-equal to the AVX2 GEMV (another fp32 summation order); fp32 / fp16 x of W8A16 and e5m2
-  weights keep the AVX2 GEMV.
+  On an AVX512-BF16 CPU the same call runs ``vdpbf16ps`` on exact bf16 operands where they exist
+  (W8A16 with bf16 x; W8A8's e4m3 codes with their scales per K block), decided inside C
+  (docs/cpu.md; ``FP8_CPU_ISA=avx2`` turns it off).
+* M = 1 (decode) on ISA 2 with AVX512-VBMI, e4m3 weights with bk a multiple of 64 and a
+  bf16-exact activation: the same call runs fp8_cpu.c's one-row GEMV (``gemv_bf16_rows``: codes
+  widened to bf16 in registers by byte lookups, ``vdpbf16ps``), 0.58-0.69x bf16 ``F.linear``'s
+  time at SmolLM2's shapes (docs/cpu.md).
 * M > ``SMALL_M`` (and, for weights under 2M elements, M > 256): the weight is dequantized in panels of ``PANEL`` rows into one reused fp32
   buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
   With bf16 output on a CPU with native bf16 GEMM (AVX512-BF16 / AMX), the panels and the
-  activation are bf16 instead (``BF16_PANELS``). The grouped ops route each group by the same rule,
+  activation are bf16 instead (``BF16_PANELS``). On an AVX512-BF16 CPU, where the panels would be
+  float32 (output not bf16) and bf16 operands are exact, the AVX512-BF16 GEMM takes large M too
+  (bf16 products at twice the fp32 GEMM's rate, no panel). The grouped ops route each group by the same rule,
   except that on a CPU with AVX-512 (``AVX512_GEMM``) a group of ``GROUPED_PANEL_MIN_M`` rows or more
   takes the panels whatever its weight's size (``uses_fused_gemm(grouped=True)``).
 
@@ -117,7 +119,8 @@ _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def kernel_status() -> str:
-    """Whether the compiled kernels run ("compiled (avx2): <path>") or why the torch path is used."""
+    """Whether the compiled kernels run ("compiled (avx2): <path>", "compiled (avx512bf16): <path>")
+    or why the torch path is used."""
     return cpu_kernels.status()
 
 
@@ -321,6 +324,17 @@ def blockwise_matmul(
         if rc:
             _raise_c_error(rc, "blockwise_matmul", 4 * m * (k + 4 * threads))
         return y
+    # Large M on an AVX512-BF16 CPU where the panels would be float32 (output not bf16): the bf16
+    # kernels where they are exact (twice the fp32 GEMM's rate, no panel; the grouped op's rule).
+    if bias is None and not (out_dtype == torch.bfloat16 and BF16_PANELS) and lib.fp8_get_isa() == 2:
+        y = torch.empty(m, n, dtype=out_dtype)
+        rc = cpu_grouped._fused_bf16(
+            lib, x, x_scale, activation, [(0, 0, 0, m)], w[None], ws[None], block_shape, y, out_dtype
+        )
+        if rc == cpu_kernels.EDGE:
+            return reference.blockwise_matmul(*args)
+        if rc == 0:
+            return y
     # Large M: the GEMM runs in torch, on panels of dequantized weight. bf16 panels only where
     # the CPU multiplies bf16 natively and the output is bf16 (rounding the operands to bf16 costs
     # ~1e-3 relative error, inside the bf16 output's bound, not inside fp32's 1e-3).
@@ -389,4 +403,5 @@ def mxfp8_matmul(
     )
 
 
+from . import cpu_grouped  # noqa: E402
 from .cpu_grouped import grouped_matmul, grouped_matmul_transposed  # noqa: E402, F401

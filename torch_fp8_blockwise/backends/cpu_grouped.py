@@ -15,6 +15,11 @@ all rows at once equals preparing each group's rows. Reading group_sizes here is
 row ranges are plain Python slices; the loop runs over groups (G iterations), never over rows or
 blocks.
 
+On an AVX512-BF16 CPU (ISA 2) the fused groups go first to ``fp8_gemm_grouped_x``, which takes x
+as the op does and, where bf16 operands are exact (W8A16 bf16 x, W8A8), prepares the activation,
+checks the overflow edge over those rows and runs the bf16 GEMM in ONE call (``_fused_bf16``); it
+refuses (nothing written) for fp32 / fp16 W8A16 x, which then takes the path above.
+
 Without the kernels (``FP8_CPU_KERNELS=0``, no compiler), gmm is the pure-torch form of the same
 rule: activation dequantized to float32 once, each group's weight dequantized to float32 and one
 fp32 GEMM per group.
@@ -38,6 +43,7 @@ import torch
 
 from .. import reference
 from ..reference import group_bounds
+from . import cpu_kernels
 
 
 def _row_ranges(group_sizes: torch.Tensor, m: int) -> list[tuple[int, int, int]]:
@@ -79,6 +85,39 @@ def _compiled_activation_f32(
     return xf
 
 
+def _fused_bf16(
+    lib,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    activation: str,
+    fused: list[tuple[int, int, int, int]],
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    block_shape: tuple[int, int],
+    y: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> int:
+    """The fused groups ((group, row in x, row in y, rows) each) in ONE ``fp8_gemm_grouped_x`` call
+    on x [M', K] as the op takes it (its activation rule applied in C), w [G, N, K] and w_scale
+    contiguous: 0 (y's rows written), ``cpu_kernels.EDGE`` (fp32's overflow edge over x's rows:
+    nothing written) or ``cpu_kernels.NOT_BF16`` (the bf16 kernels are not exact for this
+    activation: nothing written, the caller takes the fp32 kernels)."""
+    x = cpu._c(x)
+    xdt = cpu._DT[x.dtype] if x_scale is None else 3 + cpu._KIND[x.dtype]
+    xs = None if x_scale is None else cpu._c(x_scale.float())
+    gid, x_row, y_row, rows = torch.tensor(fused, dtype=torch.int64).T.contiguous()
+    threads = torch.get_num_threads()
+    rc = lib.fp8_gemm_grouped_x(
+        x.data_ptr(), xdt, 0 if xs is None else xs.data_ptr(), x_scale is None and activation == "dynamic",
+        x.shape[0], len(fused), gid.data_ptr(), x_row.data_ptr(), y_row.data_ptr(), rows.data_ptr(),
+        w.data_ptr(), cpu._KIND[w.dtype], w_scale.data_ptr(), w.shape[0], w.shape[1], w.shape[2], *block_shape,
+        y.data_ptr(), cpu._DT[out_dtype], threads,
+    )  # fmt: skip
+    if rc == cpu_kernels.ERR_NOMEM:
+        cpu._raise_c_error(rc, "grouped_matmul", 2 * x.numel() + 256 * int(rows.max()) * 4 * threads)
+    return rc
+
+
 def grouped_matmul(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -116,6 +155,27 @@ def grouped_matmul(
     # Decode-sized groups go to ONE C call (one parallel region: a barrier per call, not per group,
     # and no per-group Python); larger groups take the dense large-M path on their rows.
     fused = [(g, s - lo, s, e - s) for g, s, e in ranges if cpu.uses_fused_gemm(e - s, n, k, grouped=True)]
+    # The AVX512-BF16 kernels where they are exact (fp8_cpu.c) and pay: the dense rule per group
+    # (fp8_cpu.c's bf16_pays; one row: the VBMI GEMV of e4m3 weights, else only a weight of
+    # GEMV_PAR_MIN elements or more), so a group's rows stay exactly the dense matmul's; and the
+    # panel groups too where their panels would be float32 (output not bf16): bf16 products at
+    # twice the fp32 GEMM's rate, exact, no dequantized panel (Qwen3-30B-A3B down_proj at T = 512,
+    # fp32 output, one thread: 186 vs 249 ms, docs/grouped.md).
+    one_row = any(f[3] == 1 for f in fused) and lib.fp8_bf16_pays(1, n, k, cpu._KIND[w.dtype], block_shape[1])
+    on_bf16 = [f for f in fused if f[3] > 1 or one_row]
+    if not (out_dtype == torch.bfloat16 and cpu.BF16_PANELS):
+        on_bf16 += [
+            (g, s - lo, s, e - s) for g, s, e in ranges if not cpu.uses_fused_gemm(e - s, n, k, grouped=True)
+        ]
+    if on_bf16 and lib.fp8_get_isa() == 2:
+        rc = _fused_bf16(lib, x[lo:hi], xs, activation, on_bf16, w, w_scale, block_shape, y, out_dtype)
+        if rc == cpu_kernels.EDGE:
+            return reference.grouped_matmul(*args)
+        if rc == 0:
+            if len(on_bf16) == len(ranges):
+                return y
+            done = {g for g, *_ in on_bf16}
+            ranges, fused = [r for r in ranges if r[0] not in done], [f for f in fused if f[0] not in done]
     # W8A16 with bf16 / fp16 x and no fused group: each panel group takes its rows of x as they are
     # (the dense path converts them only where its GEMM is fp32), so no float32 copy of every row is
     # made (at prefill size a fresh 32 MB array, most of it page faults: ~24 ms of CPU time at

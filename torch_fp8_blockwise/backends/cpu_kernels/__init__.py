@@ -15,13 +15,10 @@ Environment:
     FP8_CPU_KERNELS=0         never build or load: the CPU backend uses its pure-torch path.
     FP8_CPU_KERNEL_CACHE=DIR  where the library is built (default
                               ``$XDG_CACHE_HOME/torch_fp8_blockwise/cpu_kernels``, i.e. ~/.cache/...).
-    FP8_CPU_ISA=scalar        force the portable scalar code (tests); default: AVX2+FMA+F16C when
-                              the CPU has them, else scalar.
-    FP8_CPU_BF16=0            keep the M = 1 product of bf16-exact activations (bf16 x of W8A16,
-                              W8A8's e4m3 codes) on the AVX2 GEMV; default: the AVX512-BF16
-                              (vdpbf16ps) GEMV when the CPU has AVX512-F/BW/VL/BF16 (fp8_cpu.c's
-                              gemv_bf16 section; its result is within the kernel-error bound of the
-                              reference, not bit-equal to the AVX2 GEMV's).
+    FP8_CPU_ISA=scalar|avx2   force the portable scalar code, or the AVX2 code without the
+                              AVX512-BF16 GEMM (tests, A/B runs); default: AVX2+FMA+F16C when the
+                              CPU has them, plus the AVX512-BF16 fused GEMM (vdpbf16ps) when it has
+                              avx512f/bw/vl/dq and avx512_bf16, else scalar.
 
 Why the library could not be used is recorded once (:func:`status`) and reported in one warning.
 """
@@ -42,9 +39,10 @@ SOURCE = Path(__file__).with_name("fp8_cpu.c")
 CFLAGS: tuple[str, ...] = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-strict-aliasing")
 
 #: Codes shared with fp8_cpu.c.
-ISA_NAMES = {0: "scalar", 1: "avx2"}
-#: Return codes of fp8_gemm / fp8_gemm_grouped (0 = done).
-ERR_NOMEM, EDGE = 1, 2
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512bf16"}
+#: Return codes of fp8_gemm / fp8_gemm_grouped / fp8_gemm_grouped_x (0 = done; NOT_BF16: only
+#: fp8_gemm_grouped_x, whose bf16 kernels are not exact for that activation or not in use).
+ERR_NOMEM, EDGE, NOT_BF16 = 1, 2, 3
 
 _UNSET = object()
 _lib: object = _UNSET
@@ -128,8 +126,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.fp8_set_isa.argtypes, lib.fp8_set_isa.restype = [i32], i32
     lib.fp8_get_isa.argtypes, lib.fp8_get_isa.restype = [], i32
-    lib.fp8_set_bf16.argtypes, lib.fp8_set_bf16.restype = [i32], i32
-    lib.fp8_get_bf16.argtypes, lib.fp8_get_bf16.restype = [], i32
     # (x, dt, B, R, C, br, bc, kind, ue8m0, q, scale, nthreads)
     lib.fp8_quantize.argtypes = [p, i32, i64, i64, i64, i64, i64, i32, i32, p, p, i32]
     lib.fp8_quantize.restype = None
@@ -147,6 +143,34 @@ def _declare(lib: ctypes.CDLL) -> None:
     # returns 0 or ERR_NOMEM
     lib.fp8_gemm_grouped.argtypes = [p, i64, p, p, p, p, p, i32, p, i64, i64, i64, i64, p, i32, i32]
     lib.fp8_gemm_grouped.restype = i32
+    # (x, xdt, xs, dynamic, M, L, gid, x_row, y_row, rows, w, kind, ws, G, N, K, bn, bk, y, ydt, nthreads)
+    # returns 0, ERR_NOMEM, EDGE or NOT_BF16
+    lib.fp8_gemm_grouped_x.argtypes = [
+        p,
+        i32,
+        p,
+        i32,
+        i64,
+        i64,
+        p,
+        p,
+        p,
+        p,
+        p,
+        i32,
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        p,
+        i32,
+        i32,
+    ]
+    lib.fp8_gemm_grouped_x.restype = i32
+    # (M, N, K, kind, bk): fp8_cpu.c's bf16_pays, whether ISA 2's kernels take M rows of the weight
+    lib.fp8_bf16_pays.argtypes, lib.fp8_bf16_pays.restype = [i64, i64, i64, i32, i64], i32
     # (a, adt, na, xs, nxs, ws, nws, K, kind, nthreads) -> 1 at fp32's overflow edge, else 0
     lib.fp8_overflow_edge.argtypes = [p, i32, i64, p, i64, p, i64, i64, i32, i32]
     lib.fp8_overflow_edge.restype = i32
@@ -171,12 +195,10 @@ def _load() -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _status = f"build or load of {path} failed: {e}"
         else:
-            if os.environ.get("FP8_CPU_ISA", "auto") == "scalar":
-                lib.fp8_set_isa(0)
-            if os.environ.get("FP8_CPU_BF16", "1") == "0":
-                lib.fp8_set_bf16(0)
-            isa = ISA_NAMES[lib.fp8_get_isa()] + (" + avx512-bf16 gemv" if lib.fp8_get_bf16() else "")
-            _status = f"compiled ({isa}): {path}"
+            forced = os.environ.get("FP8_CPU_ISA", "auto")
+            if forced in ("scalar", "avx2"):
+                lib.fp8_set_isa(0 if forced == "scalar" else 1)
+            _status = f"compiled ({ISA_NAMES[lib.fp8_get_isa()]}): {path}"
             return lib
     warnings.warn(
         f"torch_fp8_blockwise CPU kernels unavailable, using the slower torch path: {_status}", stacklevel=3

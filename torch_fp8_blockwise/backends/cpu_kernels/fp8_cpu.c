@@ -31,6 +31,18 @@
 #define FP8_HAVE_X86 0
 #endif
 
+/* The AVX512-BF16 kernels (vdpbf16ps) need a compiler that knows the ISA: gcc 10 / clang 9. Older
+ * ones build everything else; the CPU check below then never selects ISA 2. */
+#if FP8_HAVE_X86 && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define FP8_HAVE_BF16 1
+#define BF16_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+/* The M = 1 GEMV of ISA 2 also needs AVX512-VBMI (vpermi2b): gemv_bf16_rows. */
+#define BF16V_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi")))
+#include <cpuid.h>
+#else
+#define FP8_HAVE_BF16 0
+#endif
+
 /* Forces inlining into a caller with constant dtype/kind arguments, so each specialization's
  * loops carry no per-element dtype or format branches. */
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
@@ -53,11 +65,7 @@
  * projections (576 x 576, 192 x 576) stay on one. */
 #define GEMV_PAR_MIN (1 << 19)
 
-static int g_isa = -1; /* 0 scalar, 1 avx2; -1 = not chosen yet */
-static int g_bf16 = 0; /* 1: the M = 1 GEMV of exactly-bf16 activations runs vdpbf16ps (gemv_bf16) */
-/* The bf16 bits of the e4m3 magnitudes 0..127 (0x7F: nan) as byte tables: [0, 128) the high bytes,
- * [128, 256) the low bytes (e4m3_bf16x64's vpermi2b tables). */
-static uint8_t g_e4m3_bf16_bytes[256];
+static int g_isa = -1; /* 0 scalar, 1 avx2, 2 avx2 + the avx512-bf16 GEMM; -1 = not chosen yet */
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -616,49 +624,43 @@ static int cpu_has_avx2(void) {
 #endif
 }
 
+/* AVX512-F/BW/VL/DQ with the OS saving zmm state (libgcc's check) and AVX512_BF16 (CPUID leaf 7
+ * sub-leaf 1, EAX bit 5: the avx512_bf16 flag of /proc/cpuinfo). */
 static int cpu_has_avx512_bf16(void) {
-#if FP8_HAVE_X86
+#if FP8_HAVE_BF16
+    unsigned a = 0, b = 0, c = 0, d = 0;
     __builtin_cpu_init();
-    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
-           __builtin_cpu_supports("avx512bf16");
+    if (!(cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")))
+        return 0;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    return (a >> 5) & 1;
 #else
     return 0;
 #endif
 }
 
+static void init_bf16_tables(void);
+/* 1 when ISA 2's one-row products may take gemv_bf16_rows (the CPU has AVX512-VBMI too). */
+static int g_vbmi = 0;
+
 static void ensure_init(void) {
     if (g_isa < 0) {
         init_tables();
-        for (int j = 0; j < 128; j++) {
-            const uint16_t h = f32_to_bf16(g_e4m3[j]); /* exact: e4m3 is a subset of bf16 */
-            g_e4m3_bf16_bytes[j] = (uint8_t)(h >> 8), g_e4m3_bf16_bytes[128 + j] = (uint8_t)h;
-        }
-        g_isa = cpu_has_avx2();
-        g_bf16 = cpu_has_avx512_bf16();
+        init_bf16_tables();
+        g_isa = cpu_has_avx512_bf16() ? 2 : cpu_has_avx2();
+#if FP8_HAVE_BF16
+        g_vbmi = g_isa == 2 && __builtin_cpu_supports("avx512vbmi");
+#endif
     }
 }
 
-/* Force the scalar path (0) or the AVX2 path (1, if the CPU has it); returns the ISA in use. The
- * scalar path also turns the AVX512-BF16 GEMV off (fp8_set_bf16 turns it on again). */
+/* Force the scalar path (0), the AVX2 path (1) or AVX2 + the AVX512-BF16 GEMM (2), each only if
+ * the CPU has it (else the best one below it); returns the ISA in use. */
 int fp8_set_isa(int isa) {
     ensure_init();
-    g_isa = (isa == 1 && cpu_has_avx2()) ? 1 : 0;
-    if (!g_isa) g_bf16 = 0;
+    g_isa = (isa >= 2 && cpu_has_avx512_bf16()) ? 2 : (isa >= 1 && cpu_has_avx2()) ? 1 : 0;
     return g_isa;
-}
-
-/* Turn the AVX512-BF16 GEMV on (1, if the CPU has it and the AVX2 path is on) or off (0); returns
- * whether it is on. */
-int fp8_set_bf16(int on) {
-    ensure_init();
-    g_bf16 = on == 1 && g_isa == 1 && cpu_has_avx512_bf16();
-    return g_bf16;
-}
-
-int fp8_get_bf16(void) {
-    ensure_init();
-    return g_bf16;
 }
 
 int fp8_get_isa(void) {
@@ -748,12 +750,19 @@ void fp8_quantize(const void *x, int dt, int64_t B, int64_t R, int64_t C, int64_
 
 /* ------------------------------------------------------------------ dequantize */
 /* q[0 : n] * s -> out[o0 : o0 + n] (dtype dt), each product rounded once in fp32. */
+#if FP8_HAVE_BF16
+BF16_FN static int64_t dequant_row_avx512(const uint8_t *q, int kind, float s, int64_t n, void *out, int dt,
+                                          int64_t o0);
+#endif
 static void dequant_seg(const uint8_t *q, int kind, float s, int64_t n, void *out, int dt, int64_t o0,
                         int isa) {
     const float *table = kind == KIND_E4M3 ? g_e4m3 : g_e5m2;
     int64_t j = 0;
+#if FP8_HAVE_BF16
+    if (isa == 2 && dt != DT_F16) j = dequant_row_avx512(q, kind, s, n, out, dt, o0);
+#endif
 #if FP8_HAVE_X86
-    if (isa) j = dequant_row_avx2(q, kind, s, n, out, dt, o0);
+    if (isa) j += dequant_row_avx2(q + j, kind, s, n - j, out, dt, o0 + j);
 #else
     (void)isa;
 #endif
@@ -1043,108 +1052,6 @@ AVX2_FN static void gemv_tile_avx2(const float *x, const uint8_t *w, int kind, c
     else gemv_tile_e5m2(x, w, ws, N, K, bn, bk, n0, acc);
 }
 
-/* ------------------------------------------------ AVX512-BF16 GEMV (M = 1, bf16-exact activations)
- * On a CPU with AVX512-BF16 and AVX512-VBMI the M = 1 product of an activation that is EXACTLY
- * bf16 (a bf16 x of W8A16, or W8A8's e4m3 codes, whose 1 x bk scale is applied per K block) runs
- * vdpbf16ps. 64 e4m3 weight codes become 64 bf16 values (e4m3 is a subset of bf16: exactly, nan
- * included) by two 128-entry byte lookups (vpermi2b: the high and the low byte of each value), the
- * sign OR-ed into the high byte, and two byte interleaves; one vdpbf16ps per 32 values multiplies
- * them with 32 activations and adds the 16 pair sums to 16 fp32 lanes: 8 vector instructions per
- * 64 weights, against ~0.8 per weight for gemv_block's fp16 + FMA. The interleave puts the values
- * of 128-bit lane L in the order codes 16L..16L+7 (first register), 16L+8..16L+15 (second), so the
- * activation is permuted the same way once per call (bf16_x_permute): every product still pairs
- * x[k] with w[n, k]. Products of two bf16 values are exact in fp32; the pair sums, the K block's
- * partial sum and the fp32 block scales (partial * x_scale, then * w_scale: the reference's order)
- * round as fp32 sums do, in another order than the AVX2 GEMV: the result is within the
- * kernel-error bound of the reference, not bit-equal to the AVX2 path's. vdpbf16ps treats bf16
- * subnormals as 0 and flushes subnormal results whatever MXCSR says: every fp8 value (subnormals
- * included) is a NORMAL bf16 value, W8A8's code products are >= 2^-18, and a W8A16 activation with
- * a nonzero value below 2^-80 (bf16_gemv_ok) takes the AVX2 GEMV, so nothing that matters at
- * fp32's precision is flushed. e5m2 weights, bk not a multiple of 64 and M > 1 keep the AVX2 kernels. */
-#define BF16_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
-
-/* 64 e4m3 codes (p[0, 64), only the lanes in lm read; the others code 0 = +0.0) -> 64 bf16 values
- * in the interleaved order (see above): *a the first 32, *b the second. tab: the high bytes of the
- * magnitudes 0..63 and 64..127, then the low bytes (g_e4m3_bf16_bytes). */
-BF16_FN static ALWAYS_INLINE void e4m3_bf16x64(const uint8_t *p, __mmask64 lm, const __m512i *tab, __m512i *a,
-                                               __m512i *b) {
-    const __m512i c = _mm512_maskz_loadu_epi8(lm, p);
-    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tab[0], c, tab[1]), c,
-                                                 _mm512_set1_epi8((char)0x80), 0xF8); /* | the sign */
-    const __m512i lo = _mm512_permutex2var_epi8(tab[2], c, tab[3]);
-    *a = _mm512_unpacklo_epi8(lo, hi);
-    *b = _mm512_unpackhi_epi8(lo, hi);
-}
-
-/* out[r] = sum over K blocks kb of ((sum_{k in kb} x[k] * w[n0 + r, k]) * xs[kb]) * ws[(n0 + r) / bn, kb]
- * for ROWS (<= 4) rows; xp [cdiv(K, 64) * 64] the bf16 activation permuted by bf16_x_permute (zero
- * past K), xs [cdiv(K, bk)] or NULL (no x scale), bk % 64 == 0. */
-BF16_FN static ALWAYS_INLINE void gemv_bf16_rows(const uint16_t *xp, const float *xs, const uint8_t *w,
-                                                 const float *ws, int64_t K, int64_t bn, int64_t bk, int64_t n0,
-                                                 const int ROWS, float *out) {
-    const int64_t KB = cdiv64(K, bk);
-    __m512i tab[4];
-    for (int i = 0; i < 4; i++) tab[i] = _mm512_loadu_si512((const void *)(g_e4m3_bf16_bytes + 64 * i));
-    const uint8_t *row[4];
-    const float *srow[4];
-    __m512 total[4];
-    for (int r = 0; r < ROWS; r++) {
-        row[r] = w + (n0 + r) * K, srow[r] = ws + ((n0 + r) / bn) * KB;
-        total[r] = _mm512_setzero_ps();
-    }
-    for (int64_t kb = 0; kb < KB; kb++) {
-        const int64_t c0 = kb * bk, end = c0 + bk < K ? c0 + bk : K;
-        __m512 part[4], part2[4];
-#pragma GCC unroll 4
-        for (int r = 0; r < ROWS; r++) part[r] = _mm512_setzero_ps(), part2[r] = _mm512_setzero_ps();
-        for (int64_t k = c0; k < end; k += 64) {
-            const __mmask64 lm = end - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (end - k)) - 1);
-            const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + k));
-            const __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + k + 32));
-#pragma GCC unroll 4
-            for (int r = 0; r < ROWS; r++) {
-                __m512i wa, wb;
-                e4m3_bf16x64(row[r] + k, lm, tab, &wa, &wb);
-                part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)wa, xa);
-                part2[r] = _mm512_dpbf16_ps(part2[r], (__m512bh)wb, xb);
-            }
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < ROWS; r++) {
-            const __m512 sum = _mm512_add_ps(part[r], part2[r]);
-            const __m512 p = xs ? _mm512_mul_ps(sum, _mm512_set1_ps(xs[kb])) : sum;
-            total[r] = _mm512_fmadd_ps(p, _mm512_set1_ps(srow[r][kb]), total[r]);
-        }
-    }
-    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(total[r]);
-}
-
-BF16_FN static void gemv_tile_bf16(const uint16_t *xp, const float *xs, const uint8_t *w, const float *ws,
-                                   int64_t N, int64_t K, int64_t bn, int64_t bk, int64_t n0, float *acc) {
-    if (n0 + NR <= N) {
-        gemv_bf16_rows(xp, xs, w, ws, K, bn, bk, n0, NR, acc);
-        return;
-    }
-    for (int64_t n = n0; n < N; n++) gemv_bf16_rows(xp, xs, w, ws, K, bn, bk, n, 1, acc + (n - n0));
-}
-
-/* 1 when the bf16 activation xb [K] has no nonzero value below 2^-80 in magnitude (bf16 exponent
- * field < 47; subnormals included): then every product with an fp8 weight (>= 2^-9) is >= 2^-89,
- * and vdpbf16ps's flushing cannot matter at fp32's precision. */
-BF16_FN static int bf16_gemv_ok(const uint16_t *xb, int64_t K) {
-    int64_t k = 0;
-    __mmask32 bad = 0;
-    for (; k + 32 <= K; k += 32) {
-        const __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(xb + k)), _mm512_set1_epi16(0x7FFF));
-        bad |= _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(a, a), a, _mm512_set1_epi16(47 << 7));
-    }
-    for (; k < K; k++) {
-        const uint16_t a = xb[k] & 0x7FFF;
-        if (a && a < (47 << 7)) return 0;
-    }
-    return bad == 0;
-}
-
 /* fp8_overflow_edge's scan, 8 lanes at a time: max of the bits of |f[i]| (nan -> 0) into *m over
  * the first multiple of 8 of n; returns how many elements it covered. */
 AVX2_FN static int64_t absbits_max_avx2(const uint32_t *f, int64_t n, uint32_t *m) {
@@ -1280,62 +1187,6 @@ void fp8_prepare_x(const void *x, int xdt, const float *xs, int dynamic, int64_t
     for (int64_t m = 0; m < M; m++) prepare_row(x, xdt, xs, dynamic, m, K, bk, xf + m * K, isa);
 }
 
-/* The activation row of the AVX512-BF16 GEMV: xb [cdiv(K, 64) * 64] bf16 bits in e4m3_bf16x64's
- * order (bf16_x_permute), xs [cdiv(K, bk)] its x scales or NULL. */
-typedef struct {
-    const uint16_t *xb;
-    const float *xs;
-} bf16_x;
-
-/* xp [cdiv(K, 64) * 64] = x [K] (bf16 bits) in e4m3_bf16x64's order, zero past K: in each chunk of
- * 64, first the elements 16L + j, then 16L + 8 + j (L = 0..3, j = 0..7). */
-static void bf16_x_permute(const uint16_t *x, int64_t K, uint16_t *xp) {
-    for (int64_t c = 0; c < K; c += 64)
-        for (int half = 0; half < 2; half++)
-            for (int L = 0; L < 4; L++)
-                for (int j = 0; j < 8; j++) {
-                    const int64_t k = c + 16 * L + 8 * half + j;
-                    xp[c + 32 * half + 8 * L + j] = k < K ? x[k] : 0;
-                }
-}
-
-/* Whether fp8_gemm's M = 1 product runs the AVX512-BF16 GEMV (see gemv_bf16_rows), and if so its
- * activation in *b, built in scratch [cdiv(K, bk) + cdiv(K, 64) * 64 + K] floats: a bf16 x of
- * W8A16 as it is (if bf16_gemv_ok), W8A8's e4m3 codes (quantized here bit for bit as prepare_row
- * does, or given as fp8 x) widened exactly, with their scales. */
-static int bf16_gemv_prepare(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int kind,
-                             int64_t K, int64_t bk, float *scratch, bf16_x *b) {
-#if FP8_HAVE_X86
-    if (!g_bf16 || M != 1 || kind != KIND_E4M3 || bk % 64 != 0) return 0;
-    const int64_t KB = cdiv64(K, bk), K64 = cdiv64(K, 64) * 64;
-    float *sc = scratch;
-    uint16_t *xp = (uint16_t *)(scratch + KB), *lin = xp + K64;
-    if (xdt == DT_BF16 && !dynamic) {
-        if (!bf16_gemv_ok((const uint16_t *)x, K)) return 0;
-        bf16_x_permute((const uint16_t *)x, K, xp);
-        b->xs = NULL;
-    } else if (dynamic || xdt == 3) { /* fp32 / fp16 x of W8A16 or e5m2 x: not exact in bf16 */
-        for (int64_t kb = 0; kb < KB; kb++) {
-            const int64_t c0 = kb * bk, n = (c0 + bk < K ? c0 + bk : K) - c0;
-            uint8_t q[512];
-            const uint8_t *codes = q;
-            if (xdt == 3) codes = (const uint8_t *)x + c0, sc[kb] = xs[kb];
-            else sc[kb] = dyn_quant_seg_avx2(x, xdt, c0, n, q);
-            for (int64_t j = 0; j < n; j++) lin[c0 + j] = f32_to_bf16(g_e4m3[codes[j]]);
-        }
-        bf16_x_permute(lin, K, xp);
-        b->xs = sc;
-    } else {
-        return 0;
-    }
-    b->xb = xp;
-    return 1;
-#else
-    (void)x, (void)xdt, (void)xs, (void)dynamic, (void)M, (void)kind, (void)K, (void)bk, (void)scratch, (void)b;
-    return 0;
-#endif
-}
-
 /* acc[M, NR] = the product of xf rows [0, M) with weight rows [n0, n0 + NR) (fewer at the edge):
  * the work of one tile of fp8_gemm / fp8_gemm_grouped. buf: NR x KC floats of scratch. */
 static void gemm_tile(const float *xf, int64_t M, int64_t K, const uint8_t *w, int kind, const float *ws,
@@ -1370,6 +1221,507 @@ static void store_tile(const float *acc, int64_t M, int64_t N, int64_t n0, const
     }
 }
 
+/* ------------------------------------------------------- the AVX512-BF16 fused GEMM (ISA 2) */
+/* torch's bf16 GEMM runs vdpbf16ps (32 bf16 products per instruction into 16 fp32 lanes), ~2x its
+ * fp32 GEMM on AVX512-BF16 CPUs; the fused GEMM above multiplies in AVX2 fp32. This one multiplies
+ * bf16 operands that are EXACT, so its only rounding is fp32 accumulation, as the reference's:
+ *   weight: fp8 codes widened to bf16 (e4m3 / e5m2 fit bf16's 8-bit significand and exponent
+ *     range, subnormals included: they become normal bf16 values, which vdpbf16ps's DAZ keeps;
+ *     nan / inf codes stay nan / inf), the block scale applied per K block to the partial sum;
+ *   activation (bf16_prepare): W8A16 bf16 x as it is; W8A8 the e4m3 codes of the dynamic
+ *     quantization (or fp8 x's codes) widened the same way, with their 1 x bk scale applied per K
+ *     block, so y = sum_kb ((sum_k xq * wq) * xs) * ws, the reference's order of scaling.
+ * Anything else (fp32 / fp16 x under W8A16: not exact in bf16) stays on the fp32 kernels.
+ * vdpbf16ps flushes denormal inputs and results: fp8 codes never make one (the smallest product of
+ * two codes is 2^-32), and a W8A16 bf16 x with a nonzero |x| below 2^-100 is sent to the fp32
+ * kernels (BF16_NOT_EXACT): above it every product, and every partial sum (a multiple of
+ * 2^-123), is 0 or a normal fp32 value. */
+#define BF16_NOT_EXACT 3 /* internal: the caller takes the fp32 kernels */
+
+/* bf16 bits of |code| for the 128 magnitudes of each fp8 format (the sign is bit 7 -> bit 15). */
+static uint16_t g_bf16_tab[2][128] __attribute__((aligned(64)));
+
+/* The same e4m3 values as byte tables for gemv_bf16_rows' vpermi2b: [0, 128) the high bytes of the
+ * magnitudes' bf16 bits, [128, 256) the low bytes. */
+static uint8_t g_e4m3_bf16_bytes[256] __attribute__((aligned(64)));
+
+static void init_bf16_tables(void) {
+    for (int u = 0; u < 128; u++) {
+        g_bf16_tab[KIND_E4M3][u] = f32_to_bf16(g_e4m3[u]);
+        g_bf16_tab[KIND_E5M2][u] = f32_to_bf16(g_e5m2[u]);
+        g_e4m3_bf16_bytes[u] = (uint8_t)(g_bf16_tab[KIND_E4M3][u] >> 8);
+        g_e4m3_bf16_bytes[128 + u] = (uint8_t)g_bf16_tab[KIND_E4M3][u];
+    }
+}
+
+/* Whether a one-row product (M = 1, or a one-row group) of ISA 2 runs gemv_bf16_rows. */
+static int bf16_gemv_applies(int kind, int64_t bk) { return g_vbmi && kind == KIND_E4M3 && bk % 64 == 0; }
+
+/* xp [cdiv(K, 64) * 64] = x [K] (bf16 bits) in e4m3_bf16x64's order, zero past K: in each chunk of
+ * 64, first the elements 16L + j, then 16L + 8 + j (L = 0..3, j = 0..7). */
+static void bf16_x_permute(const uint16_t *x, int64_t K, uint16_t *xp) {
+    for (int64_t c = 0; c < K; c += 64)
+        for (int half = 0; half < 2; half++)
+            for (int L = 0; L < 4; L++)
+                for (int j = 0; j < 8; j++) {
+                    const int64_t k = c + 16 * L + 8 * half + j;
+                    xp[c + 32 * half + 8 * L + j] = k < K ? x[k] : 0;
+                }
+}
+
+#if FP8_HAVE_BF16
+typedef struct {
+    __m512i t0, t1, t2, t3; /* magnitudes 0-31, 32-63, 64-95, 96-127 */
+} bf16_table;
+
+BF16_FN static ALWAYS_INLINE bf16_table bf16_table_of(int kind) {
+    const uint16_t *t = g_bf16_tab[kind];
+    bf16_table r = {_mm512_load_si512(t), _mm512_load_si512(t + 32), _mm512_load_si512(t + 64),
+                    _mm512_load_si512(t + 96)};
+    return r;
+}
+
+/* 32 fp8 codes (the bytes in b's 16-bit lanes, sign-extended) -> 32 bf16 values exactly: two
+ * 64-entry word permutes look the magnitude up (index bits 0-5; bit 6 picks the result), one
+ * ternary logic ORs the sign (bit 15 of the sign-extended byte). 6 instructions per 32 codes
+ * where widening to fp32 through fp16 takes ~14 per 16. */
+BF16_FN static ALWAYS_INLINE __m512i bf16_from_codes(__m512i s, const bf16_table *t) {
+    const __m512i lo = _mm512_permutex2var_epi16(t->t0, s, t->t1);
+    const __m512i hi = _mm512_permutex2var_epi16(t->t2, s, t->t3);
+    const __m512i r = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(s, _mm512_set1_epi16(0x40)), lo, hi);
+    return _mm512_ternarylogic_epi32(r, s, _mm512_set1_epi32((int)0x80008000u), 0xF8); /* r | (s & sign) */
+}
+
+/* dequant_seg's AVX-512 part on ISA 2 (fp32 / bf16 out): q[0 : n] * s -> out[o0 : o0 + n], 32 per
+ * step, returns how many were done. The exact bf16 code becomes its fp32 value with a shift, one
+ * fp32 multiply rounds, then c10's round to nearest even in integer ops (and a nan becomes c10's
+ * 0x7FC0): the AVX2 and scalar results bit for bit (up to a fp32 nan's payload), with ~1/3 of
+ * their instructions. */
+BF16_FN static int64_t dequant_row_avx512(const uint8_t *q, int kind, float s, int64_t n, void *out, int dt,
+                                          int64_t o0) {
+    const bf16_table t = bf16_table_of(kind);
+    const __m512 vs = _mm512_set1_ps(s);
+    const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
+                                               27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        const __m512i b = bf16_from_codes(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + j))), &t);
+        const __m512 lo = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(b)), 16)), vs);
+        const __m512 hi = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(b, 1)), 16)), vs);
+        if (dt == DT_F32) {
+            _mm512_storeu_ps((float *)out + o0 + j, lo);
+            _mm512_storeu_ps((float *)out + o0 + j + 16, hi);
+        } else { /* integer rounding (vcvtne2ps2bf16 would flush denormal products to 0) */
+            const __mmask32 nan = (__mmask32)_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) |
+                                  ((__mmask32)_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q) << 16);
+            const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+            const __m512i bl = _mm512_castps_si512(lo), bh = _mm512_castps_si512(hi);
+            const __m512i rl = _mm512_add_epi32(bl, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bl, 16), one), half));
+            const __m512i rh = _mm512_add_epi32(bh, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bh, 16), one), half));
+            __m512i r = _mm512_permutex2var_epi16(rl, odd_words, rh); /* the high half of each lane, in order */
+            r = _mm512_mask_mov_epi16(r, nan, _mm512_set1_epi16(0x7FC0));
+            _mm512_storeu_si512((uint16_t *)out + o0 + j, r);
+        }
+    }
+    return j;
+}
+
+/* codes p[0 : n] -> bf16 out[0 : n] (n <= 32 per masked step). */
+BF16_FN static ALWAYS_INLINE void bf16_widen(const uint8_t *p, int64_t n, const bf16_table *t, uint16_t *out) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32)
+        _mm512_storeu_si512(out + j, bf16_from_codes(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p + j))), t));
+    if (j < n) {
+        const __mmask32 m = (__mmask32)((1ull << (n - j)) - 1);
+        const __m512i s = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, p + j));
+        _mm512_mask_storeu_epi16(out + j, m, bf16_from_codes(s, t));
+    }
+}
+
+/* NR weight rows [n0, n0 + NR) x [k0, k0 + klen) widened into buf [NR, KC] bf16, zero up to kpad
+ * (a multiple of 32) and in rows past N. */
+BF16_FN static void bf16_widen_tile(const uint8_t *w, const bf16_table *t, int64_t N, int64_t K, int64_t n0,
+                                    int64_t k0, int64_t klen, int64_t kpad, uint16_t *buf) {
+    for (int r = 0; r < NR; r++) {
+        uint16_t *dst = buf + r * KC;
+        if (n0 + r >= N) {
+            memset(dst, 0, 2 * kpad);
+            continue;
+        }
+        bf16_widen(w + (n0 + r) * K + k0, klen, t, dst);
+        if (kpad > klen) memset(dst + klen, 0, 2 * (kpad - klen));
+    }
+}
+
+/* tot[i][r] (16 fp32 lanes each) += the K blocks of chunk [k0, k0 + klen) of x rows [m, m + MR)
+ * (bf16, K columns; masked past K) against the NR widened rows in buf, each block's partial sum
+ * times its scales: ((part * xs[m, kb]) fused-multiply-added with ws[n, kb]) with xs (W8A8), or
+ * part fused with ws (W8A16, xs NULL). bk is a multiple of 32 and divides KC (128/256/512, MX 32). */
+#define BF16_TILE_MR(MR)                                                                                      \
+    BF16_FN static void bf16_tile_mr##MR(const uint16_t *x, const float *xs, int64_t K, int64_t KB, int64_t bk,  \
+                                         int64_t k0, int64_t klen, const uint16_t *buf, const float *const *srow, \
+                                         int64_t m, __m512 *tot) {                                               \
+        __m512 t[MR][NR];                                                                                     \
+        for (int i = 0; i < MR; i++)                                                                          \
+            for (int r = 0; r < NR; r++) t[i][r] = tot[(m + i) * NR + r];                                     \
+        for (int64_t c0 = 0; c0 < klen; c0 += bk) {                                                           \
+            const int64_t c1 = c0 + bk < klen ? c0 + bk : klen, kb = (k0 + c0) / bk;                          \
+            __m512 p[MR][NR];                                                                                 \
+            for (int i = 0; i < MR; i++)                                                                      \
+                for (int r = 0; r < NR; r++) p[i][r] = _mm512_setzero_ps();                                   \
+            for (int64_t k = c0; k < c1; k += 32) {                                                           \
+                const __mmask32 mk = c1 - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (c1 - k)) - 1); \
+                __m512i wv[NR];                                                                               \
+                for (int r = 0; r < NR; r++) wv[r] = _mm512_load_si512(buf + r * KC + k);                     \
+                for (int i = 0; i < MR; i++) {                                                                \
+                    const __m512i xv = _mm512_maskz_loadu_epi16(mk, x + (m + i) * K + k0 + k);                \
+                    for (int r = 0; r < NR; r++)                                                              \
+                        p[i][r] = _mm512_dpbf16_ps(p[i][r], (__m512bh)xv, (__m512bh)wv[r]);                   \
+                }                                                                                             \
+            }                                                                                                 \
+            for (int r = 0; r < NR; r++) {                                                                    \
+                const __m512 s = _mm512_set1_ps(srow[r][kb]);                                                 \
+                for (int i = 0; i < MR; i++) {                                                                \
+                    const __m512 q = xs ? _mm512_mul_ps(p[i][r], _mm512_set1_ps(xs[(m + i) * KB + kb])) : p[i][r]; \
+                    t[i][r] = _mm512_fmadd_ps(q, s, t[i][r]);                                                 \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int i = 0; i < MR; i++)                                                                          \
+            for (int r = 0; r < NR; r++) tot[(m + i) * NR + r] = t[i][r];                                     \
+    }
+BF16_TILE_MR(1)
+BF16_TILE_MR(2)
+#undef BF16_TILE_MR
+
+/* acc[M, NR] = the product of x rows [0, M) (bf16, with xs [M, KB] or NULL) with weight rows
+ * [n0, n0 + NR): bf16_widen_tile + bf16_tile_mr per KC chunk. buf: NR x KC bf16, tot: M x NR
+ * vectors of scratch. */
+BF16_FN static void bf16_gemm_tile(const uint16_t *x, const float *xs, int64_t M, int64_t K, const uint8_t *w,
+                                   int kind, const float *ws, int64_t N, int64_t bn, int64_t bk, int64_t n0,
+                                   float *acc, uint16_t *buf, __m512 *tot) {
+    const int64_t KB = cdiv64(K, bk);
+    const bf16_table t = bf16_table_of(kind);
+    const float *srow[NR];
+    for (int r = 0; r < NR; r++) srow[r] = ws + ((n0 + r < N ? n0 + r : N - 1) / bn) * KB; /* rows past N: 0 */
+    for (int64_t i = 0; i < M * NR; i++) tot[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t klen = K - k0 < KC ? K - k0 : KC, kpad = (klen + 31) / 32 * 32;
+        bf16_widen_tile(w, &t, N, K, n0, k0, klen, kpad, buf);
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) bf16_tile_mr2(x, xs, K, KB, bk, k0, klen, buf, srow, m, tot);
+        if (m < M) bf16_tile_mr1(x, xs, K, KB, bk, k0, klen, buf, srow, m, tot);
+    }
+    for (int64_t i = 0; i < M * NR; i++) acc[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
+/* 1 when a bf16 x [n] has a nonzero |x| below 2^-100 (see the section comment). */
+BF16_FN static int bf16_has_tiny(const uint16_t *x, int64_t n) {
+    const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(27 << 7);
+    __mmask32 any = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512i a = _mm512_and_si512(_mm512_loadu_si512(x + i), mag);
+        any |= _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(a, a), a, lim);
+    }
+    for (; i < n; i++) {
+        const uint16_t a = x[i] & 0x7FFF;
+        any |= a && a < (27 << 7);
+    }
+    return any != 0;
+}
+
+/* The activation of the bf16 kernels from x (as fp8_gemm takes it, M x K): *xb bf16 [M, K] (x
+ * itself for W8A16 bf16 x, else a malloc'd array in *own) and *xsc [M, KB] float32 (NULL for
+ * W8A16; fp8 x's own xs, or the dynamic quantization's scales, also in *own). Then the fp32
+ * overflow edge on the activation as the fp32 kernels would see it: max over K blocks of
+ * |xq|max * |xs| equals max |xq * xs| (rounding is monotonic), so the decision is theirs.
+ * Returns 0, FP8_ERR_NOMEM, FP8_EDGE or BF16_NOT_EXACT (nothing allocated is left behind
+ * except on 0, where the caller frees *own). */
+BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t K,
+                                int64_t bk, int kind, const float *ws, int64_t nws, const uint16_t **xb,
+                                const float **xsc, void **own) {
+    const int64_t KB = cdiv64(K, bk);
+    *own = NULL;
+    if (xdt == DT_BF16 && !dynamic) {
+        if (bf16_has_tiny((const uint16_t *)x, M * K)) return BF16_NOT_EXACT;
+        if (fp8_overflow_edge(x, DT_BF16, M * K, NULL, 0, ws, nws, K, kind, 1)) return FP8_EDGE;
+        *xb = (const uint16_t *)x, *xsc = NULL;
+        return 0;
+    }
+    if (!dynamic && xdt < 3) return BF16_NOT_EXACT; /* W8A16 with fp32 / fp16 x */
+    uint16_t *b = (uint16_t *)malloc(2 * M * K + sizeof(float) * M * KB + 64);
+    if (b == NULL) return FP8_ERR_NOMEM;
+    float *s = (float *)(((uintptr_t)(b + M * K) + 63) & ~(uintptr_t)63);
+    uint32_t am = 0;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t kb = 0; kb < KB; kb++) {
+            const int64_t c0 = kb * bk, n = (c0 + bk < K ? c0 + bk : K) - c0;
+            uint8_t q[512];
+            const uint8_t *codes = q;
+            float sc;
+            if (dynamic) {
+                sc = dyn_quant_seg_avx2(x, xdt, m * K + c0, n, q);
+            } else {
+                codes = (const uint8_t *)x + m * K + c0, sc = xs[m * KB + kb];
+            }
+            s[m * KB + kb] = sc;
+            const bf16_table t = bf16_table_of(dynamic ? KIND_E4M3 : xdt - 3);
+            bf16_widen(codes, n, &t, b + m * K + c0);
+            uint32_t top = 0; /* the largest |code| of the block, nan as 0 */
+            for (int64_t j = 0; j < n; j++) {
+                const uint32_t a = b[m * K + c0 + j] & 0x7FFFu;
+                top = a <= 0x7F80u && a > top ? a : top;
+            }
+            float v = u2f(top << 16) * fabsf(sc);
+            v = v != v ? 0.0f : v;
+            am = f2u(v) > am ? f2u(v) : am;
+        }
+    }
+    const float amax = u2f(am);
+    if (fp8_overflow_edge(&amax, DT_F32, 1, dynamic ? NULL : xs, M * KB, ws, nws, K, kind, 1)) {
+        free(b);
+        return FP8_EDGE;
+    }
+    *xb = b, *xsc = s, *own = b;
+    return 0;
+}
+
+/* The tasks of fp8_gemm / fp8_gemm_grouped on the bf16 kernels: for each listed group i, y rows
+ * [y_row[i], + rows[i]) = xb rows [x_row[i], + rows[i]) (xsc likewise) @ (w[gid[i]] * ws[gid[i]])^T
+ * (+ bias). Returns 0 or FP8_ERR_NOMEM. */
+/* ISA 2's one-row GEMV (M = 1, or one-row groups: decode), e4m3 weights, bk % 64 == 0, with
+ * AVX512-VBMI: no widened buffer. 64 codes become 64 bf16 values (exactly, nan included) in
+ * registers by two 128-entry byte lookups (vpermi2b: the high and the low byte of each value), the
+ * sign OR-ed into the high byte and two byte interleaves, and two vdpbf16ps multiply them with the
+ * activation: 57 instructions per 4 rows x 64 codes (0.22 per weight, objdump of the inner loop)
+ * against 0.82 for the AVX2 GEMV (gemv_block) and a store + reload per code for bf16_gemm_tile.
+ * The interleave leaves the values of 128-bit lane L in the order codes 16L..16L+7 (first
+ * register), 16L+8..16L+15 (second), so the activation row is permuted the same way once
+ * (bf16_x_permute): each product still pairs x[k] with w[n, k]. The operands and the per-block
+ * scaling are bf16_gemm_tile's (exact bf16 products, fp32 sums, ((part * xs) * ws)), in another
+ * summation order. */
+BF16V_FN static ALWAYS_INLINE void e4m3_bf16x64(const uint8_t *p, __mmask64 lm, const __m512i *tab, __m512i *a,
+                                                __m512i *b) {
+    const __m512i c = _mm512_maskz_loadu_epi8(lm, p); /* lanes past K: code 0 = +0.0 */
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tab[0], c, tab[1]), c,
+                                                 _mm512_set1_epi8((char)0x80), 0xF8); /* | the sign */
+    const __m512i lo = _mm512_permutex2var_epi8(tab[2], c, tab[3]);
+    *a = _mm512_unpacklo_epi8(lo, hi);
+    *b = _mm512_unpackhi_epi8(lo, hi);
+}
+
+/* out[r] = sum over K blocks kb of ((sum_{k in kb} x[k] * w[n0 + r, k]) * xs[kb]) * ws[(n0 + r) / bn, kb]
+ * for ROWS (<= 4) rows; xp the bf16 row permuted by bf16_x_permute, xs [cdiv(K, bk)] or NULL. */
+BF16V_FN static ALWAYS_INLINE void gemv_bf16_rows(const uint16_t *xp, const float *xs, const uint8_t *w,
+                                                  const float *ws, int64_t K, int64_t bn, int64_t bk, int64_t n0,
+                                                  const int ROWS, float *out) {
+    const int64_t KB = cdiv64(K, bk);
+    __m512i tab[4];
+    for (int i = 0; i < 4; i++) tab[i] = _mm512_load_si512((const void *)(g_e4m3_bf16_bytes + 64 * i));
+    const uint8_t *row[4];
+    const float *srow[4];
+    __m512 total[4];
+    for (int r = 0; r < ROWS; r++) {
+        row[r] = w + (n0 + r) * K, srow[r] = ws + ((n0 + r) / bn) * KB;
+        total[r] = _mm512_setzero_ps();
+    }
+    for (int64_t kb = 0; kb < KB; kb++) {
+        const int64_t c0 = kb * bk, end = c0 + bk < K ? c0 + bk : K;
+        __m512 part[4], part2[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) part[r] = _mm512_setzero_ps(), part2[r] = _mm512_setzero_ps();
+        for (int64_t k = c0; k < end; k += 64) {
+            const __mmask64 lm = end - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (end - k)) - 1);
+            const __m512bh xa = (__m512bh)_mm512_loadu_si512((const void *)(xp + k));
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512((const void *)(xp + k + 32));
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS; r++) {
+                __m512i wa, wb;
+                e4m3_bf16x64(row[r] + k, lm, tab, &wa, &wb);
+                part[r] = _mm512_dpbf16_ps(part[r], (__m512bh)wa, xa);
+                part2[r] = _mm512_dpbf16_ps(part2[r], (__m512bh)wb, xb);
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const __m512 sum = _mm512_add_ps(part[r], part2[r]);
+            const __m512 q = xs ? _mm512_mul_ps(sum, _mm512_set1_ps(xs[kb])) : sum;
+            total[r] = _mm512_fmadd_ps(q, _mm512_set1_ps(srow[r][kb]), total[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(total[r]);
+}
+
+BF16V_FN static void gemv_tile_bf16(const uint16_t *xp, const float *xs, const uint8_t *w, const float *ws,
+                                    int64_t N, int64_t K, int64_t bn, int64_t bk, int64_t n0, float *acc) {
+    if (n0 + NR <= N) {
+        gemv_bf16_rows(xp, xs, w, ws, K, bn, bk, n0, NR, acc);
+        return;
+    }
+    for (int64_t n = n0; n < N; n++) gemv_bf16_rows(xp, xs, w, ws, K, bn, bk, n, 1, acc + (n - n0));
+}
+
+/* bf16_run when every group has one row and bf16_gemv_applies: each group's activation row
+ * permuted once (O(L K)), then (group, 4-row weight tile) tasks on gemv_tile_bf16. */
+static int bf16_run_gemv(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
+                         const int64_t *x_row, const int64_t *y_row, const uint8_t *w, const float *ws, int64_t N,
+                         int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt, void *y, int ydt,
+                         int nthreads) {
+    const int64_t tiles = cdiv64(N, NR), tasks = L * tiles, KB = cdiv64(K, bk), K64 = cdiv64(K, 64) * 64;
+    const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * KB, ysize = ydt == DT_F32 ? 4 : 2;
+    const int nt = nthreads > 0 ? nthreads : 1;
+    uint16_t *xp = (uint16_t *)aligned_alloc(64, 2 * L * K64 + 64);
+    float *accs = (float *)malloc(sizeof(float) * NR * nt);
+    if (xp == NULL || accs == NULL) {
+        free(xp);
+        free(accs);
+        return FP8_ERR_NOMEM;
+    }
+    for (int64_t i = 0; i < L; i++) bf16_x_permute(xb + x_row[i] * K, K, xp + i * K64);
+#pragma omp parallel num_threads(nthreads) if (tasks > 1 && L * N * K >= GEMV_PAR_MIN)
+    {
+#ifdef _OPENMP
+        float *acc = accs + NR * omp_get_thread_num();
+#else
+        float *acc = accs;
+#endif
+#pragma omp for schedule(dynamic, 8) nowait
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t i = t / tiles, n0 = (t % tiles) * NR, g = gid[i];
+            gemv_tile_bf16(xp + i * K64, xsc ? xsc + x_row[i] * KB : NULL, w + g * w_step, ws + g * ws_step, N, K,
+                           bn, bk, n0, acc);
+            store_tile(acc, 1, N, n0, bias, bias_dt, (char *)y + y_row[i] * N * ysize, ydt);
+        }
+    }
+    free(xp);
+    free(accs);
+    return 0;
+}
+
+BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
+                            const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
+                            int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
+                            const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
+    int64_t ones = 0;
+    for (int64_t i = 0; i < L; i++) ones += rows[i] == 1;
+    if (ones && bf16_gemv_applies(kind, bk)) { /* one-row groups: the GEMV, as the dense M = 1 call */
+        if (ones == L)
+            return bf16_run_gemv(xb, xsc, L, gid, x_row, y_row, w, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+        int64_t *a = (int64_t *)malloc(sizeof(int64_t) * 7 * L), n1 = 0, n2 = 0;
+        if (a == NULL) return FP8_ERR_NOMEM;
+        int64_t *g1 = a, *x1 = a + L, *y1 = a + 2 * L, *g2 = a + 3 * L, *x2 = a + 4 * L, *y2 = a + 5 * L, *r2 = a + 6 * L;
+        for (int64_t i = 0; i < L; i++) {
+            if (rows[i] == 1) g1[n1] = gid[i], x1[n1] = x_row[i], y1[n1++] = y_row[i];
+            else g2[n2] = gid[i], x2[n2] = x_row[i], y2[n2] = y_row[i], r2[n2++] = rows[i];
+        }
+        int rc = bf16_run_gemv(xb, xsc, n1, g1, x1, y1, w, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+        if (rc == 0) rc = bf16_run(xb, xsc, n2, g2, x2, y2, r2, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+        free(a);
+        return rc;
+    }
+    const int64_t tiles = cdiv64(N, NR), KB = cdiv64(K, bk);
+    const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * KB, ysize = ydt == DT_F32 ? 4 : 2;
+    /* Rows per task: every weight tile re-reads its task's x rows, so they are kept to <= 256 KB
+     * of bf16 (L2); a row's result does not depend on which rows share its task. */
+    const int64_t RB = (256 * 1024) / (2 * K) > 2 ? (256 * 1024) / (2 * K) : 2;
+    int64_t total = 0, max_rows = 0;
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (L + 1)); /* first row block of each group */
+    if (first == NULL) return FP8_ERR_NOMEM;
+    first[0] = 0;
+    for (int64_t i = 0; i < L; i++) {
+        total += rows[i];
+        max_rows = rows[i] > max_rows ? rows[i] : max_rows;
+        first[i + 1] = first[i] + cdiv64(rows[i], RB);
+    }
+    max_rows = max_rows < RB ? max_rows : RB;
+    const int64_t tasks = first[L] * tiles;
+    const int nt = nthreads > 0 ? nthreads : 1;
+    float *accs = (float *)malloc(sizeof(float) * max_rows * NR * nt);
+    __m512 *tots = (__m512 *)aligned_alloc(64, sizeof(__m512) * max_rows * NR * nt);
+    if (accs == NULL || tots == NULL) {
+        free(first);
+        free(accs);
+        free(tots);
+        return FP8_ERR_NOMEM;
+    }
+#pragma omp parallel num_threads(nthreads) \
+    if (tasks > 1 && (max_rows == 1 ? total * N * K >= GEMV_PAR_MIN : total * N * K >= 4 * PAR_MIN))
+    {
+        uint16_t buf[NR * KC] __attribute__((aligned(64)));
+#ifdef _OPENMP
+        const int id = omp_get_thread_num();
+#else
+        const int id = 0;
+#endif
+        float *acc = accs + max_rows * NR * id;
+        __m512 *tot = tots + max_rows * NR * id;
+#pragma omp for schedule(dynamic, 4) nowait
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t blk = t / tiles, n0 = (t % tiles) * NR;
+            int64_t lo = 0, hi = L; /* the group i with first[i] <= blk < first[i + 1] */
+            while (hi - lo > 1) {
+                const int64_t mid = (lo + hi) / 2;
+                if (first[mid] <= blk) lo = mid;
+                else hi = mid;
+            }
+            const int64_t i = lo, g = gid[i], r0 = (blk - first[i]) * RB;
+            const int64_t nr = rows[i] - r0 < RB ? rows[i] - r0 : RB, xr = x_row[i] + r0;
+            bf16_gemm_tile(xb + xr * K, xsc ? xsc + xr * KB : NULL, nr, K, w + g * w_step, kind, ws + g * ws_step, N,
+                           bn, bk, n0, acc, buf, tot);
+            store_tile(acc, nr, N, n0, bias, bias_dt, (char *)y + (y_row[i] + r0) * N * ysize, ydt);
+        }
+    }
+    free(first);
+    free(accs);
+    free(tots);
+    return 0;
+}
+#endif
+
+/* Whether the bf16 kernels beat the AVX2 ones for M rows of an N x K weight: always from M = 2
+ * (half the CPU time at N = K = 4096, M = 4-48); at M = 1 where the one-row GEMV applies
+ * (bf16_gemv_applies: 0.58-0.69x bf16 F.linear's time at SmolLM2's shapes against 0.91-1.20x for
+ * the AVX2 GEMV, docs/cpu.md), else only from GEMV_PAR_MIN weights up (bf16_gemm_tile's widened
+ * buffer against the AVX2 GEMV, which widens in registers: median us on one Zen 4 thread through
+ * the op, W8A16 bf16 x, AVX2 / bf16: 4096 x 4096 2522 / 2065, 1536 x 576 126 / 114, but 576 x 576
+ * 54 / 57 and 192 x 576 27 / 34, W8A8 46 / 62 and 22 / 34). */
+static int bf16_pays(int64_t M, int64_t N, int64_t K, int kind, int64_t bk) {
+    return M > 1 || N * K >= GEMV_PAR_MIN || bf16_gemv_applies(kind, bk);
+}
+
+/* The rule above for Python (cpu_grouped): 1 when ISA 2 is on and its kernels pay for M rows. */
+int fp8_bf16_pays(int64_t M, int64_t N, int64_t K, int kind, int64_t bk) {
+    ensure_init();
+    return g_isa == 2 && bf16_pays(M, N, K, kind, bk);
+}
+
+/* fp8_gemm / fp8_gemm_grouped on the bf16 kernels from x as fp8_gemm takes it; BF16_NOT_EXACT
+ * where they do not apply (the caller then runs the fp32 kernels). */
+static int bf16_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t L, const int64_t *gid,
+                     const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w, int kind,
+                     const float *ws, int64_t nws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias,
+                     int bias_dt, void *y, int ydt, int nthreads) {
+#if FP8_HAVE_BF16
+    const uint16_t *xb = NULL;
+    const float *xsc = NULL;
+    void *own = NULL;
+    if (g_isa != 2) return BF16_NOT_EXACT;
+    int rc = bf16_prepare(x, xdt, xs, dynamic, M, K, bk, kind, ws, nws, &xb, &xsc, &own);
+    if (rc) return rc;
+    rc = bf16_run(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+    free(own);
+    return rc;
+#else
+    (void)x, (void)xdt, (void)xs, (void)dynamic, (void)M, (void)L, (void)gid, (void)x_row, (void)y_row, (void)rows;
+    (void)w, (void)kind, (void)ws, (void)nws, (void)N, (void)K, (void)bn, (void)bk, (void)bias, (void)bias_dt;
+    (void)y, (void)ydt, (void)nthreads;
+    return BF16_NOT_EXACT;
+#endif
+}
+
 /* y [M, N] (dtype ydt) = x [M, K] @ (w [N, K] fp8 * w_scale [cdiv(N, bn), cdiv(K, bk)])^T + bias [N]
  * (dtype bias_dt, or NULL), x as in prepare_row, accumulated in fp32. Each weight tile (4 rows x
  * 512 K) is widened once into L1 and used by all M rows: the fp8 weight is streamed once and the
@@ -1379,6 +1731,12 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
              const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt,
              void *y, int ydt, int nthreads) {
     ensure_init();
+    if (g_isa == 2 && bf16_pays(M, N, K, kind, bk)) { /* the bf16 kernels where exact (bf16_gemm), else fp32 ones */
+        const int64_t zero = 0;
+        const int rc = bf16_gemm(x, xdt, xs, dynamic, M, 1, &zero, &zero, &zero, &M, w, kind, ws,
+                                 cdiv64(N, bn) * cdiv64(K, bk), N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+        if (rc != BF16_NOT_EXACT) return rc;
+    }
     const int64_t tiles = cdiv64(N, NR);
     const int isa = g_isa;
     const int convert = !(xdt == DT_F32 && !dynamic);
@@ -1399,19 +1757,6 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
         free(accs);
         return FP8_EDGE;
     }
-    /* M = 1 with a bf16-exact activation on an AVX512-BF16 CPU: gemv_tile_bf16 */
-    bf16_x bx;
-    float *bscratch = NULL;
-    int use_bf16 = 0;
-    if (g_bf16 && M == 1) {
-        bscratch = (float *)malloc(sizeof(float) * (cdiv64(K, bk) + cdiv64(K, 64) * 64 + K));
-        if (bscratch == NULL) {
-            if (convert) free(xf);
-            free(accs);
-            return FP8_ERR_NOMEM;
-        }
-        use_bf16 = bf16_gemv_prepare(x, xdt, xs, dynamic, M, kind, K, bk, bscratch, &bx);
-    }
 #pragma omp parallel num_threads(nthreads) if (tiles > 1 && (M == 1 ? N * K >= GEMV_PAR_MIN : M * N * K >= 4 * PAR_MIN))
     {
         float buf[NR * KC] __attribute__((aligned(64)));
@@ -1422,17 +1767,12 @@ int fp8_gemm(const void *x, int xdt, const float *xs, int dynamic, int64_t M, co
 #endif
 #pragma omp for schedule(dynamic, 8) nowait
         for (int64_t t = 0; t < tiles; t++) {
-#if FP8_HAVE_X86
-            if (use_bf16) gemv_tile_bf16(bx.xb, bx.xs, w, ws, N, K, bn, bk, t * NR, acc);
-            else
-#endif
-                gemm_tile(xf, M, K, w, kind, ws, N, bn, bk, t * NR, acc, buf, isa);
+            gemm_tile(xf, M, K, w, kind, ws, N, bn, bk, t * NR, acc, buf, isa);
             store_tile(acc, M, N, t * NR, bias, bias_dt, y, ydt);
         }
     }
     if (convert) free(xf);
     free(accs);
-    free(bscratch);
     return 0;
 }
 
@@ -1475,4 +1815,22 @@ int fp8_gemm_grouped(const float *xf, int64_t L, const int64_t *gid, const int64
     }
     free(accs);
     return 0;
+}
+
+/* fp8_gemm_grouped from the activation as fp8_gemm takes it (x [M, K] of dtype xdt, xs, dynamic:
+ * see prepare_row), on the AVX512-BF16 kernels: the groups' rows are offsets into x's M rows, w
+ * holds G weights. Returns 0, FP8_ERR_NOMEM, FP8_EDGE (the fp32 overflow edge over all M rows:
+ * nothing written) or 3 where the bf16 kernels are not exact for this activation, do not pay
+ * (bf16_pays, on the largest group) or are not in use (ISA below 2): then nothing is written and
+ * the caller runs fp8_prepare_x + fp8_gemm_grouped. */
+int fp8_gemm_grouped_x(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t L, const int64_t *gid,
+                       const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w, int kind,
+                       const float *ws, int64_t G, int64_t N, int64_t K, int64_t bn, int64_t bk, void *y, int ydt,
+                       int nthreads) {
+    ensure_init();
+    int64_t max_rows = 0;
+    for (int64_t i = 0; i < L; i++) max_rows = rows[i] > max_rows ? rows[i] : max_rows;
+    if (!bf16_pays(max_rows, N, K, kind, bk)) return BF16_NOT_EXACT;
+    return bf16_gemm(x, xdt, xs, dynamic, M, L, gid, x_row, y_row, rows, w, kind, ws,
+                     G * cdiv64(N, bn) * cdiv64(K, bk), N, K, bn, bk, NULL, 0, y, ydt, nthreads);
 }
