@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, python_kernels_only
 from grouped_cases import (
     assert_quantization_loss_ok,
     check_gmm,
@@ -38,6 +38,7 @@ B = "cpu"
 def path(request, monkeypatch):
     """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path)."""
     if request.param == "torch":
+        python_kernels_only(monkeypatch)
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
@@ -121,6 +122,7 @@ def test_gmm_prefill_group_of_a_small_weight(monkeypatch, avx512, mode):
     AVX-512 CPU (``cpu.AVX512_GEMM``), the fused GEMM elsewhere; either way its rows are exactly the
     dense matmul's by the grouped rule, within the kernel-error bound of the reference."""
     spy = CallSpy(compiled_or_fail())
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "AVX512_GEMM", avx512)
     rows = cpu.GROUPED_PANEL_MIN_M
@@ -148,6 +150,7 @@ def test_gmm_w8a16_panel_groups_take_x_as_it_is(monkeypatch, x_dtype):
     is fp32), the overflow edge checked once on x itself, and the result bit for bit what the
     prepared float32 copy gives (the dense matmul of each group's fp32 rows)."""
     spy = CallSpy(compiled_or_fail())
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     sizes = [300, 0, 260]
     case = gmm_inputs(sizes, n=600, k=300, mode="none", x_dtype=x_dtype, extra_rows=3)
@@ -189,6 +192,7 @@ def test_gmm_c_calls_at_decode_sizes(monkeypatch, mode, x_dtype, act):
     of it, then ONE grouped fused GEMM call for all non-empty groups, whatever the number of groups and K blocks: no weight is ever
     dequantized at decode sizes, and there is one parallel region per call, not one per group."""
     spy = CallSpy(compiled_or_fail())
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
 
     def no_torch_dequantize(*args):
@@ -208,6 +212,7 @@ def test_gmm_c_calls_with_a_large_group(monkeypatch):
     prepared activation is reused, not prepared again, nor checked for the overflow edge again); the
     decode groups stay fused, in one call."""
     spy = CallSpy(compiled_or_fail())
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "BF16_PANELS", False)  # bf16 panels would convert the fp32 activation
     _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
@@ -216,6 +221,7 @@ def test_gmm_c_calls_with_a_large_group(monkeypatch):
 
 def test_gmm_torch_path_dequantizes_each_used_weight_once(monkeypatch):
     """The FP8_CPU_KERNELS=0 path: one weight dequantization per non-empty group (not per row or block)."""
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     seen = []
     real = cpu._dequantize_weight
@@ -278,6 +284,7 @@ def test_tgmm_quantizes_exactly_as_the_reference(path):
 def test_tgmm_c_calls_do_not_grow_with_groups(monkeypatch):
     """Quantize and dequantize once per operand, whatever G and the number of M blocks."""
     spy = CallSpy(compiled_or_fail())
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     for sizes in ([5, 0, 3], [40] * 12):
         spy.calls.clear()
