@@ -9,8 +9,8 @@ library that the Python path calls through ctypes: the same bits. Every other ca
 included) goes to the Python path unchanged; the .cpp file lists them.
 
 Built on the first CPU ``blockwise_matmul`` call of a process (:func:`install`, from
-``cpu.blockwise_matmul``) with ``torch.utils.cpp_extension`` (ninja and a C++ compiler; about a
-minute, once per machine and torch version) into the C kernels' cache directory, a file named by
+``cpu.blockwise_matmul``) with ``torch.utils.cpp_extension`` (ninja and a C++ compiler; ~16 s
+on 2 cores, once per machine and torch version) into the C kernels' cache directory, a file named by
 the hash of the source, torch's version, the Python ABI and the compiler; later processes load the
 verified file (size + sha256 record, as ``cpu_kernels`` does) without building. Without a
 compiler or ninja, when the build fails, with ``FP8_CPU_KERNELS=0`` (no C kernels at all) or
