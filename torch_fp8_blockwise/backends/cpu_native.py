@@ -54,6 +54,12 @@ def _cxx() -> str | None:
     return shutil.which(os.environ.get("CXX") or "c++")
 
 
+def _ninja() -> str | None:
+    """ninja on PATH, else the one installed beside this Python (a venv's bin, not always on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "ninja")
+    return shutil.which("ninja") or (beside if os.access(beside, os.X_OK) else None)
+
+
 def _name(cxx: str) -> str:
     """The extension's module name: the hash of everything the built file depends on."""
     digest = hashlib.sha256(SOURCE.read_bytes())
@@ -80,13 +86,19 @@ def _load_or_build(cxx: str) -> ModuleType:
     from torch.utils import cpp_extension  # only to build: its import costs ~0.3 s
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    module = cpp_extension.load(
-        name=name,
-        sources=[str(SOURCE)],
-        extra_cflags=list(CFLAGS),
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:  # the venv's ninja, not on PATH (python run by its full path)
+        os.environ["PATH"] = os.path.dirname(_ninja()) + os.pathsep + path
+    try:
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(CFLAGS),
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = path
     fingerprint = cpu_kernels._fingerprint(library)
     cpu_kernels._replace_atomically(
         cpu_kernels.record_path(library), lambda tmp: Path(tmp).write_text(fingerprint)
@@ -104,9 +116,7 @@ def _why_not(lib) -> str | None:
         return f"the C kernels are not loaded ({cpu_kernels.status()})"
     if _cxx() is None:
         return "no C++ compiler found (set $CXX or install g++)"
-    if shutil.which("ninja") is None and not os.path.exists(
-        os.path.join(os.path.dirname(sys.executable), "ninja")
-    ):
+    if _ninja() is None:
         return "ninja not found (pip install ninja)"
     return None
 
