@@ -295,3 +295,27 @@ def test_a_second_process_loads_the_built_extension_without_building(ext):
 def test_status_names_the_built_file(ext):
     assert cpu_native.status().startswith("C++ kernel: ")
     assert os.path.exists(cpu_native.status().split(": ", 1)[1])
+
+
+def test_a_library_swapped_out_at_the_first_call_defers_the_install(ext):
+    """A test that replaces cpu_kernels._lib (None: the torch path; a spy) before any CPU call of the
+    process: nothing installs then (no C++ kernel bound to a stand-in), the first call with the
+    real library installs it."""
+    code = (
+        "import torch, torch_fp8_blockwise as tfb\n"
+        "from torch_fp8_blockwise.backends import cpu_kernels, cpu_native\n"
+        "real = cpu_kernels.library()\n"
+        "w, ws = tfb.quantize(torch.randn(256, 256), (128, 128))\n"
+        "cpu_kernels._lib = None\n"
+        "tfb.blockwise_matmul(torch.randn(2, 256), w, ws)\n"
+        "assert not cpu_native.installed()\n"
+        "cpu_kernels._lib = real\n"
+        "tfb.blockwise_matmul(torch.randn(2, 256), w, ws)\n"
+        "assert cpu_native.installed(), cpu_native.status()\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root},
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
