@@ -20,7 +20,13 @@ setup(
     packages=find_packages(include=["torch_fp8_blockwise", "torch_fp8_blockwise.*"]),
     # Tuned tables (JSON) and the demo's text (data/demo_text.txt).
     package_data={
-        "torch_fp8_blockwise": ["data/*.json", "data/**/*.json", "data/*.txt", "backends/cpu_kernels/*.c"]
+        "torch_fp8_blockwise": [
+            "data/*.json",
+            "data/**/*.json",
+            "data/*.txt",
+            "backends/cpu_kernels/*.c",
+            "backends/cpu_kernels/*.cpp",
+        ]
     },
     python_requires=">=3.10",
     # safetensors: checkpoint.load/save (DeepSeek / HF fp8 format); tqdm: quantize_model_'s progress bar.

@@ -5,6 +5,7 @@
     python scripts/bench_cpu.py --quick          # N = K = 4096 at M = 1, 16 only, plus quantize
     python scripts/bench_cpu.py --threads 1      # every op on one thread (ours and torch's)
     python scripts/bench_cpu.py --threads 1 --cpu-time   # the work per call, robust to a busy machine
+    python scripts/bench_cpu.py --call-cost      # the per-call cost table alone
 
 Matmul, per (M, N, K): median ms of torch bf16 matmul with a bf16 weight (the speed to beat),
 torch fp32 matmul, naive eager "dequantize the fp8 weight with torch ops, then bf16 matmul" (what
@@ -90,12 +91,21 @@ def steady_malloc() -> str:
     return "default (mallopt refused)"
 
 
-def interleaved_ms(cases: dict[str, Callable[[], object]], budget_s: float = 5.0) -> dict[str, float]:
+def interleaved_ms(
+    cases: dict[str, Callable[[], object]],
+    budget_s: float = 5.0,
+    prepare: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, float]:
     """Median ms of each case, run round-robin so that load from other processes hits every case
     alike; in each round every case is called twice and the second call is timed, so no case pays
-    for the cache misses the previous case caused. 3..100 rounds, as many as fit in ~budget_s."""
+    for the cache misses the previous case caused. 3..100 rounds, as many as fit in ~budget_s.
+    prepare: name -> a function run before that case's calls in each round, untimed (e.g. turning
+    the C++ kernel of the op off for a case of the Python kernels)."""
+    prepare = prepare or {}
+    nothing = lambda: None  # noqa: E731
     probe = {}
     for name, fn in cases.items():
+        prepare.get(name, nothing)()
         start = time.perf_counter()
         fn()  # warm-up: lazy initialisation, compile, allocator
         probe[name] = time.perf_counter() - start
@@ -103,6 +113,7 @@ def interleaved_ms(cases: dict[str, Callable[[], object]], budget_s: float = 5.0
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
+            prepare.get(name, nothing)()
             if probe[name] < 1.0:
                 fn()
             start = CLOCK()
@@ -176,19 +187,25 @@ def _gemv_row(n: int, k: int) -> None:
 
 
 def bench_call_cost(calls: int = 200) -> None:
+    from torch_fp8_blockwise.backends import cpu_native
+
+    cpu_native.install()  # what the first CPU blockwise_matmul call does: build or load the C++ kernel
     print(
         f"\nper-call cost at SmolLM2's shapes (us per call, loops of {calls} calls, interleaved rounds, median):"
-        " M = 0 op vs torch.mm of the same; M = 1 op vs torch's bf16 F.linear"
+        " M = 0 op vs torch.mm of the same; M = 1 op vs torch's bf16 F.linear; 'py': the op's Python"
+        f" kernels (the C++ kernel of backends/cpu_native.py off; {cpu_native.status()})"
     )
     print(
-        f"{'N':>5} {'K':>5} | {'mm M=0':>7} {'op M=0':>7} {'x mm':>5} | {'bf16 M=1':>8} {'W8A16':>7} {'W8A8':>7} "
-        f"{'W8A16 x':>8} {'W8A8 x':>7}"
+        f"{'N':>5} {'K':>5} | {'mm M=0':>7} {'op M=0':>7} {'x mm':>5} {'py M=0':>7} {'x mm':>5} | {'bf16 M=1':>8} "
+        f"{'W8A16':>7} {'W8A8':>7} {'W8A16 x':>8} {'W8A8 x':>7} {'py W8A16 x':>10} {'py W8A8 x':>9}"
     )
     for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
         _call_cost_row(n, k, calls)
 
 
 def _call_cost_row(n: int, k: int, calls: int) -> None:
+    from torch_fp8_blockwise.backends import cpu_native
+
     op = torch.ops.fp8.blockwise_matmul.default
     linear = torch.nn.functional.linear
     w = torch.randn(n, k)
@@ -196,6 +213,7 @@ def _call_cost_row(n: int, k: int, calls: int) -> None:
     w_bf16 = w.bfloat16()
     w_t = w_bf16.t()
     x0, x1 = torch.empty(0, k, dtype=torch.bfloat16), torch.randn(1, k, dtype=torch.bfloat16)
+    cpp = cpu_native.installed()
 
     def loop(fn: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -207,14 +225,25 @@ def _call_cost_row(n: int, k: int, calls: int) -> None:
     cases = {
         "mm0": loop(lambda: torch.mm(x0, w_t)),
         "op0": loop(lambda: op(x0, wq, ws, [128, 128], None, None, None, "none")),
+        "py0": loop(lambda: op(x0, wq, ws, [128, 128], None, None, None, "none")),
         "bf16": loop(lambda: linear(x1, w_bf16)),
         "W8A16": loop(lambda: op(x1, wq, ws, [128, 128], None, None, None, "none")),
         "W8A8": loop(lambda: op(x1, wq, ws, [128, 128], None, None, None, "dynamic")),
+        "pyW8A16": loop(lambda: op(x1, wq, ws, [128, 128], None, None, None, "none")),
+        "pyW8A8": loop(lambda: op(x1, wq, ws, [128, 128], None, None, None, "dynamic")),
     }
-    us = {name: t * 1e3 / calls for name, t in interleaved_ms(cases, budget_s=3.0).items()}
+    on, off = (lambda: cpu_native.set_enabled(cpp)), (lambda: cpu_native.set_enabled(False))
+    prepare = {name: off if name.startswith("py") else on for name in cases}
+    try:
+        ms = interleaved_ms(cases, budget_s=4.0, prepare=prepare)
+    finally:
+        on()
+    us = {name: t * 1e3 / calls for name, t in ms.items()}
     print(
-        f"{n:>5} {k:>5} | {us['mm0']:7.2f} {us['op0']:7.2f} {us['op0'] / us['mm0']:5.2f} | {us['bf16']:8.2f} "
-        f"{us['W8A16']:7.2f} {us['W8A8']:7.2f} {us['W8A16'] / us['bf16']:8.2f} {us['W8A8'] / us['bf16']:7.2f}",
+        f"{n:>5} {k:>5} | {us['mm0']:7.2f} {us['op0']:7.2f} {us['op0'] / us['mm0']:5.2f} {us['py0']:7.2f} "
+        f"{us['py0'] / us['mm0']:5.2f} | {us['bf16']:8.2f} {us['W8A16']:7.2f} {us['W8A8']:7.2f} "
+        f"{us['W8A16'] / us['bf16']:8.2f} {us['W8A8'] / us['bf16']:7.2f} {us['pyW8A16'] / us['bf16']:10.2f} "
+        f"{us['pyW8A8'] / us['bf16']:9.2f}",
         flush=True,
     )
 
@@ -306,6 +335,11 @@ def main() -> int:
         help="steady: pin glibc's malloc thresholds so fresh outputs reuse heap memory instead of "
         "page-faulting on every call (see above); default: glibc as it is",
     )
+    parser.add_argument(
+        "--call-cost",
+        action="store_true",
+        help="only the per-call cost table (SmolLM2's shapes at M = 0 and 1)",
+    )
     args = parser.parse_args()
     malloc = steady_malloc() if args.malloc == "steady" else "default"
     if args.threads:
@@ -320,6 +354,9 @@ def main() -> int:
     )
     clock = "process CPU time" if args.cpu_time else "wall clock"
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}; {clock} ms; ratios = time / bf16 time")
+    if args.call_cost:
+        bench_call_cost()
+        return 0
     print(
         f"{'M':>5} {'N':>5} {'K':>5} {'bf16':>9} {'fp32':>9} {'eager':>9} {'W8A16':>9} {'W8A8':>9} "
         f"{'W8A16fn':>9} | {'fp32':>7} {'eager':>7} {'W8A16':>7} {'W8A8':>7} {'W8A16fn':>7} {'W8A8/W8A16':>9}"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from torch_fp8_blockwise.backends import cpu, cpu_kernels
+from torch_fp8_blockwise.backends import cpu, cpu_kernels, cpu_native
 
 
 def compiled_or_fail():
@@ -61,3 +61,27 @@ class CallSpy:
             return fn(*args)
 
         return call
+
+
+class _CppFastPath:
+    """cpu_native's on / off switch as an attribute, so that ``monkeypatch`` can set and undo it."""
+
+    @property
+    def enabled(self) -> bool:
+        return cpu_native.enabled()
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        cpu_native.set_enabled(on)
+
+
+CPP_FAST_PATH = _CppFastPath()
+
+
+def python_kernels_only(monkeypatch) -> None:
+    """Until the test's teardown, every CPU blockwise_matmul call runs the op's Python kernels and
+    the Python backend (cpu.py): the C++ fast path (backends/cpu_native.py) is installed, then off.
+    For tests of the Python path itself: its C calls (a spy in ``cpu_kernels._lib``), the torch path
+    (``_lib`` None), its Python steps."""
+    cpu_native.install()
+    monkeypatch.setattr(CPP_FAST_PATH, "enabled", False)

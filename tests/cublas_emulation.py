@@ -64,9 +64,12 @@ def route_on_cpu(monkeypatch) -> EmulatedScaledMm:
     """Make CPU tensors take the CUDA routing (device backend "triton", the cuBLAS probe passed,
     torch._scaled_mm emulated): the routed op then runs end to end here, Triton kernels in the
     interpreter. Returns the emulation (its ``calls`` show which calls went to cuBLAS)."""
+    from cpu_kernel_helpers import python_kernels_only
+
     from torch_fp8_blockwise import _dispatch, _route
     from torch_fp8_blockwise.backends import cublas
 
+    python_kernels_only(monkeypatch)  # the C++ CPU kernel would take these calls before any routing
     emu = EmulatedScaledMm()
     monkeypatch.setattr(torch, "_scaled_mm", emu)
     monkeypatch.setitem(_dispatch.DEVICE_BACKENDS, "cpu", "triton")

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail, use_isa
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, python_kernels_only, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -42,6 +42,7 @@ def test_library_builds_where_a_compiler_exists():
 def _on_path(name, monkeypatch):
     lib = cpu_kernels.library()
     if name == "torch":
+        python_kernels_only(monkeypatch)
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
@@ -300,6 +301,7 @@ def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode, isa)
     lib = compiled_or_fail()
     before = use_isa(lib, isa)
     spy = CallSpy(lib)
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1100, k), (128, 128), E4M3, "fp32")
     with tfb.use_backend("cpu"):
@@ -321,6 +323,7 @@ def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode, isa)
 
 def test_threads_follow_torch_and_results_do_not_depend_on_them(monkeypatch):
     spy = CallSpy(compiled_or_fail())
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     wq, ws = reference.quantize(torch.randn(1000, 576), (128, 128), E4M3, "fp32")
     x, big = torch.randn(5, 576, dtype=torch.bfloat16), torch.randn(600, 700)
@@ -394,7 +397,7 @@ def test_fallback_when_disabled_or_the_build_fails(tmp_path):
     off = _run(_CHECK, FP8_CPU_KERNELS="0")
     assert off.returncode == 0, off.stderr
     assert "disabled by FP8_CPU_KERNELS=0" in off.stdout and "warnings: []" in off.stdout
-    broken = _run(_CHECK, CC="false", FP8_CPU_KERNEL_CACHE=str(tmp_path))
+    broken = _run(_CHECK, CC="false", FP8_CPU_KERNEL_CACHE=str(tmp_path), FP8_CPU_OPS_CPP="0")
     assert broken.returncode == 0, broken.stderr
     assert "failed" in broken.stdout and "CPU kernels unavailable" in broken.stdout  # status + one warning
 
@@ -404,7 +407,8 @@ def test_concurrent_first_builds_share_one_cache(tmp_path):
     """Two processes building into an empty cache at once both load a whole library."""
     if cpu_kernels.compiler() is None:
         pytest.skip("no C compiler")
-    env = {**os.environ, "PYTHONPATH": ROOT, "FP8_CPU_KERNEL_CACHE": str(tmp_path)}
+    # FP8_CPU_OPS_CPP=0: the C library alone (the C++ op kernel has its own tests)
+    env = {**os.environ, "PYTHONPATH": ROOT, "FP8_CPU_KERNEL_CACHE": str(tmp_path), "FP8_CPU_OPS_CPP": "0"}
     procs = [
         subprocess.Popen([sys.executable, "-c", _CHECK], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(2)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail, use_isa
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, python_kernels_only, use_isa
 from grouped_cases import (
     assert_quantization_loss_ok,
     check_gmm,
@@ -38,6 +38,7 @@ B = "cpu"
 def path(request, monkeypatch):
     """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path). "avx2": without the AVX512-BF16 GEMM; "avx512bf16" skipped where the CPU lacks it."""
     if request.param == "torch":
+        python_kernels_only(monkeypatch)
         monkeypatch.setattr(cpu_kernels, "_lib", None)
         yield "torch"
         return
@@ -128,6 +129,7 @@ def test_gmm_prefill_group_of_a_small_weight(avx2_kernels, monkeypatch, avx512, 
     dense matmul's by the grouped rule, within the kernel-error bound of the reference. (On the
     AVX2 kernels: the AVX512-BF16 ones take such a group whenever its panels would be fp32.)"""
     spy = CallSpy(avx2_kernels)
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "AVX512_GEMM", avx512)
     rows = cpu.GROUPED_PANEL_MIN_M
@@ -155,6 +157,7 @@ def test_gmm_w8a16_panel_groups_take_x_as_it_is(avx2_kernels, monkeypatch, x_dty
     is fp32), the overflow edge checked once on x itself, and the result bit for bit what the
     prepared float32 copy gives (the dense matmul of each group's fp32 rows)."""
     spy = CallSpy(avx2_kernels)
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     sizes = [300, 0, 260]
     case = gmm_inputs(sizes, n=600, k=300, mode="none", x_dtype=x_dtype, extra_rows=3)
@@ -203,6 +206,7 @@ def test_gmm_c_calls_at_decode_sizes(request, isa, monkeypatch, mode, x_dtype, a
     before = use_isa(lib, isa)
     request.addfinalizer(lambda: lib.fp8_set_isa(before))
     spy = CallSpy(lib)
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
 
     def no_torch_dequantize(*args):
@@ -233,6 +237,7 @@ def test_gmm_c_calls_with_a_large_group(monkeypatch):
     (fp8_gemm_grouped_x) takes every group, the 300-row one included."""
     lib = compiled_or_fail()
     spy = CallSpy(lib)
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "BF16_PANELS", False)  # bf16 panels would convert the fp32 activation
     before = lib.fp8_get_isa()
@@ -250,6 +255,7 @@ def test_gmm_c_calls_with_a_large_group(monkeypatch):
 
 def test_gmm_torch_path_dequantizes_each_used_weight_once(monkeypatch):
     """The FP8_CPU_KERNELS=0 path: one weight dequantization per non-empty group (not per row or block)."""
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", None)
     seen = []
     real = cpu._dequantize_weight
@@ -312,6 +318,7 @@ def test_tgmm_quantizes_exactly_as_the_reference(path):
 def test_tgmm_c_calls_do_not_grow_with_groups(monkeypatch):
     """Quantize and dequantize once per operand, whatever G and the number of M blocks."""
     spy = CallSpy(compiled_or_fail())
+    python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     for sizes in ([5, 0, 3], [40] * 12):
         spy.calls.clear()

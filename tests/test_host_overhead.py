@@ -8,6 +8,10 @@ scripts/bench_host.py).
 * Validation is memoized: a repeated call does not re-run the checks, yet a bad call still gets the
   same error word for word.
 * The backend receives the caller's tensors themselves: no copy, cast or zero-fill on the way.
+
+These pin the op's Python kernels (the path of every call where the C++ CPU kernel of
+backends/cpu_native.py is not built, and of every call it hands over): the C++ fast path is off
+here; its own guard (no Python function at all on an M = 0 / 1 call) is in test_cpu_native.py.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from torch_fp8_blockwise import _dispatch, _validate, ops, reference
 
 E4M3 = torch.float8_e4m3fn
 _PACKAGE_DIR = os.path.dirname(tfb.__file__) + os.sep
+
+
+@pytest.fixture(autouse=True)
+def _python_kernels(monkeypatch):
+    from cpu_kernel_helpers import python_kernels_only
+
+    python_kernels_only(monkeypatch)
 
 
 def _weights(n=256, k=256):

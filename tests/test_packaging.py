@@ -43,7 +43,7 @@ def test_wheel_contains_every_module_and_data_file(tmp_path):
     expected = set()
     for dirpath, _, files in os.walk(os.path.join(ROOT, "torch_fp8_blockwise")):
         for f in files:
-            if f.endswith((".py", ".json", ".txt", ".c")):
+            if f.endswith((".py", ".json", ".txt", ".c", ".cpp")):
                 expected.add(os.path.relpath(os.path.join(dirpath, f), ROOT).replace(os.sep, "/"))
     assert expected - names == set()
     assert {

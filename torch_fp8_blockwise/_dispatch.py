@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -55,6 +56,29 @@ _modules: dict[str, ModuleType] = {}
 #: backend on a device does not change within a process, and this keeps the hot path one lookup.
 _impl_cache: dict[tuple[str, torch.device, str | None], tuple[str, Callable[..., Any]]] = {}
 _import_errors: dict[str, str] = {}
+#: use_backend contexts open in this process (every thread), and the functions told of each change
+#: (+1 / -1): the C++ CPU kernel (backends/cpu_native.py) cannot read the context variable, so it
+#: leaves every call to the Python path while any context is open.
+_open_contexts = 0
+_force_listeners: list[Callable[[int], object]] = []
+_count_lock = threading.Lock()
+
+
+def add_force_listener(fn: Callable[[int], object]) -> None:
+    """Call ``fn(+1)`` / ``fn(-1)`` as use_backend contexts open and close (first ``fn(n)`` for the
+    n open now)."""
+    with _count_lock:
+        if _open_contexts:
+            fn(_open_contexts)
+        _force_listeners.append(fn)
+
+
+def _count_contexts(delta: int) -> None:
+    global _open_contexts
+    with _count_lock:
+        _open_contexts += delta
+        for fn in _force_listeners:
+            fn(delta)
 
 
 class BackendUnavailable(RuntimeError):
@@ -74,9 +98,11 @@ def use_backend(name: str) -> Iterator[None]:
     if name not in BACKEND_MODULES:
         raise ValueError(f"use_backend: expected one of {tuple(BACKEND_MODULES)}, got {name!r}")
     token = _forced.set(name)
+    _count_contexts(1)
     try:
         yield
     finally:
+        _count_contexts(-1)
         _forced.reset(token)
 
 

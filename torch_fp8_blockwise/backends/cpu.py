@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..formats import MX_BLOCK, cdiv, compute_scale, e8m0_to_float, float_to_e8m0, fp8_max
-from . import cpu_kernels
+from . import cpu_kernels, cpu_native
 
 #: Largest M served by the fused C GEMM; above it torch's GEMM on dequantized panels is faster
 #: (measured crossover on 2 Zen3 cores, N = K = 4096: see docs/cpu.md).
@@ -297,6 +297,8 @@ def blockwise_matmul(
     edge_checked: the caller has already found these operands clear of the overflow edge
     (:func:`at_overflow_edge`; the grouped op checks all its rows at once), so the panel path
     does not check again. grouped: route by the grouped ops' rule (``uses_fused_gemm(grouped=True)``)."""
+    if not cpu_native._tried:  # the first call: build / load the C++ kernel for the calls after it
+        cpu_native.install()
     lib = _lib()
     if lib is None:
         return _torch_blockwise_matmul(x, w, w_scale, block_shape, x_scale, bias, out_dtype, activation)
