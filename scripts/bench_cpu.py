@@ -192,11 +192,13 @@ def bench_call_cost(calls: int = 200) -> None:
     cpu_native.install()  # what the first CPU blockwise_matmul call does: build or load the C++ kernel
     print(
         f"\nper-call cost at SmolLM2's shapes (us per call, loops of {calls} calls, interleaved rounds, median):"
-        " M = 0 op vs torch.mm of the same; M = 1 op vs torch's bf16 F.linear; 'py': the op's Python"
+        " M = 0 op (all 8 arguments spelled out, and 'op3': op(x, w, w_scale), the defaults left to the"
+        " schema) vs torch.mm of the same; M = 1 op vs torch's bf16 F.linear; 'py': the op's Python"
         f" kernels (the C++ kernel of backends/cpu_native.py off; {cpu_native.status()})"
     )
     print(
-        f"{'N':>5} {'K':>5} | {'mm M=0':>7} {'op M=0':>7} {'x mm':>5} {'py M=0':>7} {'x mm':>5} | {'bf16 M=1':>8} "
+        f"{'N':>5} {'K':>5} | {'mm M=0':>7} {'op M=0':>7} {'x mm':>5} {'op3 M=0':>7} {'x mm':>5} {'py M=0':>7} "
+        f"{'x mm':>5} | {'bf16 M=1':>8} "
         f"{'W8A16':>7} {'W8A8':>7} {'W8A16 x':>8} {'W8A8 x':>7} {'py W8A16 x':>10} {'py W8A8 x':>9}"
     )
     for n, k in ((576, 576), (192, 576), (1536, 576), (576, 1536)):
@@ -225,6 +227,7 @@ def _call_cost_row(n: int, k: int, calls: int) -> None:
     cases = {
         "mm0": loop(lambda: torch.mm(x0, w_t)),
         "op0": loop(lambda: op(x0, wq, ws, [128, 128], None, None, None, "none")),
+        "op3": loop(lambda: op(x0, wq, ws)),
         "py0": loop(lambda: op(x0, wq, ws, [128, 128], None, None, None, "none")),
         "bf16": loop(lambda: linear(x1, w_bf16)),
         "W8A16": loop(lambda: op(x1, wq, ws, [128, 128], None, None, None, "none")),
@@ -240,7 +243,8 @@ def _call_cost_row(n: int, k: int, calls: int) -> None:
         on()
     us = {name: t * 1e3 / calls for name, t in ms.items()}
     print(
-        f"{n:>5} {k:>5} | {us['mm0']:7.2f} {us['op0']:7.2f} {us['op0'] / us['mm0']:5.2f} {us['py0']:7.2f} "
+        f"{n:>5} {k:>5} | {us['mm0']:7.2f} {us['op0']:7.2f} {us['op0'] / us['mm0']:5.2f} {us['op3']:7.2f} "
+        f"{us['op3'] / us['mm0']:5.2f} {us['py0']:7.2f} "
         f"{us['py0'] / us['mm0']:5.2f} | {us['bf16']:8.2f} {us['W8A16']:7.2f} {us['W8A8']:7.2f} "
         f"{us['W8A16'] / us['bf16']:8.2f} {us['W8A8'] / us['bf16']:7.2f} {us['pyW8A16'] / us['bf16']:10.2f} "
         f"{us['pyW8A8'] / us['bf16']:9.2f}",
