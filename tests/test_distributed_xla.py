@@ -144,6 +144,8 @@ def test_spmd_meta_model_loaded_sharded_from_a_checkpoint(spmd):
     assert placed[(8, 512, 128)] == [[2, 512, 128]] * 4  # down_proj
     assert len(spmd["meta_placed"]) == 4 * 2 + 4  # q/k/v/o weight + scale, the 4 fused experts tensors
     assert spmd["fused_keys_load_equal"] is True  # fused keys in the file instead, by expert rows
+    # distributed.checkpoint.save of the parallelized XLA model: the file it was loaded from, byte for byte
+    assert spmd["resave_identical"] is True
 
 
 def test_spmd_refusals_before_anything_moves(spmd):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import glob
 import json
+import os
 import re
 import shutil
 import sys
@@ -157,8 +158,29 @@ def meta_load(res: dict, model, mesh, ckpt_dir: str, ids, out, dev) -> None:
         )
     }
     res["meta_devices"] = sorted({t.device.type for t in [*meta.parameters(), *meta.buffers()]})
+    res["resave_identical"] = resave_identical(meta, ckpt_dir)
     res["fused_keys_load_equal"] = fused_keys_load(model, mesh, ckpt_dir, ids, out, dev)
     refusals(res, model, mesh, ckpt_dir)
+
+
+def _file_tensors(directory: str) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def resave_identical(parallel, ckpt_dir: str) -> bool:
+    """distributed.checkpoint.save of the parallelized XLA model writes the checkpoint it was
+    loaded from: the same keys, dtypes and bytes (fp8 codes, scales, the rest)."""
+    resaved = ckpt_dir + "_resaved"
+    tp_checkpoint.save(parallel, resaved)
+    a, b = _file_tensors(ckpt_dir), _file_tensors(resaved)
+    return sorted(a) == sorted(b) and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a
+    )
 
 
 def fused_keys_load(model, mesh, ckpt_dir: str, ids, out, dev) -> bool:
