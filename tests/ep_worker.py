@@ -7,12 +7,12 @@ OUT_DIR/rank{RANK}.json; the test asserts on them. Loopback only; every collecti
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
 import torch.distributed as dist
-from gloo_ranks import init_worker
+from gloo_ranks import finish_worker, init_worker
+from tiny_models import tiny_moe
 
 from torch_fp8_blockwise import checkpoint as ckpt
 from torch_fp8_blockwise import distributed as tpd
@@ -20,30 +20,6 @@ from torch_fp8_blockwise.distributed import checkpoint as dckpt
 from torch_fp8_blockwise.experts import Fp8Experts
 from torch_fp8_blockwise.nn import Fp8Config, quantize_model_
 from torch_fp8_blockwise.testing import rel_error
-
-
-def tiny_moe(family: str, device: str = "cpu") -> torch.nn.Module:
-    """A 2-layer transformers Qwen3-MoE (attention and experts split over 2 ranks: dims of 256) or
-    DeepSeek-V3 (MLA attention, a dense first layer and shared experts replicated)."""
-    import transformers
-
-    if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(
-            vocab_size=128, hidden_size=256, intermediate_size=256, moe_intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=128,
-            num_experts=8, num_experts_per_tok=3, max_position_embeddings=64, tie_word_embeddings=False,
-        )  # fmt: skip
-    else:
-        cfg = transformers.DeepseekV3Config(
-            vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-            num_hidden_layers=2, first_k_dense_replace=1, n_shared_experts=1, n_routed_experts=8,
-            num_experts_per_tok=3, n_group=2, topk_group=1, num_attention_heads=2, num_key_value_heads=2,
-            q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
-            max_position_embeddings=64,
-        )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -160,8 +136,10 @@ def main() -> None:
     ids = torch.randint(0, 128, (2, 12))
     for family, activation in (("qwen3_moe", "dynamic"), ("qwen3_moe", "none"), ("deepseek_v3", "dynamic")):
         model = tiny_moe(family)
+        unquantized = logits(model, ids)
         quantize_model_(model, Fp8Config(activation=activation), progress=False)
         ref = logits(model, ids)
+        res[f"{family}_{activation}_quant_rel"] = rel_error(ref, unquantized)
         for dispatch in ("allreduce", "alltoall"):
             tag = f"{family}_{activation}_{dispatch}"
             ep_model = copy.deepcopy(model)
@@ -172,10 +150,7 @@ def main() -> None:
             res[f"{tag}_report"] = str(report)
             if (family, activation, dispatch) == ("qwen3_moe", "dynamic", "alltoall"):
                 _checkpoints(res, model, ep_model, ids, mesh, out_dir, rank)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out_dir, rank, res)
 
 
 if __name__ == "__main__":

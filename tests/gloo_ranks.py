@@ -67,3 +67,16 @@ def init_worker() -> tuple[int, int, str]:
         timeout=timedelta(seconds=120),
     )
     return rank, world, out_dir
+
+
+def finish_worker(out_dir: str, rank: int, res: dict) -> None:
+    """The end of a worker: its results as ``OUT_DIR/rank{rank}.json`` (what the test reads), then
+    a barrier (no rank leaves while another still needs the group) and the group's teardown."""
+    import json
+
+    import torch.distributed as dist
+
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()

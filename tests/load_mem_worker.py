@@ -15,13 +15,10 @@ view of the file and a copied one both count, once each.
 from __future__ import annotations
 
 import gc
-import json
-import os
 import sys
 
 import torch
-import torch.distributed as dist
-from gloo_ranks import init_worker
+from gloo_ranks import finish_worker, init_worker
 from torch import nn
 
 
@@ -92,10 +89,7 @@ def main() -> None:
     full = mlp_stack(*dims, "meta")
     res["full"] = peak_growth(lambda: ckpt.load(full, ckpt_dir))
     res["full_bytes"] = model_bytes(full)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out_dir, rank, res)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ OUT_DIR/rank{RANK}.json and the test asserts on them. Loopback only; every colle
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
 import torch.distributed as dist
-from gloo_ranks import init_worker
+from gloo_ranks import finish_worker, init_worker
 
 from torch_fp8_blockwise import checkpoint as ckpt
 from torch_fp8_blockwise import distributed as tpd
@@ -102,10 +101,7 @@ def main() -> None:
                 p.mul_(0.5)  # different values everywhere
         ckpt.load(fresh, save_dir)
         res["one_process_load_equal"] = torch.equal(logits(fresh, ids), ref)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out_dir, rank, res)
 
 
 if __name__ == "__main__":

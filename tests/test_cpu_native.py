@@ -274,6 +274,16 @@ def test_without_the_extension_the_op_keeps_its_python_kernels(tmp_path, env):
     assert not any(p.name.startswith("fp8_ops_cpu") for p in tmp_path.rglob("*"))
 
 
+def _run_ok(code: str) -> None:
+    """Run ``code`` in a fresh Python process (this checkout first on its path); it must exit 0."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root},
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_a_second_process_loads_the_built_extension_without_building(ext):
     """The cache: a process that finds the verified file imports it; it never calls the build."""
     code = (
@@ -284,12 +294,7 @@ def test_a_second_process_loads_the_built_extension_without_building(ext):
         "cpp_extension.load = no_build\n"
         "assert cpu_native.install(), cpu_native.status()\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root},
-        timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_ok(code)
 
 
 def test_status_names_the_built_file(ext):
@@ -313,9 +318,4 @@ def test_a_library_swapped_out_at_the_first_call_defers_the_install(ext):
         "tfb.blockwise_matmul(torch.randn(2, 256), w, ws)\n"
         "assert cpu_native.installed(), cpu_native.status()\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root},
-        timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_ok(code)

@@ -53,9 +53,20 @@ def test_layer_matches_one_device_in_both_styles(ranks):
 @pytest.mark.parametrize("dispatch", ["allreduce", "alltoall"])
 @pytest.mark.parametrize("model", MODELS)
 def test_moe_model_logits_match_one_device(ranks, model, dispatch):
+    """The split model's logits against one device's. W8A16: within the kernel-error bound. W8A8
+    (dynamic) quantizes every layer's input per 1 x 128 group, so a sum-order difference of 1e-7
+    (split K of o_proj, another kernel's order) can move a value across an e4m3 rounding boundary:
+    one code in ~10^4 flips by one fp8 step, and the layers after it carry that on (measured on the
+    AVX512-BF16 kernels: 1 flipped code of the 9216 down_proj inputs of layer 0 -> 1.3e-4 at the
+    experts' output, 3.1e-3 at the logits; one device on the reference backend vs the CPU kernels
+    differs the same way). So W8A8 is bounded by a tenth of the model's own quantization loss
+    (its logits vs the unquantized model's), the split adding at most that much."""
     for res in ranks:
         tag = f"{model}_{dispatch}"
-        assert res[f"{tag}_rel"] <= KERNEL_ERROR_BOUND
+        bound = KERNEL_ERROR_BOUND
+        if model.endswith("_dynamic"):
+            bound = max(bound, 0.1 * res[f"{model}_quant_rel"])
+        assert res[f"{tag}_rel"] <= bound, (res[f"{tag}_rel"], bound)
         layers = 2 if model.startswith("qwen3") else 1  # DeepSeek's first layer is dense
         assert len(res[f"{tag}_experts"]) == layers
         rank_bytes, full_bytes = res[f"{tag}_bytes"]

@@ -7,12 +7,11 @@ OUT_DIR/rank{RANK}.json; the test asserts on them. Loopback only; every collecti
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import torch
 import torch.distributed as dist
-from gloo_ranks import init_worker
+from gloo_ranks import finish_worker, init_worker
 
 from torch_fp8_blockwise import checkpoint as ckpt
 from torch_fp8_blockwise import distributed as tpd
@@ -223,10 +222,7 @@ def main() -> None:
                 res["resave_equal"] = all(
                     torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a
                 )
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(out_dir, rank, res)
 
 
 if __name__ == "__main__":

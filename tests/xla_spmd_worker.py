@@ -17,6 +17,7 @@ import torch
 import torch_xla
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
+from tiny_models import tiny_moe as shared_tiny_moe
 
 from torch_fp8_blockwise import checkpoint
 from torch_fp8_blockwise.distributed import checkpoint as tp_checkpoint
@@ -52,28 +53,14 @@ def collectives(dump: str, before: set[str]) -> dict[str, int]:
 
 
 def tiny_moe(family: str, device: str = "cpu") -> torch.nn.Module:
-    """One-layer MoE decoders with 8 experts of I = 128 (2 per device on 4 devices). Qwen3-MoE:
-    hidden 512 so attention splits too (4 heads of 128); DeepSeek-V3: MLA attention, one shared
-    expert, the dense first layer (both replicated at tp = 4: 128 / 4 is not whole blocks)."""
-    import transformers
-
+    """tiny_models.tiny_moe with one layer (2 experts per device on 4 devices); Qwen3-MoE with
+    hidden 512 so attention splits too (4 heads of 128); DeepSeek-V3 as it is (its attention and
+    dense first layer stay replicated at tp = 4: 128 / 4 is not whole blocks)."""
     if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(
-            vocab_size=128, hidden_size=512, intermediate_size=256, moe_intermediate_size=128,
-            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=128,
-            num_experts=8, num_experts_per_tok=3, max_position_embeddings=64, tie_word_embeddings=False,
-        )  # fmt: skip
-    else:
-        cfg = transformers.DeepseekV3Config(
-            vocab_size=128, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-            num_hidden_layers=2, first_k_dense_replace=1, n_shared_experts=1, n_routed_experts=8,
-            num_experts_per_tok=3, n_group=2, topk_group=1, num_attention_heads=2, num_key_value_heads=2,
-            q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
-            max_position_embeddings=64,
-        )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(device):
-        return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        return shared_tiny_moe(
+            family, device, hidden_size=512, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4
+        )
+    return shared_tiny_moe(family, device)
 
 
 def experts_parallel(res: dict, mesh, dev, dump: str, ckpt_dir: str) -> None:
