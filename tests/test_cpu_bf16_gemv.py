@@ -70,7 +70,9 @@ def test_matches_reference(bf16, n, k, mode):
         y, y_avx2 = _both(bf16, x, wq, ws, x_scale=x_scale, bias=bias, activation=act, out_dtype=out_dtype)
         assert_kernel_close(y, ref, f"bf16 gemv {mode} {out_dtype}")
         assert_kernel_close(y_avx2, ref, f"avx2 gemv {mode} {out_dtype}")
-        if out_dtype == torch.float32 and n >= 300:  # quantization loss: enough outputs for a SQNR
+        # The weight's quantization loss (W8A16: x is exact) over enough outputs for a SQNR; W8A8's
+        # loss adds x's and is covered by test_cpu_kernels' larger-M cases.
+        if out_dtype == torch.float32 and n >= 300 and mode == "none":
             exact = x_true.float() @ w_true.T + (bias.float() if bias is not None else 0)
             assert sqnr(y, exact) >= sqnr_floor(E4M3)
 
