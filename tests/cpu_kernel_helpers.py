@@ -3,6 +3,7 @@ spy that records every C call."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -38,6 +39,18 @@ def use_isa(lib, name: str) -> int:
         lib.fp8_set_isa(before)
         pytest.skip(_MISSING[name])
     return before
+
+
+@contextlib.contextmanager
+def on_isa(name: str):
+    """The compiled library (compiled_or_fail) switched to ISA ``name`` for the block (skips where
+    the CPU lacks it, as use_isa), the ISA before it restored afterwards."""
+    lib = compiled_or_fail()
+    before = use_isa(lib, name)
+    try:
+        yield lib
+    finally:
+        lib.fp8_set_isa(before)
 
 
 class CallSpy:

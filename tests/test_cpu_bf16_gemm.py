@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import compiled_or_fail, use_isa
+from cpu_kernel_helpers import compiled_or_fail, on_isa, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -30,10 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def lib():
-    lib = compiled_or_fail()
-    before = use_isa(lib, "avx512bf16")
-    yield lib
-    lib.fp8_set_isa(before)
+    with on_isa("avx512bf16") as lib:
+        yield lib
 
 
 def _matmul(x, w, ws, out_dtype=torch.float32, activation="none"):

@@ -16,7 +16,7 @@ import itertools
 
 import pytest
 import torch
-from cpu_kernel_helpers import compiled_or_fail, use_isa
+from cpu_kernel_helpers import on_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -26,14 +26,12 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 @pytest.fixture
-def bf16(request):
+def bf16():
     """The library on ISA 2 with the one-row GEMV (AVX512-VBMI too); restores the ISA afterwards."""
-    lib = compiled_or_fail()
-    before = use_isa(lib, "avx512bf16")
-    request.addfinalizer(lambda: lib.fp8_set_isa(before))
-    if not lib.fp8_bf16_pays(1, 1, 1, 0, 128):  # a one-row product of a tiny e4m3 weight
-        pytest.skip("this CPU has no AVX512-VBMI: one-row products keep the AVX2 GEMV")
-    return lib
+    with on_isa("avx512bf16") as lib:
+        if not lib.fp8_bf16_pays(1, 1, 1, 0, 128):  # a one-row product of a tiny e4m3 weight
+            pytest.skip("this CPU has no AVX512-VBMI: one-row products keep the AVX2 GEMV")
+        yield lib
 
 
 def _mm(x, wq, ws, block=(128, 128), **kw):

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail, python_kernels_only, use_isa
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, on_isa, python_kernels_only, use_isa
 from grouped_cases import (
     assert_quantization_loss_ok,
     check_gmm,
@@ -51,10 +51,8 @@ def path(request, monkeypatch):
 @pytest.fixture
 def avx2_kernels():
     """The library on its AVX2 kernels (for the tests of their routing), restored afterwards."""
-    lib = compiled_or_fail()
-    before = use_isa(lib, "avx2")
-    yield lib
-    lib.fp8_set_isa(before)
+    with on_isa("avx2") as lib:
+        yield lib
 
 
 # Decode: 1-16 rows per expert with empty experts between; "mixed": decode groups beside groups
