@@ -20,9 +20,10 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   buffer ([PANEL, K], 8 MB at K = 4096) and each panel goes to torch's fp32 GEMM (MKL /
   oneDNN), so the big product runs at torch's speed; the dequantized weight never exists whole.
   With bf16 output on a CPU with native bf16 GEMM (AVX512-BF16 / AMX), the panels and the
-  activation are bf16 instead (``BF16_PANELS``). On an AVX512-BF16 CPU, where the panels would be
-  float32 (output not bf16) and bf16 operands are exact, the AVX512-BF16 GEMM takes large M too
-  (bf16 products at twice the fp32 GEMM's rate, no panel). The grouped ops route each group by the same rule,
+  activation are bf16 instead (``BF16_PANELS``). On an AVX512-BF16 CPU, where bf16 operands are
+  exact, the AVX512-BF16 kernels take large M too, whatever the output dtype: from 16 rows the
+  packed kernel (fp8_cpu.c's bf16_run_packed: outer-product register blocks on k-pair panels, at
+  about torch's bf16 GEMM rate, exact, no dequantized panel). The grouped ops route each group by the same rule,
   except that on a CPU with AVX-512 (``AVX512_GEMM``) a group of ``GROUPED_PANEL_MIN_M`` rows or more
   takes the panels whatever its weight's size (``uses_fused_gemm(grouped=True)``).
 
@@ -49,7 +50,9 @@ Canonical signatures and semantics: :mod:`torch_fp8_blockwise.reference`.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +143,47 @@ def _c(t: torch.Tensor) -> torch.Tensor:
     Weights never arrive here strided (the ops refuse them: a per-call weight copy would be slow),
     activations, scales and bias may (a copy of those is O(M K) or smaller)."""
     return t.contiguous()
+
+
+#: Outputs of this many bytes or more ask the kernel for transparent huge pages (``empty``);
+#: FP8_CPU_HUGEPAGES=0 turns it off.
+HUGEPAGE_MIN_BYTES = 4 << 20
+_HUGE = 1 << 21
+_MADV_HUGEPAGE = 14
+_madvise = None
+
+
+def _libc_madvise():
+    """libc's madvise through ctypes, or False where there is none (not Linux / not glibc)."""
+    global _madvise
+    if _madvise is None:
+        _madvise = False
+        if sys.platform == "linux" and os.environ.get("FP8_CPU_HUGEPAGES", "1") != "0":
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+            except (OSError, AttributeError):
+                return False
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+            _madvise = fn
+    return _madvise
+
+
+def empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(*shape, dtype=dtype)`` for a kernel's output, whose pages the kernel then
+    writes first. A large fresh allocation is a new mapping (glibc maps anything over 32 MB, and
+    smaller blocks until a free raises its threshold), and each 4 KB page costs a fault on first
+    write: 14.7 ms to fill a fresh [4096, 2048] float32 on one Zen 4 thread, 3.9 ms after
+    ``madvise(MADV_HUGEPAGE)`` of its 2 MB-aligned interior (512x fewer faults), the advice this
+    gives for outputs of HUGEPAGE_MIN_BYTES or more. Only advice: where transparent huge pages are
+    off the kernel ignores it (and any error is ignored); values are not touched."""
+    y = torch.empty(*shape, dtype=dtype)
+    nbytes = y.numel() * y.element_size()
+    if nbytes >= HUGEPAGE_MIN_BYTES and (madvise := _libc_madvise()):
+        lo = (y.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        hi = (y.data_ptr() + nbytes) & ~(_HUGE - 1)
+        if hi > lo:
+            madvise(lo, hi - lo, _MADV_HUGEPAGE)
+    return y
 
 
 def _raise_c_error(rc: int, op: str, nbytes: int) -> None:
@@ -268,7 +312,7 @@ def dequantize(
     if lib is None:
         return _torch_dequantize(q, scale, block_shape, out_dtype)
     q, scale = _c(q), _c(scale.float())
-    out = torch.empty(q.shape, dtype=out_dtype)
+    out = empty(*q.shape, dtype=out_dtype)
     b, rows, cols = q.shape
     lib.fp8_dequantize(
         q.data_ptr(), _KIND[q.dtype], scale.data_ptr(), b, rows, cols, *block_shape,
@@ -315,7 +359,7 @@ def blockwise_matmul(
     threads, kind = torch.get_num_threads(), _KIND[w.dtype]
     if uses_fused_gemm(m, n, k, grouped=grouped):
         bias = None if bias is None else _c(bias)
-        y = torch.empty(m, n, dtype=out_dtype)
+        y = torch.empty(m, n, dtype=out_dtype)  # (small: M <= SMALL_M, and a call less per decode step)
         rc = lib.fp8_gemm(
             x.data_ptr(), xdt, 0 if x_scale is None else xs.data_ptr(), dynamic, m, w.data_ptr(), kind,
             ws.data_ptr(), n, k, bn, bk, None if bias is None else bias.data_ptr(),
@@ -326,10 +370,10 @@ def blockwise_matmul(
         if rc:
             _raise_c_error(rc, "blockwise_matmul", 4 * m * (k + 4 * threads))
         return y
-    # Large M on an AVX512-BF16 CPU where the panels would be float32 (output not bf16): the bf16
-    # kernels where they are exact (twice the fp32 GEMM's rate, no panel; the grouped op's rule).
-    if bias is None and not (out_dtype == torch.bfloat16 and BF16_PANELS) and lib.fp8_get_isa() == 2:
-        y = torch.empty(m, n, dtype=out_dtype)
+    # Large M on an AVX512-BF16 CPU: the bf16 kernels where they are exact (the packed kernel, at
+    # about torch's bf16 GEMM rate, no panel; the grouped op's rule), else the panels below.
+    if bias is None and lib.fp8_get_isa() == 2:
+        y = empty(m, n, dtype=out_dtype)
         rc = cpu_grouped._fused_bf16(
             lib, x, x_scale, activation, [(0, 0, 0, m)], w[None], ws[None], block_shape, y, out_dtype
         )
@@ -367,7 +411,7 @@ def blockwise_matmul(
             torch.mm(buf[:rows], xf.T, out=yt[n0 : n0 + rows])
         else:
             torch.addmm(bias[n0 : n0 + rows, None].to(gemm_dtype), buf[:rows], xf.T, out=yt[n0 : n0 + rows])
-    return torch.empty(m, n, dtype=out_dtype).copy_(yt.T)
+    return empty(m, n, dtype=out_dtype).copy_(yt.T)
 
 
 def at_overflow_edge(

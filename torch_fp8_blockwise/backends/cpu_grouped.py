@@ -15,10 +15,12 @@ all rows at once equals preparing each group's rows. Reading group_sizes here is
 row ranges are plain Python slices; the loop runs over groups (G iterations), never over rows or
 blocks.
 
-On an AVX512-BF16 CPU (ISA 2) the fused groups go first to ``fp8_gemm_grouped_x``, which takes x
-as the op does and, where bf16 operands are exact (W8A16 bf16 x, W8A8), prepares the activation,
-checks the overflow edge over those rows and runs the bf16 GEMM in ONE call (``_fused_bf16``); it
-refuses (nothing written) for fp32 / fp16 W8A16 x, which then takes the path above.
+On an AVX512-BF16 CPU (ISA 2) every group, decode-sized or not, goes first to
+``fp8_gemm_grouped_x``, which takes x as the op does and, where bf16 operands are exact (W8A16
+bf16 x, W8A8), prepares the activation, checks the overflow edge over those rows and runs the bf16
+kernels in ONE call (``_fused_bf16``; each group on the kernel for its rows: fp8_cpu.c's
+bf16_kernel_of); it refuses (nothing written) for fp32 / fp16 W8A16 x, which then takes the paths
+above.
 
 Without the kernels (``FP8_CPU_KERNELS=0``, no compiler), gmm is the pure-torch form of the same
 rule: activation dequantized to float32 once, each group's weight dequantized to float32 and one
@@ -137,7 +139,7 @@ def grouped_matmul(
         return torch.zeros(m, n, dtype=out_dtype)
     lo, hi = ranges[0][1], ranges[-1][2]  # rows outside [lo, hi) belong to no group
     # Every row in [lo, hi) is written by its group's kernel: only the others are zero-filled.
-    y = torch.empty(m, n, dtype=out_dtype)
+    y = cpu.empty(m, n, dtype=out_dtype)
     y[:lo].zero_()
     y[hi:].zero_()
     xs = None if x_scale is None else x_scale[lo:hi]
@@ -158,15 +160,14 @@ def grouped_matmul(
     # The AVX512-BF16 kernels where they are exact (fp8_cpu.c) and pay: the dense rule per group
     # (fp8_cpu.c's bf16_pays; one row: the VBMI GEMV of e4m3 weights, else only a weight of
     # GEMV_PAR_MIN elements or more), so a group's rows stay exactly the dense matmul's; and the
-    # panel groups too where their panels would be float32 (output not bf16): bf16 products at
-    # twice the fp32 GEMM's rate, exact, no dequantized panel (Qwen3-30B-A3B down_proj at T = 512,
-    # fp32 output, one thread: 186 vs 249 ms, docs/grouped.md).
+    # panel groups too, whatever the output dtype: from 16 rows fp8_cpu.c's packed kernel, exact,
+    # no dequantized panel, at about torch's bf16 GEMM rate (Qwen3-30B-A3B at T = 512, one thread:
+    # gate_up 150 vs 186 ms on bf16 panels, down_proj 94 vs 166 ms on the buffered kernel).
     one_row = any(f[3] == 1 for f in fused) and lib.fp8_bf16_pays(1, n, k, cpu._KIND[w.dtype], block_shape[1])
     on_bf16 = [f for f in fused if f[3] > 1 or one_row]
-    if not (out_dtype == torch.bfloat16 and cpu.BF16_PANELS):
-        on_bf16 += [
-            (g, s - lo, s, e - s) for g, s, e in ranges if not cpu.uses_fused_gemm(e - s, n, k, grouped=True)
-        ]
+    on_bf16 += [
+        (g, s - lo, s, e - s) for g, s, e in ranges if not cpu.uses_fused_gemm(e - s, n, k, grouped=True)
+    ]
     if on_bf16 and lib.fp8_get_isa() == 2:
         rc = _fused_bf16(lib, x[lo:hi], xs, activation, on_bf16, w, w_scale, block_shape, y, out_dtype)
         if rc == cpu_kernels.EDGE:

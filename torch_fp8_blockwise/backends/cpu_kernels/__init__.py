@@ -43,6 +43,8 @@ ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512bf16"}
 #: Return codes of fp8_gemm / fp8_gemm_grouped / fp8_gemm_grouped_x (0 = done; NOT_BF16: only
 #: fp8_gemm_grouped_x, whose bf16 kernels are not exact for that activation or not in use).
 ERR_NOMEM, EDGE, NOT_BF16 = 1, 2, 3
+#: fp8_bf16_kernel's answers: the ISA 2 kernel that takes a product (None: the fp32 kernels).
+BF16_KERNELS = {0: None, 1: "gemv", 2: "tiles", 3: "packed"}
 
 _UNSET = object()
 _lib: object = _UNSET
@@ -171,6 +173,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fp8_gemm_grouped_x.restype = i32
     # (M, N, K, kind, bk): fp8_cpu.c's bf16_pays, whether ISA 2's kernels take M rows of the weight
     lib.fp8_bf16_pays.argtypes, lib.fp8_bf16_pays.restype = [i64, i64, i64, i32, i64], i32
+    # (M, N, K, kind, bk): which bf16 kernel M rows get, BF16_KERNELS[result] (fp8_cpu.c's bf16_kernel_of)
+    lib.fp8_bf16_kernel.argtypes, lib.fp8_bf16_kernel.restype = [i64, i64, i64, i32, i64], i32
     # (a, adt, na, xs, nxs, ws, nws, K, kind, nthreads) -> 1 at fp32's overflow edge, else 0
     lib.fp8_overflow_edge.argtypes = [p, i32, i64, p, i64, p, i64, i64, i32, i32]
     lib.fp8_overflow_edge.restype = i32

@@ -18,6 +18,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -66,6 +69,19 @@
 #define GEMV_PAR_MIN (1 << 19)
 
 static int g_isa = -1; /* 0 scalar, 1 avx2, 2 avx2 + the avx512-bf16 GEMM; -1 = not chosen yet */
+
+/* malloc for a scratch array the caller writes whole (free() releases it): from 4 MB on, 2 MB
+ * aligned with its pages advised huge (MADV_HUGEPAGE), as cpu.empty does for outputs: a fresh
+ * mapping faults once per 4 KB page on first write otherwise (~1.6 us each in a VM). */
+static void *big_alloc(size_t n) {
+    const size_t huge = (size_t)1 << 21;
+    if (n < ((size_t)4 << 20)) return malloc(n);
+    void *p = aligned_alloc(huge, (n + huge - 1) / huge * huge);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (p != NULL) (void)madvise(p, (n + huge - 1) / huge * huge, MADV_HUGEPAGE);
+#endif
+    return p;
+}
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -1417,19 +1433,279 @@ BF16_FN static void bf16_gemm_tile(const uint16_t *x, const float *xs, int64_t M
     for (int64_t i = 0; i < M * NR; i++) acc[i] = _mm512_reduce_add_ps(tot[i]);
 }
 
-/* 1 when a bf16 x [n] has a nonzero |x| below 2^-100 (see the section comment). */
-BF16_FN static int bf16_has_tiny(const uint16_t *x, int64_t n) {
-    const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(27 << 7);
+/* ------------------------------------------- the packed AVX512-BF16 GEMM (ISA 2, multi-row groups) */
+/* bf16_gemm_tile keeps 16 K lanes per (row, weight row) and reduces them at the end: 6 vector loads
+ * per 8 vdpbf16ps and a horizontal sum per output, ~110 GFLOP/s on one Zen 4 thread at M = 128
+ * where torch's bf16 GEMM runs ~200. From PACK_MIN_ROWS rows a group takes the outer-product
+ * form of torch's GEMMs instead: a panel of PN weight rows x one K block is widened to bf16 and
+ * packed as k-pairs ([pair][PN][2], bf16_pack_panel: 16 x 16 transposes of 32-bit pairs), and each
+ * register block of PMR x rows x PN columns takes 4 panel vectors and PMR broadcast x pairs per
+ * 4 * PMR vdpbf16ps (24 accumulators). The operands are bf16_gemm_tile's (exact bf16 values of
+ * the codes and of the activation), the scaling too: each K block's partial sum q of (row, column)
+ * becomes tot = fma(q * xs[m, kb], ws[n / bn, kb], tot) (W8A16: fma(q, ws, tot)), tot kept in a
+ * per-task [rows, PN] float32 buffer. Only the order of the fp32 sums inside a K block differs. */
+#define PN 64        /* weight rows (output columns) per panel: 4 vectors of 16 */
+#define PMR 6        /* x rows per register block */
+#ifndef PMC
+#define PMC 192      /* x rows per task (its tot: PMC x PN float32 = 48 KB) */
+#endif
+#ifndef PKC
+#define PKC 512      /* K per packed panel part: PKC x PN bf16 = 64 KB */
+#endif
+#ifndef PACK_MIN_ROWS
+#define PACK_MIN_ROWS 16
+#endif
+
+/* Rows r0..r15 (16 x 32-bit lanes each) -> columns: out[c] lane r = in[r] lane c. */
+BF16_FN static ALWAYS_INLINE void transpose16_epi32(__m512i *r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int a = 0; a < 4; a++) { /* u[4a + j], lane L: rows 4a..4a+3 of column 4L + j */
+        u[4 * a + 0] = _mm512_unpacklo_epi64(t[4 * a], t[4 * a + 2]);
+        u[4 * a + 1] = _mm512_unpackhi_epi64(t[4 * a], t[4 * a + 2]);
+        u[4 * a + 2] = _mm512_unpacklo_epi64(t[4 * a + 1], t[4 * a + 3]);
+        u[4 * a + 3] = _mm512_unpackhi_epi64(t[4 * a + 1], t[4 * a + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512i a01 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), a23 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+        const __m512i b01 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+        const __m512i b23 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+        r[j] = _mm512_shuffle_i32x4(a01, b01, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(a01, b01, 0xDD);
+        r[8 + j] = _mm512_shuffle_i32x4(a23, b23, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(a23, b23, 0xDD);
+    }
+}
+
+/* panel [cdiv(blen, 32) * 16 pairs][PN] (32-bit: the bf16 values of w[n, k0 + 2p] low, w[n, k0 + 2p + 1]
+ * high, n = n0 + column) from weight rows [n0, n0 + PN) x [k0, k0 + blen); zeros past N and past
+ * blen. rowbuf: 16 x bk bf16 of scratch. */
+BF16_FN static void bf16_pack_panel(const uint8_t *w, const bf16_table *t, int64_t N, int64_t K, int64_t n0,
+                                    int64_t k0, int64_t blen, uint16_t *rowbuf, uint32_t *panel) {
+    const int64_t bpad = (blen + 31) / 32 * 32; /* <= bk */
+    for (int64_t r = 0; r < PN && n0 + r < N; r++)
+        for (int64_t c = k0 + blen; c < k0 + 2 * blen && c < K; c += 64) _mm_prefetch((const char *)(w + (n0 + r) * K + c), _MM_HINT_T0);
+    for (int64_t g = 0; g < PN; g += 16) {
+        for (int r = 0; r < 16; r++) {
+            uint16_t *dst = rowbuf + r * bpad;
+            if (n0 + g + r >= N) {
+                memset(dst, 0, 2 * bpad);
+                continue;
+            }
+            bf16_widen(w + (n0 + g + r) * K + k0, blen, t, dst);
+            if (bpad > blen) memset(dst + blen, 0, 2 * (bpad - blen));
+        }
+        for (int64_t q = 0; q < bpad; q += 32) { /* pairs q / 2 .. q / 2 + 15 */
+            __m512i v[16];
+            for (int r = 0; r < 16; r++) v[r] = _mm512_loadu_si512(rowbuf + r * bpad + q);
+            transpose16_epi32(v);
+            for (int c = 0; c < 16; c++) _mm512_store_si512(panel + (q / 2 + c) * PN + g, v[c]);
+        }
+    }
+}
+
+/* tot[i, 0 : PN] (+)= the K block [k0, k0 + blen) of x rows i < MR (bf16, row stride K) against the
+ * packed panel: ((sum) * xs[i * KB]) fused-multiply-added with sv (W8A16: xs NULL, sum with sv). */
+#define BF16_PACKED_MR(MR)                                                                                  \
+    BF16_FN static void bf16_packed_mr##MR(const uint16_t *x, int64_t K, int64_t k0, int64_t blen,           \
+                                           const uint32_t *panel, const float *xs, int64_t KB, const __m512 *sv, \
+                                           float *tot) {                                                    \
+        __m512 a[MR][4];                                                                                    \
+        for (int i = 0; i < MR; i++)                                                                        \
+            for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();                                      \
+        const int64_t np = blen / 2;                                                                        \
+        const uint16_t *xr = x + k0;                                                                        \
+        for (int64_t p = 0; p < np; p++) {                                                                  \
+            const uint32_t *pp = panel + p * PN;                                                            \
+            const __m512bh w0 = (__m512bh)_mm512_load_si512(pp), w1 = (__m512bh)_mm512_load_si512(pp + 16);  \
+            const __m512bh w2 = (__m512bh)_mm512_load_si512(pp + 32), w3 = (__m512bh)_mm512_load_si512(pp + 48); \
+            for (int i = 0; i < MR; i++) {                                                                  \
+                int32_t v;                                                                                  \
+                memcpy(&v, xr + i * K + 2 * p, 4);                                                          \
+                const __m512bh b = (__m512bh)_mm512_set1_epi32(v);                                          \
+                a[i][0] = _mm512_dpbf16_ps(a[i][0], b, w0);                                                 \
+                a[i][1] = _mm512_dpbf16_ps(a[i][1], b, w1);                                                 \
+                a[i][2] = _mm512_dpbf16_ps(a[i][2], b, w2);                                                 \
+                a[i][3] = _mm512_dpbf16_ps(a[i][3], b, w3);                                                 \
+            }                                                                                               \
+        }                                                                                                   \
+        if (blen & 1) { /* the last k alone: its pair's high half is 0 in the panel, and x's is not read */ \
+            const uint32_t *pp = panel + np * PN;                                                           \
+            for (int i = 0; i < MR; i++) {                                                                  \
+                const __m512bh b = (__m512bh)_mm512_set1_epi32((int32_t)xr[i * K + 2 * np]);                \
+                for (int c = 0; c < 4; c++)                                                                 \
+                    a[i][c] = _mm512_dpbf16_ps(a[i][c], b, (__m512bh)_mm512_load_si512(pp + 16 * c));       \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int i = 0; i < MR; i++) {                                                                      \
+            const __m512 s = _mm512_set1_ps(xs ? xs[i * KB] : 1.0f);                                        \
+            for (int c = 0; c < 4; c++) {                                                                   \
+                const __m512 q = xs ? _mm512_mul_ps(a[i][c], s) : a[i][c];                                  \
+                _mm512_store_ps(tot + i * PN + 16 * c, _mm512_fmadd_ps(q, sv[c], _mm512_load_ps(tot + i * PN + 16 * c))); \
+            }                                                                                               \
+        }                                                                                                   \
+    }
+BF16_PACKED_MR(1)
+BF16_PACKED_MR(2)
+BF16_PACKED_MR(3)
+BF16_PACKED_MR(4)
+BF16_PACKED_MR(5)
+BF16_PACKED_MR(6)
+#undef BF16_PACKED_MR
+
+typedef void (*bf16_packed_fn)(const uint16_t *, int64_t, int64_t, int64_t, const uint32_t *, const float *, int64_t,
+                               const __m512 *, float *);
+static const bf16_packed_fn bf16_packed_mr[PMR + 1] = {NULL, bf16_packed_mr1, bf16_packed_mr2, bf16_packed_mr3,
+                                                       bf16_packed_mr4, bf16_packed_mr5, bf16_packed_mr6};
+
+/* y[m, n0 : n0 + PN) (columns below N) = tot[m] (+ bias) in y's dtype for rows m < M (y: N columns);
+ * bf16 rounds as f32_to_bf16 (nan -> 0x7FC0), fp16 as F16C (= f32_to_f16). */
+BF16_FN static void bf16_packed_store(const float *tot, int64_t M, int64_t N, int64_t n0, const float *bias64,
+                                      void *y, int ydt) {
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+    for (int c = 0; c < 4; c++) {
+        const int64_t left = N - n0 - 16 * c;
+        if (left <= 0) break;
+        const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512 b = bias64 ? _mm512_load_ps(bias64 + 16 * c) : _mm512_setzero_ps();
+        for (int64_t m = 0; m < M; m++) {
+            __m512 v = _mm512_load_ps(tot + m * PN + 16 * c);
+            if (bias64) v = _mm512_add_ps(v, b);
+            const int64_t o = m * N + n0 + 16 * c;
+            if (ydt == DT_F32) {
+                _mm512_mask_storeu_ps((float *)y + o, mk, v);
+            } else if (ydt == DT_BF16) {
+                const __m512i bits = _mm512_castps_si512(v);
+                const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), one), half));
+                __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+                h = _mm256_mask_mov_epi16(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm256_set1_epi16(0x7FC0));
+                _mm256_mask_storeu_epi16((uint16_t *)y + o, mk, h);
+            } else {
+                _mm256_mask_storeu_epi16((uint16_t *)y + o, mk, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            }
+        }
+    }
+}
+
+/* bf16_run's groups of PACK_MIN_ROWS rows or more: (group, PMC-row chunk, PN-column panel) tasks in
+ * one parallel region; each y element has one owner, computed the same whichever thread runs it.
+ * A task packs its panel PKB K blocks at a time (<= 128 KB: L2) and runs every register block of
+ * its rows over those blocks, so a register block's tot rows (1.5 KB) stay in L1 from one K block to
+ * the next. While a part computes, the codes of the next one are prefetched into L2 (the weight's
+ * first reads are DRAM latencies: PN rows at stride K); the packing prefetches the block after
+ * its own. With both, 183 GFLOP/s for 128-row groups of a 1536 x 2048 weight on one Zen 4 thread
+ * (the inner loop alone: 222; packing is ~10% of the time, the rest tot updates and stores). */
+BF16_FN static int bf16_run_packed(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
+                                   const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
+                                   int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
+                                   const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
+    const int64_t panels = cdiv64(N, PN), KB = cdiv64(K, bk), PKB = PKC / bk > 1 ? PKC / bk : 1;
+    const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * KB, ysize = ydt == DT_F32 ? 4 : 2;
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (L + 1)); /* first row chunk of each group */
+    if (first == NULL) return FP8_ERR_NOMEM;
+    first[0] = 0;
+    for (int64_t i = 0; i < L; i++) first[i + 1] = first[i] + cdiv64(rows[i], PMC);
+    const int64_t tasks = first[L] * panels;
+    const int nt = nthreads > 0 ? nthreads : 1;
+    /* per thread: tot [PMC][PN] float32, panel [PKB][bk / 2][PN] uint32, rowbuf [16][bk] bf16,
+     * bias [PN] float32, scales [PKB][4] vectors (bk is a multiple of 32: every part 64-byte aligned) */
+    const size_t per = (size_t)PMC * PN * 4 + (size_t)PKB * bk / 2 * PN * 4 + (size_t)16 * bk * 2 + PN * 4 +
+                       (size_t)PKB * 4 * sizeof(__m512);
+    char *scratch = (char *)aligned_alloc(64, per * nt);
+    if (scratch == NULL) {
+        free(first);
+        return FP8_ERR_NOMEM;
+    }
+    const bf16_table tab = bf16_table_of(kind);
+#pragma omp parallel num_threads(nthreads) if (tasks > 1)
+    {
+#ifdef _OPENMP
+        char *mine = scratch + per * omp_get_thread_num();
+#else
+        char *mine = scratch;
+#endif
+        float *tot = (float *)mine;
+        uint32_t *panel = (uint32_t *)(mine + (size_t)PMC * PN * 4);
+        uint16_t *rowbuf = (uint16_t *)((char *)panel + (size_t)PKB * bk / 2 * PN * 4);
+        float *bias64 = (float *)((char *)rowbuf + (size_t)16 * bk * 2);
+        __m512 *sv = (__m512 *)((char *)bias64 + PN * 4);
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t blk = t / panels, n0 = (t % panels) * PN;
+            int64_t lo = 0, hi = L; /* the group i with first[i] <= blk < first[i + 1] */
+            while (hi - lo > 1) {
+                const int64_t mid = (lo + hi) / 2;
+                if (first[mid] <= blk) lo = mid;
+                else hi = mid;
+            }
+            const int64_t i = lo, g = gid[i], r0 = (blk - first[i]) * PMC;
+            const int64_t nr = rows[i] - r0 < PMC ? rows[i] - r0 : PMC, xr = x_row[i] + r0;
+            const uint8_t *wg = w + g * w_step;
+            const float *wsg = ws + g * ws_step;
+            memset(tot, 0, sizeof(float) * nr * PN);
+            for (int64_t kb0 = 0; kb0 < KB; kb0 += PKB) {
+                const int64_t nkb = KB - kb0 < PKB ? KB - kb0 : PKB;
+                for (int64_t j = 0; j < nkb; j++) {
+                    const int64_t k0 = (kb0 + j) * bk, blen = K - k0 < bk ? K - k0 : bk;
+                    bf16_pack_panel(wg, &tab, N, K, n0, k0, blen, rowbuf, panel + j * (bk / 2) * PN);
+                    for (int c = 0; c < 4; c++) {
+                        float s[16];
+                        for (int l = 0; l < 16; l++) {
+                            const int64_t n = n0 + 16 * c + l < N ? n0 + 16 * c + l : N - 1;
+                            s[l] = wsg[(n / bn) * KB + kb0 + j];
+                        }
+                        sv[4 * j + c] = _mm512_loadu_ps(s);
+                    }
+                }
+                /* The codes the next part (or the next panel's first) will pack, into L2 while this
+                 * part computes: PN row segments at stride K, each a DRAM latency when cold. */
+                const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : n0 + PN;
+                const int64_t pk1 = pk0 + PKB * bk < K ? pk0 + PKB * bk : K;
+                for (int64_t r = pn0; r < pn0 + PN && r < N; r++)
+                    for (int64_t c = pk0; c < pk1; c += 64) _mm_prefetch((const char *)(wg + r * K + c), _MM_HINT_T1);
+                for (int64_t m = 0; m < nr; m += PMR) {
+                    const int64_t mr = nr - m < PMR ? nr - m : PMR;
+                    for (int64_t j = 0; j < nkb; j++) {
+                        const int64_t k0 = (kb0 + j) * bk, blen = K - k0 < bk ? K - k0 : bk;
+                        bf16_packed_mr[mr](xb + (xr + m) * K, K, k0, blen, panel + j * (bk / 2) * PN,
+                                           xsc ? xsc + (xr + m) * KB + kb0 + j : NULL, KB, sv + 4 * j, tot + m * PN);
+                    }
+                }
+            }
+            if (bias)
+                for (int c = 0; c < PN; c++) bias64[c] = n0 + c < N ? load_hp(bias, bias_dt, n0 + c) : 0.0f;
+            bf16_packed_store(tot, nr, N, n0, bias ? bias64 : NULL, (char *)y + (y_row[i] + r0) * N * ysize, ydt);
+        }
+    }
+    free(first);
+    free(scratch);
+    return 0;
+}
+
+/* One pass over a bf16 x [n]: 1 when it has a nonzero |x| below 2^-100 (see the section comment),
+ * and *top = the largest |x| as float32 bits, a nan counted as 0 (fp8_overflow_edge's rule). */
+BF16_FN static int bf16_scan(const uint16_t *x, int64_t n, uint32_t *top) {
+    const __m512i mag = _mm512_set1_epi16(0x7FFF), lim = _mm512_set1_epi16(27 << 7), inf = _mm512_set1_epi16(0x7F80);
+    __m512i big = _mm512_setzero_si512();
     __mmask32 any = 0;
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         const __m512i a = _mm512_and_si512(_mm512_loadu_si512(x + i), mag);
         any |= _mm512_mask_cmplt_epu16_mask(_mm512_test_epi16_mask(a, a), a, lim);
+        big = _mm512_mask_max_epu16(big, _mm512_cmple_epu16_mask(a, inf), big, a);
     }
+    uint16_t lanes[32], m = 0;
+    _mm512_storeu_si512(lanes, big);
+    for (int j = 0; j < 32; j++) m = lanes[j] > m ? lanes[j] : m;
     for (; i < n; i++) {
         const uint16_t a = x[i] & 0x7FFF;
         any |= a && a < (27 << 7);
+        m = a <= 0x7F80 && a > m ? a : m;
     }
+    *top = (uint32_t)m << 16;
     return any != 0;
 }
 
@@ -1446,13 +1722,15 @@ BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dyn
     const int64_t KB = cdiv64(K, bk);
     *own = NULL;
     if (xdt == DT_BF16 && !dynamic) {
-        if (bf16_has_tiny((const uint16_t *)x, M * K)) return BF16_NOT_EXACT;
-        if (fp8_overflow_edge(x, DT_BF16, M * K, NULL, 0, ws, nws, K, kind, 1)) return FP8_EDGE;
+        uint32_t top;
+        if (bf16_scan((const uint16_t *)x, M * K, &top)) return BF16_NOT_EXACT;
+        const float amax = u2f(top);
+        if (fp8_overflow_edge(&amax, DT_F32, 1, NULL, 0, ws, nws, K, kind, 1)) return FP8_EDGE;
         *xb = (const uint16_t *)x, *xsc = NULL;
         return 0;
     }
     if (!dynamic && xdt < 3) return BF16_NOT_EXACT; /* W8A16 with fp32 / fp16 x */
-    uint16_t *b = (uint16_t *)malloc(2 * M * K + sizeof(float) * M * KB + 64);
+    uint16_t *b = (uint16_t *)big_alloc(2 * M * K + sizeof(float) * M * KB + 64);
     if (b == NULL) return FP8_ERR_NOMEM;
     float *s = (float *)(((uintptr_t)(b + M * K) + 63) & ~(uintptr_t)63);
     uint32_t am = 0;
@@ -1470,12 +1748,9 @@ BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dyn
             s[m * KB + kb] = sc;
             const bf16_table t = bf16_table_of(dynamic ? KIND_E4M3 : xdt - 3);
             bf16_widen(codes, n, &t, b + m * K + c0);
-            uint32_t top = 0; /* the largest |code| of the block, nan as 0 */
-            for (int64_t j = 0; j < n; j++) {
-                const uint32_t a = b[m * K + c0 + j] & 0x7FFFu;
-                top = a <= 0x7F80u && a > top ? a : top;
-            }
-            float v = u2f(top << 16) * fabsf(sc);
+            uint32_t top; /* the largest |code| of the block as float32 bits, nan as 0 */
+            (void)bf16_scan(b + m * K + c0, n, &top);
+            float v = u2f(top) * fabsf(sc);
             v = v != v ? 0.0f : v;
             am = f2u(v) > am ? f2u(v) : am;
         }
@@ -1601,27 +1876,12 @@ static int bf16_run_gemv(const uint16_t *xb, const float *xsc, int64_t L, const 
     return 0;
 }
 
-BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
-                            const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
-                            int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
-                            const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
-    int64_t ones = 0;
-    for (int64_t i = 0; i < L; i++) ones += rows[i] == 1;
-    if (ones && bf16_gemv_applies(kind, bk)) { /* one-row groups: the GEMV, as the dense M = 1 call */
-        if (ones == L)
-            return bf16_run_gemv(xb, xsc, L, gid, x_row, y_row, w, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
-        int64_t *a = (int64_t *)malloc(sizeof(int64_t) * 7 * L), n1 = 0, n2 = 0;
-        if (a == NULL) return FP8_ERR_NOMEM;
-        int64_t *g1 = a, *x1 = a + L, *y1 = a + 2 * L, *g2 = a + 3 * L, *x2 = a + 4 * L, *y2 = a + 5 * L, *r2 = a + 6 * L;
-        for (int64_t i = 0; i < L; i++) {
-            if (rows[i] == 1) g1[n1] = gid[i], x1[n1] = x_row[i], y1[n1++] = y_row[i];
-            else g2[n2] = gid[i], x2[n2] = x_row[i], y2[n2] = y_row[i], r2[n2++] = rows[i];
-        }
-        int rc = bf16_run_gemv(xb, xsc, n1, g1, x1, y1, w, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
-        if (rc == 0) rc = bf16_run(xb, xsc, n2, g2, x2, y2, r2, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
-        free(a);
-        return rc;
-    }
+/* bf16_run's groups of 2 .. PACK_MIN_ROWS - 1 rows (and one-row groups where the GEMV does not
+ * apply): (row block, 4-row weight tile) tasks on bf16_gemm_tile. */
+BF16_FN static int bf16_run_tiles(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
+                                  const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
+                                  int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
+                                  const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
     const int64_t tiles = cdiv64(N, NR), KB = cdiv64(K, bk);
     const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * KB, ysize = ydt == DT_F32 ? 4 : 2;
     /* Rows per task: every weight tile re-reads its task's x rows, so they are kept to <= 256 KB
@@ -1679,6 +1939,54 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
     free(tots);
     return 0;
 }
+
+/* Which bf16 kernel takes a group of `rows` rows (ISA 2, the kernels exact and paying: see
+ * bf16_pays): BF16_GEMV (one row where bf16_gemv_applies), BF16_PACKED (PACK_MIN_ROWS rows or more),
+ * else BF16_TILES (bf16_gemm_tile). Packed / tiles CPU time, groups of W8A16 bf16 x on one Zen 4
+ * thread, weights from DRAM (32 groups of 2048 x 768, 16 of 1536 x 2048): 12 rows 0.95 / 1.10,
+ * 16 rows 0.87 / 1.02, 24 rows 0.82 / 0.95, 32 rows 0.68 / 0.88, 64 rows 0.63 / 0.80. The one
+ * rule of bf16_run, and of fp8_bf16_kernel for Python. */
+#define BF16_GEMV 1
+#define BF16_TILES 2
+#define BF16_PACKED 3
+static int bf16_kernel_of(int64_t rows, int kind, int64_t bk) {
+    return rows == 1 && bf16_gemv_applies(kind, bk) ? BF16_GEMV : rows >= PACK_MIN_ROWS ? BF16_PACKED : BF16_TILES;
+}
+
+/* The bf16 kernels' tasks for the listed groups (y rows [y_row[i], + rows[i]) = xb rows [x_row[i],
+ * + rows[i]) (xsc likewise) @ (w[gid[i]] * ws[gid[i]])^T (+ bias)), each group on its kernel
+ * (bf16_kernel_of). Returns 0 or FP8_ERR_NOMEM. */
+BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
+                            const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
+                            int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
+                            const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
+    int64_t count[3] = {0, 0, 0}; /* GEMV, tiles, packed */
+    for (int64_t i = 0; i < L; i++) count[bf16_kernel_of(rows[i], kind, bk) - 1]++;
+    if (count[0] == L)
+        return bf16_run_gemv(xb, xsc, L, gid, x_row, y_row, w, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+    if (count[1] == L)
+        return bf16_run_tiles(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt,
+                              nthreads);
+    if (count[2] == L)
+        return bf16_run_packed(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt,
+                               nthreads);
+    int64_t *a = (int64_t *)malloc(sizeof(int64_t) * 4 * L), at[3];
+    if (a == NULL) return FP8_ERR_NOMEM;
+    at[0] = 0, at[1] = count[0], at[2] = count[0] + count[1];
+    int64_t *g2 = a, *x2 = a + L, *y2 = a + 2 * L, *r2 = a + 3 * L; /* the groups, class by class */
+    for (int64_t i = 0; i < L; i++) {
+        const int64_t j = at[bf16_kernel_of(rows[i], kind, bk) - 1]++;
+        g2[j] = gid[i], x2[j] = x_row[i], y2[j] = y_row[i], r2[j] = rows[i];
+    }
+    int rc = 0;
+    int64_t o = 0;
+    for (int c = 0; c < 3 && rc == 0; o += count[c], c++)
+        if (count[c])
+            rc = bf16_run(xb, xsc, count[c], g2 + o, x2 + o, y2 + o, r2 + o, w, kind, ws, N, K, bn, bk, bias, bias_dt,
+                          y, ydt, nthreads);
+    free(a);
+    return rc;
+}
 #endif
 
 /* Whether the bf16 kernels beat the AVX2 ones for M rows of an N x K weight: always from M = 2
@@ -1696,6 +2004,18 @@ static int bf16_pays(int64_t M, int64_t N, int64_t K, int kind, int64_t bk) {
 int fp8_bf16_pays(int64_t M, int64_t N, int64_t K, int kind, int64_t bk) {
     ensure_init();
     return g_isa == 2 && bf16_pays(M, N, K, kind, bk);
+}
+
+/* For tests and benchmarks: the bf16 kernel (BF16_GEMV / BF16_TILES / BF16_PACKED) that M rows of
+ * an N x K weight get where the bf16 kernels are exact (else the fp32 ones run), 0 where ISA 2 is
+ * off or they do not pay. */
+int fp8_bf16_kernel(int64_t M, int64_t N, int64_t K, int kind, int64_t bk) {
+#if FP8_HAVE_BF16
+    return fp8_bf16_pays(M, N, K, kind, bk) ? bf16_kernel_of(M, kind, bk) : 0;
+#else
+    (void)M, (void)N, (void)K, (void)kind, (void)bk;
+    return 0;
+#endif
 }
 
 /* fp8_gemm / fp8_gemm_grouped on the bf16 kernels from x as fp8_gemm takes it; BF16_NOT_EXACT
