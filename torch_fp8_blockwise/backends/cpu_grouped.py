@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from .._memory import empty
 from ..reference import group_bounds
 from . import cpu_kernels
 
@@ -139,7 +140,7 @@ def grouped_matmul(
         return torch.zeros(m, n, dtype=out_dtype)
     lo, hi = ranges[0][1], ranges[-1][2]  # rows outside [lo, hi) belong to no group
     # Every row in [lo, hi) is written by its group's kernel: only the others are zero-filled.
-    y = cpu.empty(m, n, dtype=out_dtype)
+    y = empty(m, n, dtype=out_dtype)
     y[:lo].zero_()
     y[hi:].zero_()
     xs = None if x_scale is None else x_scale[lo:hi]
