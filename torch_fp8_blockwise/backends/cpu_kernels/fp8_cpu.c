@@ -1590,6 +1590,11 @@ BF16_FN static void bf16_packed_store(const float *tot, int64_t M, int64_t N, in
     }
 }
 
+/* bf16_pack_panel for e4m3 codes on a CPU with AVX512-VBMI (bf16_gemv_applies): defined with the
+ * GEMV, whose byte look-ups it shares. */
+BF16V_FN static void bf16_pack_panel_vbmi(const uint8_t *w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t blen,
+                                          uint32_t *panel);
+
 /* bf16_run's groups of PACK_MIN_ROWS rows or more: (group, PMC-row chunk, PN-column panel) tasks in
  * one parallel region; each y element has one owner, computed the same whichever thread runs it.
  * A task packs its panel PKB K blocks at a time (<= 128 KB: L2) and runs every register block of
@@ -1621,6 +1626,7 @@ BF16_FN static int bf16_run_packed(const uint16_t *xb, const float *xsc, int64_t
         return FP8_ERR_NOMEM;
     }
     const bf16_table tab = bf16_table_of(kind);
+    const int vbmi = bf16_gemv_applies(kind, bk); /* bk % 64 == 0: a padded block fits its panel part */
 #pragma omp parallel num_threads(nthreads) if (tasks > 1)
     {
 #ifdef _OPENMP
@@ -1651,7 +1657,8 @@ BF16_FN static int bf16_run_packed(const uint16_t *xb, const float *xsc, int64_t
                 const int64_t nkb = KB - kb0 < PKB ? KB - kb0 : PKB;
                 for (int64_t j = 0; j < nkb; j++) {
                     const int64_t k0 = (kb0 + j) * bk, blen = K - k0 < bk ? K - k0 : bk;
-                    bf16_pack_panel(wg, &tab, N, K, n0, k0, blen, rowbuf, panel + j * (bk / 2) * PN);
+                    if (vbmi) bf16_pack_panel_vbmi(wg, N, K, n0, k0, blen, panel + j * (bk / 2) * PN);
+                    else bf16_pack_panel(wg, &tab, N, K, n0, k0, blen, rowbuf, panel + j * (bk / 2) * PN);
                     for (int c = 0; c < 4; c++) {
                         float s[16];
                         for (int l = 0; l < 16; l++) {
@@ -1792,6 +1799,38 @@ BF16V_FN static ALWAYS_INLINE void e4m3_bf16x64(const uint8_t *p, __mmask64 lm, 
     const __m512i lo = _mm512_permutex2var_epi8(tab[2], c, tab[3]);
     *a = _mm512_unpacklo_epi8(lo, hi);
     *b = _mm512_unpackhi_epi8(lo, hi);
+}
+
+/* bf16_pack_panel's result (panel [pair][PN] of 32-bit pairs in K order, zeros past N and past blen)
+ * with e4m3_bf16x64's widening: 64 codes of a row in 6 instructions, straight from the fp8 bytes,
+ * into registers (no row buffer). Its order (codes 16L..16L+7 of 128-bit lane L in the first
+ * register's pairs 4L..4L+3, 16L+8..16L+15 in the second's) is undone by where each transposed
+ * column is stored: pair slot s of the first register is natural pair 8 (s / 4) + s % 4, of the
+ * second 8 (s / 4) + 4 + s % 4. Packing 1536 x 2048 e4m3 codes: 0.6x bf16_pack_panel's shuffles. */
+BF16V_FN static void bf16_pack_panel_vbmi(const uint8_t *w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t blen,
+                                          uint32_t *panel) {
+    __m512i tab[4];
+    for (int i = 0; i < 4; i++) tab[i] = _mm512_load_si512((const void *)(g_e4m3_bf16_bytes + 64 * i));
+    for (int64_t r = 0; r < PN && n0 + r < N; r++)
+        for (int64_t c = k0 + blen; c < k0 + 2 * blen && c < K; c += 64) _mm_prefetch((const char *)(w + (n0 + r) * K + c), _MM_HINT_T0);
+    for (int64_t g = 0; g < PN; g += 16) {
+        for (int64_t c = 0; c < blen; c += 64) {
+            const int64_t left = blen - c;
+            const __mmask64 lm = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
+            __m512i a[16], b[16];
+            for (int r = 0; r < 16; r++) {
+                if (n0 + g + r < N) e4m3_bf16x64(w + (n0 + g + r) * K + k0 + c, lm, tab, &a[r], &b[r]);
+                else a[r] = b[r] = _mm512_setzero_si512();
+            }
+            transpose16_epi32(a);
+            transpose16_epi32(b);
+            uint32_t *dst = panel + (c / 2) * PN + g;
+            for (int s = 0; s < 16; s++) {
+                _mm512_store_si512(dst + (8 * (s / 4) + s % 4) * PN, a[s]);
+                _mm512_store_si512(dst + (8 * (s / 4) + 4 + s % 4) * PN, b[s]);
+            }
+        }
+    }
 }
 
 /* out[r] = sum over K blocks kb of ((sum_{k in kb} x[k] * w[n0 + r, k]) * xs[kb]) * ws[(n0 + r) / bn, kb]
