@@ -1728,15 +1728,26 @@ BF16_FN static int bf16_scan(const uint16_t *x, int64_t n, uint32_t *top) {
  * overflow edge on the activation as the fp32 kernels would see it: max over K blocks of
  * |xq|max * |xs| equals max |xq * xs| (rounding is monotonic), so the decision is theirs.
  * Returns 0, FP8_ERR_NOMEM, FP8_EDGE or BF16_NOT_EXACT (nothing allocated is left behind
- * except on 0, where the caller frees *own). */
+ * except on 0, where the caller frees *own). From PAR_MIN elements on nthreads threads (rows, or
+ * 64K-element chunks of the scan; only max / or reductions, so the same result): the W8A8
+ * quantization of a 512-token MoE block's 4096 x 2048 rows is 4.5 ms of one thread. */
 BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t K,
                                 int64_t bk, int kind, const float *ws, int64_t nws, const uint16_t **xb,
-                                const float **xsc, void **own) {
+                                const float **xsc, void **own, int nthreads) {
     const int64_t KB = cdiv64(K, bk);
+    const int par = nthreads > 1 && M * K >= PAR_MIN; /* rows in parallel: the O(M K) pass before the GEMM */
     *own = NULL;
     if (xdt == DT_BF16 && !dynamic) {
-        uint32_t top;
-        if (bf16_scan((const uint16_t *)x, M * K, &top)) return BF16_NOT_EXACT;
+        uint32_t top = 0;
+        int tiny = 0;
+        const int64_t chunk = 1 << 16, n = M * K;
+#pragma omp parallel for num_threads(nthreads) reduction(max : top) reduction(| : tiny) schedule(static) if (par)
+        for (int64_t c = 0; c < n; c += chunk) {
+            uint32_t t;
+            tiny |= bf16_scan((const uint16_t *)x + c, n - c < chunk ? n - c : chunk, &t);
+            top = t > top ? t : top;
+        }
+        if (tiny) return BF16_NOT_EXACT;
         const float amax = u2f(top);
         if (fp8_overflow_edge(&amax, DT_F32, 1, NULL, 0, ws, nws, K, kind, 1)) return FP8_EDGE;
         *xb = (const uint16_t *)x, *xsc = NULL;
@@ -1747,6 +1758,7 @@ BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dyn
     if (b == NULL) return FP8_ERR_NOMEM;
     float *s = (float *)(((uintptr_t)(b + M * K) + 63) & ~(uintptr_t)63);
     uint32_t am = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(max : am) schedule(static) if (par)
     for (int64_t m = 0; m < M; m++) {
         for (int64_t kb = 0; kb < KB; kb++) {
             const int64_t c0 = kb * bk, n = (c0 + bk < K ? c0 + bk : K) - c0;
@@ -2074,7 +2086,7 @@ static int bf16_gemm(const void *x, int xdt, const float *xs, int dynamic, int64
     const float *xsc = NULL;
     void *own = NULL;
     if (g_isa != 2) return BF16_NOT_EXACT;
-    int rc = bf16_prepare(x, xdt, xs, dynamic, M, K, bk, kind, ws, nws, &xb, &xsc, &own);
+    int rc = bf16_prepare(x, xdt, xs, dynamic, M, K, bk, kind, ws, nws, &xb, &xsc, &own, nthreads);
     if (rc) return rc;
     rc = bf16_run(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
     free(own);
