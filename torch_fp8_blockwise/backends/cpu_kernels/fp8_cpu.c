@@ -86,6 +86,16 @@ static void *big_alloc(size_t n) {
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+/* The group i with first[i] <= blk < first[i + 1] (first: L + 1 ascending task starts), by bisection. */
+static inline int64_t group_of(const int64_t *first, int64_t L, int64_t blk) {
+    int64_t lo = 0, hi = L;
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (first[mid] <= blk) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
 
 /* ------------------------------------------------------------------ scalar conversions */
 static float g_e4m3[256], g_e5m2[256];
@@ -1642,13 +1652,7 @@ BF16_FN static int bf16_run_packed(const uint16_t *xb, const float *xsc, int64_t
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t blk = t / panels, n0 = (t % panels) * PN;
-            int64_t lo = 0, hi = L; /* the group i with first[i] <= blk < first[i + 1] */
-            while (hi - lo > 1) {
-                const int64_t mid = (lo + hi) / 2;
-                if (first[mid] <= blk) lo = mid;
-                else hi = mid;
-            }
-            const int64_t i = lo, g = gid[i], r0 = (blk - first[i]) * PMC;
+            const int64_t i = group_of(first, L, blk), g = gid[i], r0 = (blk - first[i]) * PMC;
             const int64_t nr = rows[i] - r0 < PMC ? rows[i] - r0 : PMC, xr = x_row[i] + r0;
             const uint8_t *wg = w + g * w_step;
             const float *wsg = ws + g * ws_step;
@@ -1978,13 +1982,7 @@ BF16_FN static int bf16_run_tiles(const uint16_t *xb, const float *xsc, int64_t 
 #pragma omp for schedule(dynamic, 4) nowait
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t blk = t / tiles, n0 = (t % tiles) * NR;
-            int64_t lo = 0, hi = L; /* the group i with first[i] <= blk < first[i + 1] */
-            while (hi - lo > 1) {
-                const int64_t mid = (lo + hi) / 2;
-                if (first[mid] <= blk) lo = mid;
-                else hi = mid;
-            }
-            const int64_t i = lo, g = gid[i], r0 = (blk - first[i]) * RB;
+            const int64_t i = group_of(first, L, blk), g = gid[i], r0 = (blk - first[i]) * RB;
             const int64_t nr = rows[i] - r0 < RB ? rows[i] - r0 : RB, xr = x_row[i] + r0;
             bf16_gemm_tile(xb + xr * K, xsc ? xsc + xr * KB : NULL, nr, K, w + g * w_step, kind, ws + g * ws_step, N,
                            bn, bk, n0, acc, buf, tot);
