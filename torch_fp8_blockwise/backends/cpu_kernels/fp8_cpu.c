@@ -1445,8 +1445,8 @@ BF16_FN static void bf16_gemm_tile(const uint16_t *x, const float *xs, int64_t M
 
 /* ------------------------------------------- the packed AVX512-BF16 GEMM (ISA 2, multi-row groups) */
 /* bf16_gemm_tile keeps 16 K lanes per (row, weight row) and reduces them at the end: 6 vector loads
- * per 8 vdpbf16ps and a horizontal sum per output, ~110 GFLOP/s on one Zen 4 thread at M = 128
- * where torch's bf16 GEMM runs ~200. From PACK_MIN_ROWS rows a group takes the outer-product
+ * per 8 vdpbf16ps and a horizontal sum per output, 77-85 GFLOP/s on one Zen 4 thread for 128-row
+ * groups of 2048 x 768 where torch's bf16 GEMM runs 170-200. From PACK_MIN_ROWS rows a group takes the outer-product
  * form of torch's GEMMs instead: a panel of PN weight rows x one K block is widened to bf16 and
  * packed as k-pairs ([pair][PN][2], bf16_pack_panel: 16 x 16 transposes of 32-bit pairs), and each
  * register block of PMR x rows x PN columns takes 4 panel vectors and PMR broadcast x pairs per
@@ -1496,8 +1496,6 @@ BF16_FN static ALWAYS_INLINE void transpose16_epi32(__m512i *r) {
 BF16_FN static void bf16_pack_panel(const uint8_t *w, const bf16_table *t, int64_t N, int64_t K, int64_t n0,
                                     int64_t k0, int64_t blen, uint16_t *rowbuf, uint32_t *panel) {
     const int64_t bpad = (blen + 31) / 32 * 32; /* <= bk */
-    for (int64_t r = 0; r < PN && n0 + r < N; r++)
-        for (int64_t c = k0 + blen; c < k0 + 2 * blen && c < K; c += 64) _mm_prefetch((const char *)(w + (n0 + r) * K + c), _MM_HINT_T0);
     for (int64_t g = 0; g < PN; g += 16) {
         for (int r = 0; r < 16; r++) {
             uint16_t *dst = rowbuf + r * bpad;
@@ -1611,7 +1609,7 @@ BF16V_FN static void bf16_pack_panel_vbmi(const uint8_t *w, int64_t N, int64_t K
  * its rows over those blocks, so a register block's tot rows (1.5 KB) stay in L1 from one K block to
  * the next. While a part computes, the codes of the next one are prefetched into L2, spread over
  * its register blocks (the weight's first reads are DRAM latencies: PN rows at stride K); the
- * packing prefetches the block after its own. 183 GFLOP/s for 128-row groups of a 1536 x 2048
+ * packing of each block prefetches the block after it. 183 GFLOP/s for 128-row groups of a 1536 x 2048
  * weight on one Zen 4 thread, prefetches in one burst (the inner loop alone: 222; packing was ~10%
  * of the time, the rest tot updates and stores); spread, 5% less time in the MoE block. */
 BF16_FN static int bf16_run_packed(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid,
@@ -1661,6 +1659,9 @@ BF16_FN static int bf16_run_packed(const uint16_t *xb, const float *xsc, int64_t
                 const int64_t nkb = KB - kb0 < PKB ? KB - kb0 : PKB;
                 for (int64_t j = 0; j < nkb; j++) {
                     const int64_t k0 = (kb0 + j) * bk, blen = K - k0 < bk ? K - k0 : bk;
+                    for (int64_t r = n0; r < n0 + PN && r < N; r++) /* the block after this one, while it packs */
+                        for (int64_t c = k0 + blen; c < k0 + 2 * blen && c < K; c += 64)
+                            _mm_prefetch((const char *)(wg + r * K + c), _MM_HINT_T0);
                     if (vbmi) bf16_pack_panel_vbmi(wg, N, K, n0, k0, blen, panel + j * (bk / 2) * PN);
                     else bf16_pack_panel(wg, &tab, N, K, n0, k0, blen, rowbuf, panel + j * (bk / 2) * PN);
                     for (int c = 0; c < 4; c++) {
@@ -1827,8 +1828,6 @@ BF16V_FN static void bf16_pack_panel_vbmi(const uint8_t *w, int64_t N, int64_t K
                                           uint32_t *panel) {
     __m512i tab[4];
     for (int i = 0; i < 4; i++) tab[i] = _mm512_load_si512((const void *)(g_e4m3_bf16_bytes + 64 * i));
-    for (int64_t r = 0; r < PN && n0 + r < N; r++)
-        for (int64_t c = k0 + blen; c < k0 + 2 * blen && c < K; c += 64) _mm_prefetch((const char *)(w + (n0 + r) * K + c), _MM_HINT_T0);
     for (int64_t g = 0; g < PN; g += 16) {
         for (int64_t c = 0; c < blen; c += 64) {
             const int64_t left = blen - c;
