@@ -164,17 +164,15 @@ def combine(
     rank computes must not turn this rank's 0 into nan); a valid pair's non-finite weight propagates.
     """
     t, k = top_k_weights.shape
-    # torch.gather, not index_select: torch_xla 2.9 aborts on index_select of a reshaped 1-D tensor
-    # ("Check failed: buffer != nullptr").
-    w = torch.gather(top_k_weights.reshape(-1).float(), 0, order)
-    local = torch.arange(order.numel(), device=order.device) < group_sizes.sum()  # on the device
-    w = torch.where(local, w, torch.zeros_like(w))
+    # inverse[p] = the sorted row of pair p (p = t * k + j); rows at or past sum(group_sizes) are
+    # pairs of no local expert, whose weight is 0 here (computed on the device).
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    w = top_k_weights.float()
+    ws = torch.where(inverse.view(t, k) < group_sizes.sum(), w, torch.zeros_like(w))
     # Slot by slot: row inverse[t * k + j] of y is pair (t, j). Each step gathers [T, H] rows, so no
     # [T*k, H] temporary is made (two of them, weighted and permuted, cost 44 ms of 512-token
     # Qwen3-30B-A3B prefill on one CPU thread, mostly page faults; this form 7 ms, same bits).
     slots = inverse.view(t, k).T.contiguous()  # [k, T]: slots[j, t] = the sorted row of pair (t, j)
-    ws = torch.gather(w, 0, inverse).view(t, k)
     out = y.index_select(0, slots[0]) * ws[:, :1]
     for j in range(1, k):
         out += y.index_select(0, slots[j]) * ws[:, j : j + 1]
