@@ -105,18 +105,28 @@ def test_w8a8_is_the_reference_order_of_scaling(lib):
     assert ((y - ref).abs().mean() / ref.abs().mean()).item() < 1e-6
 
 
-def test_env_forces_the_avx2_kernels():
-    """FP8_CPU_ISA=avx2 (A/B runs) turns the bf16 kernels off; by default a CPU with AVX512-BF16 uses them."""
-    lib = compiled_or_fail()
+def _status_with(isa: str) -> str:
     code = "from torch_fp8_blockwise.backends import cpu; print(cpu.kernel_status())"
-    env = {**os.environ, "PYTHONPATH": ROOT, "FP8_CPU_ISA": "avx2"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "FP8_CPU_ISA": isa}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.startswith("compiled (avx2)"), out.stdout + out.stderr
-    before = lib.fp8_get_isa()
+    return out.stdout + out.stderr
+
+
+def test_env_forces_the_avx2_kernels():
+    """FP8_CPU_ISA=avx2 (A/B runs) turns the bf16 kernels off, FP8_CPU_ISA=avx512bf16 the AMX tiles;
+    by default a CPU with AVX512-BF16 uses its kernels, and one with AMX-BF16 its tiles too."""
+    lib = compiled_or_fail()
+    assert _status_with("avx2").startswith("compiled (avx2)")
+    before, amx = lib.fp8_get_isa(), lib.fp8_get_amx()
     has_bf16 = lib.fp8_set_isa(2) == 2
+    has_amx = has_bf16 and lib.fp8_set_amx(1) == 1
     lib.fp8_set_isa(before)
+    lib.fp8_set_amx(amx)
     if has_bf16:
-        assert cpu.kernel_status().startswith("compiled (avx512bf16)") or os.environ.get("FP8_CPU_ISA")
+        assert _status_with("avx512bf16").startswith("compiled (avx512bf16)")
+        if not os.environ.get("FP8_CPU_ISA"):
+            want = "compiled (avx512bf16+amx)" if has_amx else "compiled (avx512bf16)"
+            assert cpu.kernel_status().startswith(want)
 
 
 @pytest.mark.parametrize("n", [500, 512])  # x 1024: below and at GEMV_PAR_MIN elements

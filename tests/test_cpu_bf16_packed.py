@@ -26,10 +26,24 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 PACK_MIN_ROWS = 16
 
 
+@pytest.fixture(params=["packed", "amx"])
+def large(request):
+    """The kernel of 16+ row groups under test: "packed" (AVX512-BF16, AMX tiles off) or "amx"
+    (skipped where the CPU has no AMX-BF16 or the OS does not grant it)."""
+    return request.param
+
+
 @pytest.fixture
-def lib():
+def lib(large):
     with on_isa("avx512bf16") as lib:
-        yield lib
+        before = lib.fp8_get_amx()
+        if lib.fp8_set_amx(large == "amx") != (large == "amx"):
+            lib.fp8_set_amx(before)
+            pytest.skip("this CPU (or the OS, or the compiler: gcc < 11 / clang < 12) has no AMX-BF16 tiles")
+        try:
+            yield lib
+        finally:
+            lib.fp8_set_amx(before)
 
 
 def _kernel(lib, m, n, k, dtype=E4M3, bk=128):
@@ -40,11 +54,11 @@ def _dense(x, w, ws, block, out_dtype=torch.float32, act="none", bias=None):
     return cpu.blockwise_matmul(x, w, ws, block, None, bias, out_dtype, act)
 
 
-def test_one_rule_picks_the_kernel(lib):
+def test_one_rule_picks_the_kernel(lib, large):
     """fp8_bf16_kernel answers with bf16_run's rule: tiles from 2 rows, packed from PACK_MIN_ROWS
     (one row: the GEMV where it applies, see test_cpu_bf16_gemm)."""
     assert [_kernel(lib, m, 256, 512) for m in (2, 15, 16, 17, 48, 49, 4096)] == ["tiles", "tiles"] + [
-        "packed"
+        large
     ] * 5
     lib.fp8_set_isa(1)
     try:
@@ -58,11 +72,11 @@ def test_one_rule_picks_the_kernel(lib):
 @pytest.mark.parametrize("n,k", [(64, 128), (100, 277), (130, 513)])
 @pytest.mark.parametrize("block", [(128, 128), (1, 128), (128, 256), (256, 512)], ids=str)
 @pytest.mark.parametrize("act", ["none", "dynamic"])
-def test_matches_the_reference(lib, m, n, k, block, act):
+def test_matches_the_reference(lib, large, m, n, k, block, act):
     g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
     wq, ws = reference.quantize(torch.randn(n, k, generator=g), block, E4M3, "fp32")
     x = torch.randn(m, k, generator=g).bfloat16()
-    assert _kernel(lib, m, n, k, bk=block[1]) == "packed"
+    assert _kernel(lib, m, n, k, bk=block[1]) == large
     y = _dense(x, wq, ws, block, act=act)
     ref = reference.blockwise_matmul(x, wq, ws, block, None, None, torch.float32, act)
     assert_kernel_close(y, ref, f"{m}x{n}x{k} {block} {act}")
@@ -127,12 +141,12 @@ def test_odd_k_tail_reads_only_its_row(lib):
     assert_kernel_close(y, ref)
 
 
-def test_mx_blocks(lib):
+def test_mx_blocks(lib, large):
     """(1, 32) blocks (MXFP8 through the block-wise kernels): a scale per column and per 32 K."""
     w = torch.randn(96, 256)
     wq, wsc = cpu.mxfp8_quantize(w, E4M3)
     x = torch.randn(64, 256).bfloat16()
-    assert _kernel(lib, 64, 96, 256, bk=32) == "packed"
+    assert _kernel(lib, 64, 96, 256, bk=32) == large
     y = cpu.mxfp8_matmul(x, wq, wsc, None, None, torch.float32)
     ref = reference.mxfp8_matmul(x, wq, wsc, None, None, torch.float32)
     assert_kernel_close(y, ref)
@@ -173,3 +187,30 @@ def test_result_does_not_depend_on_threads(lib):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
+
+
+def test_kept_scratch_never_leaks_into_a_later_call(lib):
+    """The activation copies the calling thread keeps between calls (fp8_cpu.c's scratch_take) are
+    written whole before they are read: a small ragged W8A8 product after a large one (its arrays
+    hold the large call's nan rows: a stale value read anywhere, padding included, would make a
+    nan) equals the same product on freshly made arrays, bit for bit."""
+    wq, ws = reference.quantize(torch.randn(3, 200, 1024), (128, 128), E4M3, "fp32")
+    big = torch.full((600, 1024), float("nan"), dtype=torch.bfloat16)
+    cpu.grouped_matmul(
+        big,
+        wq,
+        ws,
+        torch.tensor([300, 0, 300], dtype=torch.int32),
+        (128, 128),
+        None,
+        torch.float32,
+        "dynamic",
+    )
+    x, gs = torch.randn(53, 1000).bfloat16(), torch.tensor([17, 0, 36], dtype=torch.int32)
+    w2, ws2 = reference.quantize(torch.randn(3, 150, 1000), (128, 128), E4M3, "fp32")
+    after_big = cpu.grouped_matmul(x, w2, ws2, gs, (128, 128), None, torch.float32, "dynamic")
+    cpu_kernels.release_scratch()
+    fresh = cpu.grouped_matmul(x, w2, ws2, gs, (128, 128), None, torch.float32, "dynamic")
+    assert torch.equal(after_big, fresh) and fresh.isfinite().all()
+    ref = reference.grouped_matmul(x, w2, ws2, gs, (128, 128), None, torch.float32, "dynamic")
+    assert_kernel_close(fresh, ref)

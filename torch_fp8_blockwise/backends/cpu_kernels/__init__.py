@@ -15,10 +15,13 @@ Environment:
     FP8_CPU_KERNELS=0         never build or load: the CPU backend uses its pure-torch path.
     FP8_CPU_KERNEL_CACHE=DIR  where the library is built (default
                               ``$XDG_CACHE_HOME/torch_fp8_blockwise/cpu_kernels``, i.e. ~/.cache/...).
-    FP8_CPU_ISA=scalar|avx2   force the portable scalar code, or the AVX2 code without the
-                              AVX512-BF16 GEMM (tests, A/B runs); default: AVX2+FMA+F16C when the
-                              CPU has them, plus the AVX512-BF16 fused GEMM (vdpbf16ps) when it has
-                              avx512f/bw/vl/dq and avx512_bf16, else scalar.
+    FP8_CPU_ISA=scalar|avx2|avx512bf16
+                              force the portable scalar code, the AVX2 code without the
+                              AVX512-BF16 GEMM, or that GEMM without AMX tiles (tests, A/B runs);
+                              default: AVX2+FMA+F16C when the CPU has them, plus the AVX512-BF16
+                              fused GEMM (vdpbf16ps) when it has avx512f/bw/vl/dq and avx512_bf16,
+                              whose packed kernel runs on AMX-BF16 tiles (tdpbf16ps) when the CPU
+                              has amx_tile and amx_bf16 and Linux grants them; else scalar.
 
 Why the library could not be used is recorded once (:func:`status`) and reported in one warning.
 """
@@ -44,7 +47,7 @@ ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512bf16"}
 #: fp8_gemm_grouped_x, whose bf16 kernels are not exact for that activation or not in use).
 ERR_NOMEM, EDGE, NOT_BF16 = 1, 2, 3
 #: fp8_bf16_kernel's answers: the ISA 2 kernel that takes a product (None: the fp32 kernels).
-BF16_KERNELS = {0: None, 1: "gemv", 2: "tiles", 3: "packed"}
+BF16_KERNELS = {0: None, 1: "gemv", 2: "tiles", 3: "packed", 4: "amx"}
 
 _UNSET = object()
 _lib: object = _UNSET
@@ -128,6 +131,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.fp8_set_isa.argtypes, lib.fp8_set_isa.restype = [i32], i32
     lib.fp8_get_isa.argtypes, lib.fp8_get_isa.restype = [], i32
+    lib.fp8_set_amx.argtypes, lib.fp8_set_amx.restype = [i32], i32
+    lib.fp8_get_amx.argtypes, lib.fp8_get_amx.restype = [], i32
+    lib.fp8_release_scratch.argtypes, lib.fp8_release_scratch.restype = [], None
     # (x, dt, B, R, C, br, bc, kind, ue8m0, q, scale, nthreads)
     lib.fp8_quantize.argtypes = [p, i32, i64, i64, i64, i64, i64, i32, i32, p, p, i32]
     lib.fp8_quantize.restype = None
@@ -180,6 +186,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fp8_overflow_edge.restype = i32
 
 
+def isa_name(lib: ctypes.CDLL) -> str:
+    """The kernels in use: "scalar", "avx2", "avx512bf16" or "avx512bf16+amx"."""
+    isa = lib.fp8_get_isa()
+    return ISA_NAMES[isa] + ("+amx" if isa == 2 and lib.fp8_get_amx() else "")
+
+
 def _load() -> ctypes.CDLL | None:
     global _status
     if os.environ.get("FP8_CPU_KERNELS", "1") == "0":
@@ -202,7 +214,9 @@ def _load() -> ctypes.CDLL | None:
             forced = os.environ.get("FP8_CPU_ISA", "auto")
             if forced in ("scalar", "avx2"):
                 lib.fp8_set_isa(0 if forced == "scalar" else 1)
-            _status = f"compiled ({ISA_NAMES[lib.fp8_get_isa()]}): {path}"
+            if forced == "avx512bf16":
+                lib.fp8_set_amx(0)
+            _status = f"compiled ({isa_name(lib)}): {path}"
             return lib
     warnings.warn(
         f"torch_fp8_blockwise CPU kernels unavailable, using the slower torch path: {_status}", stacklevel=3
@@ -216,6 +230,15 @@ def library() -> ctypes.CDLL | None:
     if _lib is _UNSET:
         _lib = _load()
     return _lib  # type: ignore[return-value]
+
+
+def release_scratch() -> None:
+    """Free the scratch arrays the calling thread's large products keep between calls (the bf16 /
+    AMX kernels' activation copies, up to 256 MB each; made again when needed). A no-op when the
+    kernels are not loaded."""
+    lib = library()
+    if lib is not None:
+        lib.fp8_release_scratch()
 
 
 def status() -> str:

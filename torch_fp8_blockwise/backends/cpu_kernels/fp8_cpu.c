@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -44,6 +45,17 @@
 #include <cpuid.h>
 #else
 #define FP8_HAVE_BF16 0
+#endif
+
+/* The AMX-BF16 tiles (tdpbf16ps) of the large-M kernel: gcc 11 / clang 12, and Linux, whose
+ * arch_prctl grants a process the tile state (cpu_has_amx_bf16). */
+#if FP8_HAVE_BF16 && defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define FP8_HAVE_AMX 1
+#define AMX_FN __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,amx-tile,amx-bf16")))
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define FP8_HAVE_AMX 0
 #endif
 
 /* Forces inlining into a caller with constant dtype/kind arguments, so each specialization's
@@ -81,6 +93,71 @@ static void *big_alloc(size_t n) {
     if (p != NULL) (void)madvise(p, (n + huge - 1) / huge * huge, MADV_HUGEPAGE);
 #endif
     return p;
+}
+
+/* Scratch arrays the calling thread keeps between calls (SCRATCH_X: bf16_prepare's activation,
+ * SCRATCH_XP: amx_run's packed activation). A 512-token MoE block's are 16 MB each, and fresh ones
+ * cost their page faults (the kernel zeroing every page) on every call: 15% of the CPU time of an
+ * AMX gate / up projection. One up to SCRATCH_KEEP bytes stays with its thread (grown as needed)
+ * until the thread exits or calls fp8_release_scratch; a larger one is freed after its call. The
+ * arrays are written whole before they are read, so nothing of an earlier call is ever used. */
+#define SCRATCH_X 0
+#define SCRATCH_XP 1
+#define SCRATCH_KEEP ((size_t)256 << 20)
+typedef struct {
+    void *p[2];
+    size_t n[2];
+} thread_scratch;
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+static int g_scratch_ok = 0;
+
+static void scratch_free(void *v) {
+    thread_scratch *t = (thread_scratch *)v;
+    free(t->p[0]);
+    free(t->p[1]);
+    free(t);
+}
+
+static void scratch_key_init(void) { g_scratch_ok = pthread_key_create(&g_scratch_key, scratch_free) == 0; }
+
+static thread_scratch *scratch_mine(int create) {
+    pthread_once(&g_scratch_once, scratch_key_init);
+    if (!g_scratch_ok) return NULL;
+    thread_scratch *t = (thread_scratch *)pthread_getspecific(g_scratch_key);
+    if (t == NULL && create) {
+        t = (thread_scratch *)calloc(1, sizeof(thread_scratch));
+        if (t != NULL && pthread_setspecific(g_scratch_key, t) != 0) {
+            free(t);
+            t = NULL;
+        }
+    }
+    return t;
+}
+
+/* n bytes (big_alloc's alignment) for slot `slot` of this thread; NULL when out of memory. Hand
+ * it back with scratch_done. */
+static void *scratch_take(int slot, size_t n) {
+    thread_scratch *t = n <= SCRATCH_KEEP ? scratch_mine(1) : NULL;
+    if (t == NULL) return big_alloc(n);
+    if (t->n[slot] < n) {
+        free(t->p[slot]);
+        t->p[slot] = big_alloc(n);
+        t->n[slot] = t->p[slot] != NULL ? n : 0;
+    }
+    return t->p[slot];
+}
+
+static void scratch_done(int slot, void *p) {
+    thread_scratch *t = scratch_mine(0);
+    if (p != NULL && !(t != NULL && t->p[slot] == p)) free(p);
+}
+
+/* Frees the scratch arrays the calling thread keeps (they are made again when needed). */
+void fp8_release_scratch(void) {
+    thread_scratch *t = scratch_mine(0);
+    if (t == NULL) return;
+    for (int i = 0; i < 2; i++) free(t->p[i]), t->p[i] = NULL, t->n[i] = 0;
 }
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -666,9 +743,28 @@ static int cpu_has_avx512_bf16(void) {
 #endif
 }
 
+/* AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), the OS saving tile state (XCR0 bits
+ * 17 and 18), and this process granted the tile data (Linux's arch_prctl(ARCH_REQ_XCOMP_PERM,
+ * XFEATURE_XTILEDATA): without it the first tile instruction is a SIGILL; asking again is a no-op). */
+static int cpu_has_amx_bf16(void) {
+#if FP8_HAVE_AMX
+    unsigned a = 0, b = 0, c = 0, d = 0, lo = 0, hi = 0;
+    if (!cpu_has_avx512_bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1) || !((d >> 22) & 1)) return 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0)); /* OSXSAVE: libgcc's avx512f check saw it */
+    (void)hi;
+    if (((lo >> 17) & 3) != 3) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
 static void init_bf16_tables(void);
 /* 1 when ISA 2's one-row products may take gemv_bf16_rows (the CPU has AVX512-VBMI too). */
 static int g_vbmi = 0;
+/* 1 when ISA 2's groups of PACK_MIN_ROWS rows or more run on AMX tiles (amx_run; fp8_set_amx). */
+static int g_amx = 0;
 
 static void ensure_init(void) {
     if (g_isa < 0) {
@@ -678,7 +774,21 @@ static void ensure_init(void) {
 #if FP8_HAVE_BF16
         g_vbmi = g_isa == 2 && __builtin_cpu_supports("avx512vbmi");
 #endif
+        g_amx = g_isa == 2 && cpu_has_amx_bf16();
     }
+}
+
+/* Let ISA 2 run its large groups on AMX tiles (1) or on the packed AVX512-BF16 kernel (0), the
+ * first only where cpu_has_amx_bf16; returns whether it does. */
+int fp8_set_amx(int on) {
+    ensure_init();
+    g_amx = on && cpu_has_amx_bf16();
+    return g_amx;
+}
+
+int fp8_get_amx(void) {
+    ensure_init();
+    return g_amx;
 }
 
 /* Force the scalar path (0), the AVX2 path (1) or AVX2 + the AVX512-BF16 GEMM (2), each only if
@@ -1728,12 +1838,12 @@ BF16_FN static int bf16_scan(const uint16_t *x, int64_t n, uint32_t *top) {
 }
 
 /* The activation of the bf16 kernels from x (as fp8_gemm takes it, M x K): *xb bf16 [M, K] (x
- * itself for W8A16 bf16 x, else a malloc'd array in *own) and *xsc [M, KB] float32 (NULL for
- * W8A16; fp8 x's own xs, or the dynamic quantization's scales, also in *own). Then the fp32
+ * itself for W8A16 bf16 x, else the thread's SCRATCH_X array in *own) and *xsc [M, KB] float32
+ * (NULL for W8A16; fp8 x's own xs, or the dynamic quantization's scales, also in *own). Then the fp32
  * overflow edge on the activation as the fp32 kernels would see it: max over K blocks of
  * |xq|max * |xs| equals max |xq * xs| (rounding is monotonic), so the decision is theirs.
  * Returns 0, FP8_ERR_NOMEM, FP8_EDGE or BF16_NOT_EXACT (nothing allocated is left behind
- * except on 0, where the caller frees *own). From PAR_MIN elements on nthreads threads (rows, or
+ * except on 0, where the caller hands *own back: scratch_done). From PAR_MIN elements on nthreads threads (rows, or
  * 64K-element chunks of the scan; only max / or reductions, so the same result): the W8A8
  * quantization of a 512-token MoE block's 4096 x 2048 rows is 4.5 ms of one thread. */
 BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dynamic, int64_t M, int64_t K,
@@ -1759,7 +1869,7 @@ BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dyn
         return 0;
     }
     if (!dynamic && xdt < 3) return BF16_NOT_EXACT; /* W8A16 with fp32 / fp16 x */
-    uint16_t *b = (uint16_t *)big_alloc(2 * M * K + sizeof(float) * M * KB + 64);
+    uint16_t *b = (uint16_t *)scratch_take(SCRATCH_X, 2 * M * K + sizeof(float) * M * KB + 64);
     if (b == NULL) return FP8_ERR_NOMEM;
     float *s = (float *)(((uintptr_t)(b + M * K) + 63) & ~(uintptr_t)63);
     uint32_t am = 0;
@@ -1787,7 +1897,7 @@ BF16_FN static int bf16_prepare(const void *x, int xdt, const float *xs, int dyn
     }
     const float amax = u2f(am);
     if (fp8_overflow_edge(&amax, DT_F32, 1, dynamic ? NULL : xs, M * KB, ws, nws, K, kind, 1)) {
-        free(b);
+        scratch_done(SCRATCH_X, b);
         return FP8_EDGE;
     }
     *xb = b, *xsc = s, *own = b;
@@ -1994,6 +2104,273 @@ BF16_FN static int bf16_run_tiles(const uint16_t *xb, const float *xsc, int64_t 
     return 0;
 }
 
+/* ------------------------------------------------------ the AMX-BF16 GEMM (ISA 2 + AMX, multi-row groups)
+ * On a CPU with AMX tiles (g_amx: Sapphire Rapids and later Xeons) bf16_run gives the groups of
+ * PACK_MIN_ROWS rows or more to amx_run instead of bf16_run_packed. One tdpbf16ps multiplies a
+ * 16 x 32 bf16 tile by a 16-pair x 16 x 2 bf16 tile into a 16 x 16 float32 tile: 16x the work of a
+ * vdpbf16ps at a sixteenth of its issue rate. Here the WEIGHT is the first operand: a tile is 16
+ * widened weight rows x 32 k, row-major as bf16_widen / e4m3_bf16x64 write them (no transpose),
+ * and the activation is the second, packed once per call as k-pairs of 16 rows (amx_pack_x: [pair]
+ * [16 rows] 32-bit; a group's rows are fewer than the weight's in a MoE block, 128 against 1536 at
+ * 512 tokens). With VBMI and e4m3 (bf16_gemv_applies) the weight rows are widened by
+ * e4m3_bf16x64 and keep its order inside each 64 k; the activation's pairs are stored in that
+ * order, so each product still pairs x[k] with w[n, k]. The C tiles hold y^T: per K block they are
+ * stored to a buffer and scaled into a per-task totT [PN][PMC] float32 as tot is elsewhere
+ * (fma(q * xs[m, kb], ws[n / bn, kb], tot)), then transposed into y by bf16_packed_store. The
+ * operands are the exact bf16 values of the other bf16 kernels, and tdpbf16ps, like vdpbf16ps,
+ * reads bf16 denormals as 0 and flushes fp32 denormals (bf16_prepare's tiny check covers both), so
+ * only the fp32 summation order inside a K block differs. Tiles: 0-3 C (weight rows 0-15 | 16-31 x
+ * rows 0-15 | 16-31 of a 32 x 32 block), 4-5 the weight, 6-7 the activation; all 16 x 64 bytes
+ * (rows past N and past a group's rows are zeros in the operands, and their results not stored). */
+#if FP8_HAVE_AMX
+#define AMX_MB 32 /* x rows per block (two activation tiles) */
+#ifndef AMX_MS
+#define AMX_MS 64 /* x rows per pass over a part's K blocks */
+#endif
+
+/* The one tile configuration: eight 16 x 64-byte tiles. Not _tile_loadconfig: gcc 12's names an
+ * 8-byte operand, so the stores filling the rest of the struct may be dropped as dead. */
+AMX_FN static void amx_configure(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } c;
+    memset(&c, 0, sizeof(c));
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
+    __asm__ volatile("ldtilecfg %0" : : "m"(c));
+}
+
+AMX_FN static void amx_release(void) { _tile_release(); }
+
+/* Where natural pair p (0..31) of a 64-k chunk sits in the e4m3_bf16x64 order: its first register
+ * holds pairs 8 (s / 4) + s % 4 in slots s = 0..15, its second 8 (s / 4) + 4 + s % 4 in 16..31. */
+static inline int amx_slot(int p) { return (p % 8 < 4 ? 0 : 16) + 4 * (p / 8) + p % 4; }
+
+/* One 16-row block of the activation: xp [KP / 2][16] 32-bit pairs (k-pair j of row r at
+ * xp[j * 16 + r]; slot order amx_slot inside each 64 k where perm) from rows r < nr of xb (bf16, row
+ * stride K), zeros past nr and past K (up to KP, a multiple of 64); xst [KB][16] float32 the rows'
+ * scales (xsc [rows][KB], or NULL), 0 past nr. */
+AMX_FN static void amx_pack_x(const uint16_t *xb, const float *xsc, int64_t nr, int64_t K, int64_t KP, int64_t KB,
+                              int perm, uint32_t *xp, float *xst) {
+    for (int64_t c = 0; c < KP; c += 32) {
+        __m512i v[16];
+        const int64_t left = K - c;
+        const __mmask32 lm = left >= 32 ? ~(__mmask32)0 : left > 0 ? (((__mmask32)1 << left) - 1) : 0;
+        for (int r = 0; r < 16; r++)
+            v[r] = r < nr ? _mm512_maskz_loadu_epi16(lm, xb + r * K + c) : _mm512_setzero_si512();
+        transpose16_epi32(v); /* v[j]: pair c / 2 + j of the 16 rows */
+        for (int j = 0; j < 16; j++) {
+            const int64_t p = c / 2 + j; /* natural pair */
+            const int64_t at = perm ? (p / 32) * 32 + amx_slot((int)(p % 32)) : p;
+            _mm512_store_si512(xp + at * 16, v[j]);
+        }
+    }
+    if (xsc)
+        for (int64_t kb = 0; kb < KB; kb++)
+            for (int r = 0; r < 16; r++) xst[kb * 16 + r] = r < nr ? xsc[r * KB + kb] : 0.0f;
+}
+
+/* Weight rows [n0, n0 + PN) x K blocks [kb0, kb0 + nkb) widened to bf16 into a [nkb][PN][bkp]
+ * (bkp: bk rounded up to 64 with perm, else 32), zeros past N and past each block's length; perm:
+ * e4m3_bf16x64's order. Row by row, so the codes are read in memory order (PN rows of a panel are
+ * one contiguous range of w; block by block, 2 lines per row at stride K defeat the hardware
+ * prefetcher: 2x the DRAM time of a 512-token MoE block's gate / up projection). */
+AMX_FN static void amx_widen(const uint8_t *w, const bf16_table *t, int perm, int64_t N, int64_t K, int64_t bk,
+                             int64_t n0, int64_t kb0, int64_t nkb, int64_t bkp, uint16_t *a) {
+    __m512i tab[4];
+    if (perm)
+        for (int i = 0; i < 4; i++) tab[i] = _mm512_load_si512((const void *)(g_e4m3_bf16_bytes + 64 * i));
+    for (int64_t r = 0; r < PN; r++)
+        for (int64_t j = 0; j < nkb; j++) {
+            const int64_t k0 = (kb0 + j) * bk, blen = K - k0 < bk ? K - k0 : bk;
+            uint16_t *dst = a + (j * PN + r) * bkp;
+            if (n0 + r >= N) {
+                memset(dst, 0, 2 * bkp);
+            } else if (perm) {
+                for (int64_t c = 0; c < bkp; c += 64) {
+                    const int64_t left = blen - c;
+                    const __mmask64 lm = left >= 64 ? ~(__mmask64)0 : left > 0 ? (((__mmask64)1 << left) - 1) : 0;
+                    __m512i lo, hi;
+                    e4m3_bf16x64(w + (n0 + r) * K + k0 + c, lm, tab, &lo, &hi);
+                    _mm512_store_si512(dst + c, lo);
+                    _mm512_store_si512(dst + c + 32, hi);
+                }
+            } else {
+                bf16_widen(w + (n0 + r) * K + k0, blen, t, dst);
+                if (bkp > blen) memset(dst + blen, 0, 2 * (bkp - blen));
+            }
+        }
+}
+
+/* c [32][32] float32 (weight row, x row) = 32 widened weight rows a (row stride bkp) x the
+ * activation blocks xp0 / xp1 (1 | 2 of them: xt) over kn k (a multiple of 32, <= bkp). */
+AMX_FN static void amx_block(const uint16_t *a, int64_t bkp, int64_t kn, const uint32_t *xp0, const uint32_t *xp1,
+                             int xt, float *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < kn; k += 32) {
+        _tile_loadd(4, a + k, bkp * 2);
+        _tile_loadd(5, a + 16 * bkp + k, bkp * 2);
+        _tile_loadd(6, xp0 + (k / 2) * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (xt > 1) {
+            _tile_loadd(7, xp1 + (k / 2) * 16, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    if (xt > 1) {
+        _tile_stored(1, c + 16, 128);
+        _tile_stored(3, c + 16 * 32 + 16, 128);
+    }
+}
+
+/* totT[n][m] += (c[n][m] * xs[m]) * ws[n] (W8A16: xst NULL, c * ws) for 32 weight rows and xt x 16
+ * x rows; totT's row stride PMC. */
+AMX_FN static void amx_scale_add(const float *c, int xt, const float *xst, const float *wsn, float *totT) {
+    const __m512 s0 = xst ? _mm512_load_ps(xst) : _mm512_setzero_ps();
+    const __m512 s1 = xst && xt > 1 ? _mm512_load_ps(xst + 16) : _mm512_setzero_ps();
+    for (int n = 0; n < 32; n++) {
+        const __m512 wv = _mm512_set1_ps(wsn[n]);
+        float *t = totT + n * PMC;
+        __m512 q = _mm512_load_ps(c + n * 32);
+        if (xst) q = _mm512_mul_ps(q, s0);
+        _mm512_store_ps(t, _mm512_fmadd_ps(q, wv, _mm512_load_ps(t)));
+        if (xt > 1) {
+            q = _mm512_load_ps(c + n * 32 + 16);
+            if (xst) q = _mm512_mul_ps(q, s1);
+            _mm512_store_ps(t + 16, _mm512_fmadd_ps(q, wv, _mm512_load_ps(t + 16)));
+        }
+    }
+}
+
+/* bf16_run_packed's tasks (group, PMC-row chunk, PN-column panel) on AMX tiles, same arguments and
+ * result contract; the activation of the listed groups is first packed (amx_pack_x, every
+ * thread). A task widens its panel PKB K blocks at a time ([PKB][PN][bkp] bf16, L2), prefetching
+ * the next part's codes as bf16_run_packed does, and runs each 32 x 32 block over those blocks. */
+AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const int64_t *gid, const int64_t *x_row,
+                          const int64_t *y_row, const int64_t *rows, const uint8_t *w, int kind, const float *ws,
+                          int64_t N, int64_t K, int64_t bn, int64_t bk, const void *bias, int bias_dt, void *y,
+                          int ydt, int nthreads) {
+    const int perm = bf16_gemv_applies(kind, bk);
+    const int64_t panels = cdiv64(N, PN), KB = cdiv64(K, bk), PKB = PKC / bk > 1 ? PKC / bk : 1;
+    const int64_t bkp = perm ? cdiv64(bk, 64) * 64 : cdiv64(bk, 32) * 32, KP = cdiv64(K, 64) * 64;
+    const int64_t w_step = N * K, ws_step = cdiv64(N, bn) * KB, ysize = ydt == DT_F32 ? 4 : 2;
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * 2 * (L + 1)); /* first row chunk / 16-row block */
+    if (first == NULL) return FP8_ERR_NOMEM;
+    int64_t *fb = first + L + 1;
+    first[0] = fb[0] = 0;
+    for (int64_t i = 0; i < L; i++) {
+        first[i + 1] = first[i] + cdiv64(rows[i], PMC);
+        fb[i + 1] = fb[i] + cdiv64(rows[i], 16);
+    }
+    const int64_t tasks = first[L] * panels, blocks = fb[L];
+    const size_t xp_size = (size_t)blocks * (KP / 2) * 16 * 4, xs_size = xsc ? (size_t)blocks * KB * 16 * 4 : 0;
+    char *xpack = (char *)scratch_take(SCRATCH_XP, xp_size + xs_size + 64);
+    const int nt = nthreads > 0 ? nthreads : 1;
+    /* per thread: totT [PN][PMC] float32, tot [PMC][PN] float32, a [PKB][PN][bkp] bf16, c [32][32]
+     * float32, wsn [PKB][PN] float32, bias [PN] float32 (every part a multiple of 64 bytes) */
+    const size_t per = (size_t)2 * PMC * PN * 4 + (size_t)PKB * PN * bkp * 2 + 32 * 32 * 4 + (size_t)PKB * PN * 4 +
+                       PN * 4;
+    char *scratch = (char *)aligned_alloc(64, per * nt);
+    if (scratch == NULL || xpack == NULL) {
+        free(first);
+        free(scratch);
+        scratch_done(SCRATCH_XP, xpack);
+        return FP8_ERR_NOMEM;
+    }
+    uint32_t *xp = (uint32_t *)xpack;
+    float *xst = xsc ? (float *)(xpack + xp_size) : NULL;
+    const bf16_table tab = bf16_table_of(kind);
+#pragma omp parallel num_threads(nthreads) if (tasks > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t i = group_of(fb, L, b), r0 = (b - fb[i]) * 16, nr = rows[i] - r0 < 16 ? rows[i] - r0 : 16;
+            amx_pack_x(xb + (x_row[i] + r0) * K, xsc ? xsc + (x_row[i] + r0) * KB : NULL, nr, K, KP, KB, perm,
+                       xp + b * (KP / 2) * 16, xst ? xst + b * KB * 16 : NULL);
+        }
+#ifdef _OPENMP
+        char *mine = scratch + per * omp_get_thread_num();
+#else
+        char *mine = scratch;
+#endif
+        float *totT = (float *)mine, *tot = totT + PMC * PN;
+        uint16_t *abuf = (uint16_t *)(tot + PMC * PN);
+        float *c = (float *)(abuf + PKB * PN * bkp), *wsn = c + 32 * 32, *bias64 = wsn + PKB * PN;
+        amx_configure();
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t blk = t / panels, n0 = (t % panels) * PN;
+            const int64_t i = group_of(first, L, blk), g = gid[i], r0 = (blk - first[i]) * PMC;
+            const int64_t nr = rows[i] - r0 < PMC ? rows[i] - r0 : PMC, b0 = fb[i] + r0 / 16;
+            const uint8_t *wg = w + g * w_step;
+            const float *wsg = ws + g * ws_step;
+            for (int64_t n = 0; n < PN; n++) memset(totT + n * PMC, 0, sizeof(float) * cdiv64(nr, 16) * 16);
+            for (int64_t kb0 = 0; kb0 < KB; kb0 += PKB) {
+                const int64_t nkb = KB - kb0 < PKB ? KB - kb0 : PKB;
+                amx_widen(wg, &tab, perm, N, K, bk, n0, kb0, nkb, bkp, abuf);
+                for (int64_t n = 0, sr = n0 / bn, left = bn - n0 % bn; n < PN; n++) { /* sr = (n0 + n) / bn */
+                    for (int64_t j = 0; j < nkb; j++) wsn[j * PN + n] = wsg[sr * KB + kb0 + j];
+                    if (--left == 0 && n0 + n + 1 < N) sr++, left = bn; /* past N: the last row's scales */
+                }
+                /* the next part's codes into L2, spread over the blocks (as bf16_run_packed) */
+                const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : n0 + PN;
+                const int64_t pk1 = pk0 + PKB * bk < K ? pk0 + PKB * bk : K, plines = cdiv64(pk1 - pk0, 64);
+                const int64_t plast = (N - pn0 < PN ? (N - pn0 > 0 ? N - pn0 : 0) : PN) * plines;
+                const int64_t per_call = cdiv64(plast, cdiv64(nr, AMX_MB) * (PN / 32) * nkb);
+                int64_t pf = 0, prow = pn0, pline = pk0; /* the next line: row prow, byte pline (no divisions) */
+                for (int64_t ms = 0; ms < nr; ms += AMX_MS) /* rows ms.. in L1: their totT, a K block's */
+                    for (int64_t j = 0; j < nkb; j++) {       /* weights, one 32-row x block at a time */
+                        const int64_t k0 = (kb0 + j) * bk, kb = kb0 + j, blen = K - k0 < bk ? K - k0 : bk;
+                        const int64_t kn = perm ? cdiv64(blen, 64) * 64 : cdiv64(blen, 32) * 32; /* <= KP - k0 */
+                        for (int64_t m = ms; m < nr && m < ms + AMX_MS; m += AMX_MB) {
+                            const int xt = nr - m > 16 ? 2 : 1;
+                            const uint32_t *x0 = xp + (b0 + m / 16) * (KP / 2) * 16 + (k0 / 2) * 16;
+                            float xs32[32] __attribute__((aligned(64)));
+                            if (xst) {
+                                const float *xs0 = xst + (b0 + m / 16) * KB * 16 + kb * 16;
+                                memcpy(xs32, xs0, 64);
+                                if (xt > 1) memcpy(xs32 + 16, xs0 + KB * 16, 64);
+                            }
+                            for (int64_t h = 0; h < PN; h += 32) {
+                                for (int64_t e = 0; e < per_call && pf < plast; e++, pf++) {
+                                    _mm_prefetch((const char *)(wg + prow * K + pline), _MM_HINT_T1);
+                                    if ((pline += 64) >= pk1) pline = pk0, prow++;
+                                }
+                                amx_block(abuf + (j * PN + h) * bkp, bkp, kn, x0, x0 + (KP / 2) * 16, xt, c);
+                                amx_scale_add(c, xt, xst ? xs32 : NULL, wsn + j * PN + h, totT + h * PMC + m);
+                            }
+                        }
+                    }
+            }
+            for (int64_t m = 0; m < nr; m += 16) /* totT -> tot [rows][PN] */
+                for (int64_t q = 0; q < PN; q += 16) {
+                    __m512i v[16];
+                    for (int r = 0; r < 16; r++) v[r] = _mm512_load_si512(totT + (q + r) * PMC + m);
+                    transpose16_epi32(v);
+                    for (int r = 0; r < 16 && m + r < nr; r++) _mm512_store_si512(tot + (m + r) * PN + q, v[r]);
+                }
+            if (bias)
+                for (int64_t cc = 0; cc < PN; cc++) bias64[cc] = n0 + cc < N ? load_hp(bias, bias_dt, n0 + cc) : 0.0f;
+            bf16_packed_store(tot, nr, N, n0, bias ? bias64 : NULL, (char *)y + (y_row[i] + r0) * N * ysize, ydt);
+        }
+        amx_release();
+    }
+    free(first);
+    free(scratch);
+    scratch_done(SCRATCH_XP, xpack);
+    return 0;
+}
+#endif
+
 /* Which bf16 kernel takes a group of `rows` rows (ISA 2, the kernels exact and paying: see
  * bf16_pays): BF16_GEMV (one row where bf16_gemv_applies), BF16_PACKED (PACK_MIN_ROWS rows or more),
  * else BF16_TILES (bf16_gemm_tile). Packed / tiles CPU time, groups of W8A16 bf16 x on one Zen 4
@@ -2003,8 +2380,11 @@ BF16_FN static int bf16_run_tiles(const uint16_t *xb, const float *xsc, int64_t 
 #define BF16_GEMV 1
 #define BF16_TILES 2
 #define BF16_PACKED 3
+#define BF16_AMX 4
 static int bf16_kernel_of(int64_t rows, int kind, int64_t bk) {
-    return rows == 1 && bf16_gemv_applies(kind, bk) ? BF16_GEMV : rows >= PACK_MIN_ROWS ? BF16_PACKED : BF16_TILES;
+    if (rows == 1 && bf16_gemv_applies(kind, bk)) return BF16_GEMV;
+    if (rows < PACK_MIN_ROWS) return BF16_TILES;
+    return FP8_HAVE_AMX && g_amx && bk % 32 == 0 ? BF16_AMX : BF16_PACKED;
 }
 
 /* The bf16 kernels' tasks for the listed groups (y rows [y_row[i], + rows[i]) = xb rows [x_row[i],
@@ -2014,7 +2394,7 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
                             const int64_t *x_row, const int64_t *y_row, const int64_t *rows, const uint8_t *w,
                             int kind, const float *ws, int64_t N, int64_t K, int64_t bn, int64_t bk,
                             const void *bias, int bias_dt, void *y, int ydt, int nthreads) {
-    int64_t count[3] = {0, 0, 0}; /* GEMV, tiles, packed */
+    int64_t count[4] = {0, 0, 0, 0}; /* GEMV, tiles, packed, AMX */
     for (int64_t i = 0; i < L; i++) count[bf16_kernel_of(rows[i], kind, bk) - 1]++;
     if (count[0] == L)
         return bf16_run_gemv(xb, xsc, L, gid, x_row, y_row, w, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
@@ -2024,9 +2404,13 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
     if (count[2] == L)
         return bf16_run_packed(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt,
                                nthreads);
-    int64_t *a = (int64_t *)malloc(sizeof(int64_t) * 4 * L), at[3];
+#if FP8_HAVE_AMX
+    if (count[3] == L)
+        return amx_run(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
+#endif
+    int64_t *a = (int64_t *)malloc(sizeof(int64_t) * 4 * L), at[4];
     if (a == NULL) return FP8_ERR_NOMEM;
-    at[0] = 0, at[1] = count[0], at[2] = count[0] + count[1];
+    at[0] = 0, at[1] = count[0], at[2] = count[0] + count[1], at[3] = at[2] + count[2];
     int64_t *g2 = a, *x2 = a + L, *y2 = a + 2 * L, *r2 = a + 3 * L; /* the groups, class by class */
     for (int64_t i = 0; i < L; i++) {
         const int64_t j = at[bf16_kernel_of(rows[i], kind, bk) - 1]++;
@@ -2034,7 +2418,7 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
     }
     int rc = 0;
     int64_t o = 0;
-    for (int c = 0; c < 3 && rc == 0; o += count[c], c++)
+    for (int c = 0; c < 4 && rc == 0; o += count[c], c++)
         if (count[c])
             rc = bf16_run(xb, xsc, count[c], g2 + o, x2 + o, y2 + o, r2 + o, w, kind, ws, N, K, bn, bk, bias, bias_dt,
                           y, ydt, nthreads);
@@ -2049,8 +2433,12 @@ BF16_FN static int bf16_run(const uint16_t *xb, const float *xsc, int64_t L, con
  * the AVX2 GEMV, docs/cpu.md), else only from GEMV_PAR_MIN weights up (bf16_gemm_tile's widened
  * buffer against the AVX2 GEMV, which widens in registers: median us on one Zen 4 thread through
  * the op, W8A16 bf16 x, AVX2 / bf16: 4096 x 4096 2522 / 2065, 1536 x 576 126 / 114, but 576 x 576
- * 54 / 57 and 192 x 576 27 / 34, W8A8 46 / 62 and 22 / 34). */
+ * 54 / 57 and 192 x 576 27 / 34, W8A8 46 / 62 and 22 / 34). Never for a bk the bf16 kernels do
+ * not tile: a multiple of 32 (vector-aligned blocks) that divides KC or that KC divides (a K block
+ * inside one widened chunk, or whole chunks). The op's blocks (128 / 256 / 512, MX 32) all are;
+ * the C functions take any bk, and the fp32 kernels the rest. */
 static int bf16_pays(int64_t M, int64_t N, int64_t K, int kind, int64_t bk) {
+    if (bk % 32 != 0 || (KC % bk != 0 && bk % KC != 0)) return 0; /* bf16_gemm_tile's K blocks (see above) */
     return M > 1 || N * K >= GEMV_PAR_MIN || bf16_gemv_applies(kind, bk);
 }
 
@@ -2086,7 +2474,7 @@ static int bf16_gemm(const void *x, int xdt, const float *xs, int dynamic, int64
     int rc = bf16_prepare(x, xdt, xs, dynamic, M, K, bk, kind, ws, nws, &xb, &xsc, &own, nthreads);
     if (rc) return rc;
     rc = bf16_run(xb, xsc, L, gid, x_row, y_row, rows, w, kind, ws, N, K, bn, bk, bias, bias_dt, y, ydt, nthreads);
-    free(own);
+    scratch_done(SCRATCH_X, own);
     return rc;
 #else
     (void)x, (void)xdt, (void)xs, (void)dynamic, (void)M, (void)L, (void)gid, (void)x_row, (void)y_row, (void)rows;
