@@ -148,6 +148,61 @@ def test_sort_by_expert_has_no_host_reads_and_counts_pairs() -> None:
     assert out[1].item() == 1.0 and torch.isnan(out[3]).all() and out[0].item() == 2.0
 
 
+def _same_bits_nan_aside(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit where not nan, nan at the same places (a nan's payload is the kernel's)."""
+    nan = a.isnan()
+    ints = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(ints)[~nan], b.view(ints)[~nan])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("t,k", [(37, 8), (5, 1), (1, 8), (0, 4)])
+def test_cpu_combine_is_the_torch_form(out_dtype, t, k) -> None:
+    """On the CPU outside autograd, combine is one C pass (cpu_grouped.combine): the torch form's
+    result (grad enabled: y requires grad) bit for bit, nan aside, for every output dtype, with
+    pairs of no local expert and nan weights, one and two threads alike; slots outside y refused."""
+    e, h = 16, 300
+    g = torch.Generator().manual_seed(t * 10 + k)
+    idx = (
+        torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+        if t
+        else torch.zeros(0, k, dtype=torch.long)
+    )
+    if t > 3:
+        idx[3, 0] = e + 5  # no local expert: weight dropped even if nan
+    order, sizes = sort_by_expert(idx, e)
+    y = torch.randn(t * k, h, generator=g)
+    y[int(sizes.sum()) :] = 0  # rows of no group: what grouped_matmul leaves there
+    w = torch.rand(t, k, generator=g)
+    if t > 5:
+        w[3, 0] = w[5, k - 1] = float("nan")
+    fast = combine(y, order, w, sizes, out_dtype)
+    with torch.enable_grad():
+        slow = combine(y.clone().requires_grad_(), order, w, sizes, out_dtype).detach()
+    assert fast.dtype == out_dtype and fast.shape == (t, h)
+    assert _same_bits_nan_aside(fast, slow)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        assert _same_bits_nan_aside(combine(y, order, w, sizes, out_dtype), fast)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_combine_checks_what_c_reads() -> None:
+    from torch_fp8_blockwise.backends import cpu_grouped
+
+    y, w = torch.zeros(6, 4), torch.ones(3, 2)
+    if cpu_grouped.combine(y, torch.zeros(2, 3, dtype=torch.long), w, torch.float32) is None:
+        pytest.skip("compiled CPU kernels unavailable here")
+    with pytest.raises(ValueError, match=r"slots must index rows of y in \[0, 6\)"):
+        cpu_grouped.combine(y, torch.full((2, 3), 6), w, torch.float32)
+    with pytest.raises(TypeError, match="weights must be float32"):
+        cpu_grouped.combine(y, torch.zeros(2, 3, dtype=torch.long), w.double(), torch.float32)
+    with pytest.raises(TypeError, match="y must be a 2-D float32"):
+        cpu_grouped.combine(y.bfloat16(), torch.zeros(2, 3, dtype=torch.long), w, torch.float32)
+
+
 def test_module_plumbing() -> None:
     layer = _random_layer(e=4, h=128, i=256, config=Fp8Config(activation="none"))
     assert "num_experts=4, hidden_dim=128, intermediate_dim=256" in repr(layer)

@@ -221,6 +221,61 @@ def grouped_matmul(
     return y
 
 
+#: Output dtypes of ``combine`` (fp8_cpu.c's dtype codes).
+_COMBINE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def combine(
+    y: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The MoE combine ``out[t] = sum_j y[slots[j, t]] * weights[t, j]`` (slot order, float32,
+    rounded once to ``out_dtype``) in ONE C pass (fp8_cpu.c's ``fp8_combine``: bit for bit
+    ``o = y[slots[0]] * w[:, :1]; o += ...`` in torch, without its k gathered [T, H] copies), or
+    None where the kernels are not loaded (the caller then runs the torch form).
+
+    y: [R, H] float32; slots: [k, T] int64, every value in [0, R) (checked: C reads those rows);
+    weights: [T, k] float32; out_dtype: float32, bfloat16 or float16."""
+    lib = cpu_kernels.library()
+    if lib is None:
+        return None
+    if y.dtype != torch.float32 or y.dim() != 2:
+        raise TypeError(f"combine: y must be a 2-D float32 tensor, got {y.dtype} {tuple(y.shape)}")
+    if slots.dtype != torch.int64 or slots.dim() != 2:
+        raise TypeError(f"combine: slots must be a 2-D int64 tensor, got {slots.dtype} {tuple(slots.shape)}")
+    k, t = slots.shape
+    if weights.dtype != torch.float32 or tuple(weights.shape) != (t, k):
+        raise TypeError(
+            f"combine: weights must be float32 [{t}, {k}], got {weights.dtype} {tuple(weights.shape)}"
+        )
+    if out_dtype not in _COMBINE_DTYPES:
+        raise TypeError(f"combine: out_dtype must be one of {tuple(_COMBINE_DTYPES)}, got {out_dtype}")
+    rows, h = y.shape
+    if slots.numel() and not (int(slots.min()) >= 0 and int(slots.max()) < rows):
+        raise ValueError(
+            f"combine: slots must index rows of y in [0, {rows}), got [{int(slots.min())}, {int(slots.max())}]"
+        )
+    out = empty(t, h, dtype=out_dtype)
+    if t == 0 or h == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    y, slots, weights = cpu._c(y), cpu._c(slots), cpu._c(weights)
+    rc = lib.fp8_combine(
+        y.data_ptr(),
+        slots.data_ptr(),
+        weights.data_ptr(),
+        t,
+        k,
+        h,
+        out.data_ptr(),
+        _COMBINE_DTYPES[out_dtype],
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise MemoryError(f"combine: the CPU kernel could not allocate its {h * 4}-byte row buffers")
+    return out
+
+
 def _columns_transposed_f32(t: torch.Tensor, block_m: int) -> torch.Tensor:
     """[M, C] -> float32 [C, M]: t^T quantized to e4m3 per 1 x block_m (= t's block_m x 1 column
     blocks at absolute row offsets) and dequantized, each element rounded once in fp32."""

@@ -206,7 +206,7 @@ class Fp8ShardedExperts(Fp8Experts):
         y[:n_send] = y_back  # pairs of no expert: 0, and combine masks their weights
         if x.shape[0] == 0:  # no tokens here, but this rank took part in every collective
             return x.new_zeros((0, x.shape[1]))
-        return combine(y, order, w, counts).to(x.dtype)  # [T_r, H]
+        return combine(y, order, w, counts, x.dtype)  # [T_r, H]
 
 
 def shard_experts_(

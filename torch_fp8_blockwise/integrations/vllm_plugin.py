@@ -463,4 +463,4 @@ class Fp8BlockwiseMoEMethod(FusedMoEMethodBase):
             self.config,
             torch.nn.functional.silu,
         )
-        return combine(y, order, topk_weights, group_sizes).to(x.dtype)
+        return combine(y, order, topk_weights, group_sizes, x.dtype)

@@ -181,6 +181,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fp8_bf16_pays.argtypes, lib.fp8_bf16_pays.restype = [i64, i64, i64, i32, i64], i32
     # (M, N, K, kind, bk): which bf16 kernel M rows get, BF16_KERNELS[result] (fp8_cpu.c's bf16_kernel_of)
     lib.fp8_bf16_kernel.argtypes, lib.fp8_bf16_kernel.restype = [i64, i64, i64, i32, i64], i32
+    # (y, slots, w, T, k, H, out, odt, nthreads) -> 0 or ERR_NOMEM
+    lib.fp8_combine.argtypes = [p, p, p, i64, i64, i64, p, i32, i32]
+    lib.fp8_combine.restype = i32
     # (a, adt, na, xs, nxs, ws, nws, K, kind, nthreads) -> 1 at fp32's overflow edge, else 0
     lib.fp8_overflow_edge.argtypes = [p, i32, i64, p, i64, p, i64, i64, i32, i32]
     lib.fp8_overflow_edge.restype = i32

@@ -2206,13 +2206,28 @@ AMX_FN static void amx_widen(const uint8_t *w, const bf16_table *t, int perm, in
 
 /* c [32][32] float32 (weight row, x row) = 32 widened weight rows a (row stride bkp) x the
  * activation blocks xp0 / xp1 (1 | 2 of them: xt) over kn k (a multiple of 32, <= bkp). */
+/* The codes of the next part, to prefetch into L2 a few lines at a time: row `row` from byte `at`,
+ * rows at stride K, bytes [k0, k1) of each, `left` lines to go. */
+typedef struct {
+    const uint8_t *w;
+    int64_t K, row, at, k0, k1, left, step;
+} amx_prefetch;
+
+static ALWAYS_INLINE void amx_prefetch_some(amx_prefetch *p) {
+    for (int64_t e = 0; e < p->step && p->left > 0; e++, p->left--) {
+        _mm_prefetch((const char *)(p->w + p->row * p->K + p->at), _MM_HINT_T1);
+        if ((p->at += 64) >= p->k1) p->at = p->k0, p->row++;
+    }
+}
+
 AMX_FN static void amx_block(const uint16_t *a, int64_t bkp, int64_t kn, const uint32_t *xp0, const uint32_t *xp1,
-                             int xt, float *c) {
+                             int xt, float *c, amx_prefetch *pf) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t k = 0; k < kn; k += 32) {
+        amx_prefetch_some(pf); /* a few lines per k step: a burst would hold every fill buffer */
         _tile_loadd(4, a + k, bkp * 2);
         _tile_loadd(5, a + 16 * bkp + k, bkp * 2);
         _tile_loadd(6, xp0 + (k / 2) * 16, 64);
@@ -2325,8 +2340,8 @@ AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const
                 const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : n0 + PN;
                 const int64_t pk1 = pk0 + PKB * bk < K ? pk0 + PKB * bk : K, plines = cdiv64(pk1 - pk0, 64);
                 const int64_t plast = (N - pn0 < PN ? (N - pn0 > 0 ? N - pn0 : 0) : PN) * plines;
-                const int64_t per_call = cdiv64(plast, cdiv64(nr, AMX_MB) * (PN / 32) * nkb);
-                int64_t pf = 0, prow = pn0, pline = pk0; /* the next line: row prow, byte pline (no divisions) */
+                const int64_t steps = cdiv64(nr, AMX_MB) * (PN / 32) * nkb * (bkp / 32); /* k steps of the part */
+                amx_prefetch pf = {wg, K, pn0, pk0, pk0, pk1, plast, cdiv64(plast, steps)};
                 for (int64_t ms = 0; ms < nr; ms += AMX_MS) /* rows ms.. in L1: their totT, a K block's */
                     for (int64_t j = 0; j < nkb; j++) {       /* weights, one 32-row x block at a time */
                         const int64_t k0 = (kb0 + j) * bk, kb = kb0 + j, blen = K - k0 < bk ? K - k0 : bk;
@@ -2341,11 +2356,7 @@ AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const
                                 if (xt > 1) memcpy(xs32 + 16, xs0 + KB * 16, 64);
                             }
                             for (int64_t h = 0; h < PN; h += 32) {
-                                for (int64_t e = 0; e < per_call && pf < plast; e++, pf++) {
-                                    _mm_prefetch((const char *)(wg + prow * K + pline), _MM_HINT_T1);
-                                    if ((pline += 64) >= pk1) pline = pk0, prow++;
-                                }
-                                amx_block(abuf + (j * PN + h) * bkp, bkp, kn, x0, x0 + (KP / 2) * 16, xt, c);
+                                amx_block(abuf + (j * PN + h) * bkp, bkp, kn, x0, x0 + (KP / 2) * 16, xt, c, &pf);
                                 amx_scale_add(c, xt, xst ? xs32 : NULL, wsn + j * PN + h, totT + h * PMC + m);
                             }
                         }
@@ -2595,4 +2606,80 @@ int fp8_gemm_grouped_x(const void *x, int xdt, const float *xs, int dynamic, int
     if (!bf16_pays(max_rows, N, K, kind, bk)) return BF16_NOT_EXACT;
     return bf16_gemm(x, xdt, xs, dynamic, M, L, gid, x_row, y_row, rows, w, kind, ws,
                      G * cdiv64(N, bn) * cdiv64(K, bk), N, K, bn, bk, NULL, 0, y, ydt, nthreads);
+}
+
+/* ------------------------------------------------------------------ MoE combine */
+/* out[t, :] (dtype odt: float32, bf16 or fp16, rounded once from float32) = the weighted sum of
+ * token t's k expert rows of y [*, H] float32, in slot order and as torch computes
+ * ``o = y[slots[0, t]] * w[t, 0]; o += y[slots[1, t]] * w[t, 1]; ...``: each product rounded to
+ * float32, then each sum (no fused multiply-add), so the result is that expression's bit for bit.
+ * slots [k, T] int64 (rows of y, in range: the caller's check), w [T, k] float32. One owner per
+ * output row (tokens split over nthreads), so the result does not depend on the thread count. The
+ * [T, H] float32 intermediate and the k gathered [T, H] copies of the torch form are never made. */
+#define COMBINE_BODY                                                                                   \
+    for (int64_t t = t0; t < t1; t++) {                                                                \
+        const float *r0 = y + slots[t] * H;                                                            \
+        const float w0 = w[t * k];                                                                     \
+        for (int64_t c = 0; c < H; c++) acc[c] = r0[c] * w0;                                           \
+        for (int64_t j = 1; j < k; j++) {                                                              \
+            const float *r = y + slots[j * T + t] * H;                                                 \
+            const float wj = w[t * k + j];                                                             \
+            for (int64_t c = 0; c < H; c++) {                                                          \
+                const float p = r[c] * wj; /* its own statement: clang contracts only within one */    \
+                acc[c] = acc[c] + p;                                                                   \
+            }                                                                                          \
+        }                                                                                              \
+        if (odt == DT_F32) memcpy((float *)out + t * H, acc, sizeof(float) * H);                       \
+        else for (int64_t c = 0; c < H; c++) store_hp(out, odt, t * H + c, acc[c]);                    \
+    }
+/* gcc contracts a * b + c into an fma across statements by default (-ffp-contract=fast in GNU C
+ * modes): not here, whose result is torch's separately rounded products and sums. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+#if FP8_HAVE_X86
+AVX2_FN static void combine_rows_avx2(const float *y, const int64_t *slots, const float *w, int64_t T, int64_t k,
+                                      int64_t H, void *out, int odt, int64_t t0, int64_t t1, float *acc) {
+    COMBINE_BODY
+}
+#endif
+static void combine_rows_scalar(const float *y, const int64_t *slots, const float *w, int64_t T, int64_t k,
+                                int64_t H, void *out, int odt, int64_t t0, int64_t t1, float *acc) {
+    COMBINE_BODY
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+#undef COMBINE_BODY
+
+/* Returns 0 or FP8_ERR_NOMEM (nothing written). */
+int fp8_combine(const float *y, const int64_t *slots, const float *w, int64_t T, int64_t k, int64_t H, void *out,
+                int odt, int nthreads) {
+    ensure_init();
+    const int nt = nthreads > 0 ? nthreads : 1;
+    float *accs = (float *)aligned_alloc(64, (size_t)nt * cdiv64(H, 16) * 64);
+    if (accs == NULL) return FP8_ERR_NOMEM;
+    const int64_t chunk = 8; /* tokens per task */
+#pragma omp parallel num_threads(nthreads) if (T * k * H >= PAR_MIN)
+    {
+#ifdef _OPENMP
+        float *acc = accs + (size_t)omp_get_thread_num() * cdiv64(H, 16) * 16;
+#else
+        float *acc = accs;
+#endif
+#pragma omp for schedule(static)
+        for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+            const int64_t t1 = t0 + chunk < T ? t0 + chunk : T;
+#if FP8_HAVE_X86
+            if (g_isa >= 1) {
+                combine_rows_avx2(y, slots, w, T, k, H, out, odt, t0, t1, acc);
+                continue;
+            }
+#endif
+            combine_rows_scalar(y, slots, w, T, k, H, out, odt, t0, t1, acc);
+        }
+    }
+    free(accs);
+    return 0;
 }
