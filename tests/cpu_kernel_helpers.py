@@ -22,23 +22,34 @@ def compiled_or_fail():
     return lib
 
 
-#: The C library's ISA codes (fp8_set_isa) and why a CPU may lack one.
-ISA = {"scalar": 0, "avx2": 1, "avx512bf16": 2}
+#: The C library's ISA codes (fp8_set_isa) and why a CPU may lack one. "amx": ISA 2 with its 2+ row
+#: groups on AMX tiles (fp8_set_amx(1)); "avx512bf16": ISA 2 with the tiles off.
+ISA = {"scalar": 0, "avx2": 1, "avx512bf16": 2, "amx": 2}
 _MISSING = {
     "avx2": "this CPU has no AVX2 + FMA + F16C",
     "avx512bf16": "this CPU (or the compiler, gcc < 10 / clang < 9) has no AVX512-F/BW/VL/DQ + AVX512_BF16: "
     "the vdpbf16ps kernels cannot run here",
+    "amx": "this CPU (or the OS, or the compiler: gcc < 11 / clang < 12) has no AMX-BF16 tiles: the "
+    "tdpbf16ps kernel cannot run here",
 }
 
 
-def use_isa(lib, name: str) -> int:
+def use_isa(lib, name: str) -> tuple[int, int]:
     """Switch the library to ISA ``name`` ("scalar", "avx2": AVX2 without the bf16 GEMM,
-    "avx512bf16"); returns the ISA to restore afterwards. Skips where the CPU lacks it."""
-    before = lib.fp8_get_isa()
-    if lib.fp8_set_isa(ISA[name]) != ISA[name]:
-        lib.fp8_set_isa(before)
+    "avx512bf16": with it, AMX tiles off, "amx": with them on); returns what restore_isa needs
+    afterwards. Skips where the CPU lacks it."""
+    before = (lib.fp8_get_isa(), lib.fp8_get_amx())
+    amx = name == "amx"
+    if lib.fp8_set_isa(ISA[name]) != ISA[name] or lib.fp8_set_amx(amx) != amx:
+        restore_isa(lib, before)
         pytest.skip(_MISSING[name])
     return before
+
+
+def restore_isa(lib, before: tuple[int, int]) -> None:
+    """Undo use_isa."""
+    lib.fp8_set_isa(before[0])
+    lib.fp8_set_amx(before[1])
 
 
 @contextlib.contextmanager
@@ -50,7 +61,7 @@ def on_isa(name: str):
     try:
         yield lib
     finally:
-        lib.fp8_set_isa(before)
+        restore_isa(lib, before)
 
 
 class CallSpy:

@@ -35,15 +35,8 @@ def large(request):
 
 @pytest.fixture
 def lib(large):
-    with on_isa("avx512bf16") as lib:
-        before = lib.fp8_get_amx()
-        if lib.fp8_set_amx(large == "amx") != (large == "amx"):
-            lib.fp8_set_amx(before)
-            pytest.skip("this CPU (or the OS, or the compiler: gcc < 11 / clang < 12) has no AMX-BF16 tiles")
-        try:
-            yield lib
-        finally:
-            lib.fp8_set_amx(before)
+    with on_isa("amx" if large == "amx" else "avx512bf16") as lib:
+        yield lib
 
 
 def _kernel(lib, m, n, k, dtype=E4M3, bk=128):
@@ -55,11 +48,12 @@ def _dense(x, w, ws, block, out_dtype=torch.float32, act="none", bias=None):
 
 
 def test_one_rule_picks_the_kernel(lib, large):
-    """fp8_bf16_kernel answers with bf16_run's rule: tiles from 2 rows, packed from PACK_MIN_ROWS
-    (one row: the GEMV where it applies, see test_cpu_bf16_gemm)."""
-    assert [_kernel(lib, m, 256, 512) for m in (2, 15, 16, 17, 48, 49, 4096)] == ["tiles", "tiles"] + [
-        large
-    ] * 5
+    """fp8_bf16_kernel answers with bf16_run's rule: without AMX tiles, tiles from 2 rows and packed
+    from PACK_MIN_ROWS; with them, AMX from AMX_MIN_ROWS (2) rows (one row: the GEMV where it
+    applies, see test_cpu_bf16_gemm)."""
+    rows = (2, 15, 16, 17, 48, 49, 4096)
+    small = "amx" if large == "amx" else "tiles"
+    assert [_kernel(lib, m, 256, 512) for m in rows] == [small, small] + [large] * 5
     lib.fp8_set_isa(1)
     try:
         assert _kernel(lib, 64, 256, 512) is None  # AVX2: no bf16 kernel

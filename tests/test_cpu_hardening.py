@@ -22,7 +22,7 @@ import textwrap
 
 import pytest
 import torch
-from cpu_kernel_helpers import compiled_or_fail, python_kernels_only, use_isa
+from cpu_kernel_helpers import compiled_or_fail, python_kernels_only, restore_isa, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -43,7 +43,7 @@ def _run(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedPro
     )
 
 
-@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
+@pytest.fixture(params=["amx", "avx512bf16", "avx2", "scalar", "torch"])
 def path(request, monkeypatch):
     """Run the test body on one of the CPU backend's paths (as test_cpu_kernels.py). "avx2": without the AVX512-BF16 GEMM; "avx512bf16" skipped where the CPU lacks it."""
     if request.param == "torch":
@@ -54,7 +54,7 @@ def path(request, monkeypatch):
     lib = compiled_or_fail()
     before = use_isa(lib, request.param)
     yield request.param
-    lib.fp8_set_isa(before)
+    restore_isa(lib, before)
 
 
 # ------------------------------------------------------------------------ 1. layouts at the C boundary

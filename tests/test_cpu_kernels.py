@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail, python_kernels_only, use_isa
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, python_kernels_only, restore_isa, use_isa
 
 import torch_fp8_blockwise as tfb
 from torch_fp8_blockwise import reference
@@ -50,7 +50,7 @@ def _on_path(name, monkeypatch):
         pytest.skip(f"compiled kernels unavailable here: {cpu.kernel_status()}")
     before = use_isa(lib, name)
     yield name
-    lib.fp8_set_isa(before)
+    restore_isa(lib, before)
 
 
 @pytest.fixture(params=["avx2", "scalar", "torch"])
@@ -59,7 +59,7 @@ def path(request, monkeypatch):
     yield from _on_path(request.param, monkeypatch)
 
 
-@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
+@pytest.fixture(params=["amx", "avx512bf16", "avx2", "scalar", "torch"])
 def mm_path(request, monkeypatch):
     """``path`` plus the AVX512-BF16 fused GEMM (skipped where the CPU lacks it): the matmul tests."""
     yield from _on_path(request.param, monkeypatch)
@@ -256,12 +256,15 @@ def test_dequantize_every_code_bit_exact(mm_path, dtype, out_dtype):
     with tfb.use_backend("cpu"):
         y = tfb.dequantize(q, scale, (128, 256), out_dtype)
     torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
-    if mm_path == "avx512bf16":  # its AVX-512 dequantization is the AVX2 one bit for bit (subnormals too)
+    if mm_path in (
+        "avx512bf16",
+        "amx",
+    ):  # its AVX-512 dequantization is the AVX2 one bit for bit (subnormals too)
         lib = cpu_kernels.library()
         before = use_isa(lib, "avx2")
         with tfb.use_backend("cpu"):
             y_avx2 = tfb.dequantize(q, scale, (128, 256), out_dtype)
-        lib.fp8_set_isa(before)
+        restore_isa(lib, before)
         bits = {torch.float32: torch.int32}.get(out_dtype, torch.int16)
         same = y.view(bits) == y_avx2.view(bits)
         assert (same | (y.isnan() & y_avx2.isnan())).all()  # a fp32 nan's payload may differ
@@ -310,7 +313,7 @@ def test_c_calls_per_matmul_do_not_grow_with_k_blocks(monkeypatch, k, mode, isa)
         spy.calls.clear()
         tfb.blockwise_matmul(torch.randn(cpu.SMALL_WEIGHT_MAX_M + 1, k), wq, ws, activation=mode)
         large = spy.names
-    lib.fp8_set_isa(before)
+    restore_isa(lib, before)
     assert small == ["fp8_gemm"]  # activation, product, bias and cast in one call
     act = ["fp8_prepare_x"] if mode == "dynamic" else []  # fp32 x is used as it is
     # cdiv(1100, 512) panels

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from cpu_kernel_helpers import CallSpy, compiled_or_fail, on_isa, python_kernels_only, use_isa
+from cpu_kernel_helpers import CallSpy, compiled_or_fail, on_isa, python_kernels_only, restore_isa, use_isa
 from grouped_cases import (
     assert_quantization_loss_ok,
     check_gmm,
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B = "cpu"
 
 
-@pytest.fixture(params=["avx512bf16", "avx2", "scalar", "torch"])
+@pytest.fixture(params=["amx", "avx512bf16", "avx2", "scalar", "torch"])
 def path(request, monkeypatch):
     """Run the test body on one of the CPU backend's paths ("torch" = the FP8_CPU_KERNELS=0 path). "avx2": without the AVX512-BF16 GEMM; "avx512bf16" skipped where the CPU lacks it."""
     if request.param == "torch":
@@ -45,7 +45,7 @@ def path(request, monkeypatch):
     lib = compiled_or_fail()
     before = use_isa(lib, request.param)
     yield request.param
-    lib.fp8_set_isa(before)
+    restore_isa(lib, before)
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_gmm_c_calls_at_decode_sizes(request, isa, monkeypatch, mode, x_dtype, a
     that call refuses and the AVX2 calls follow, as they do for one-row groups of a small weight."""
     lib = compiled_or_fail()
     before = use_isa(lib, isa)
-    request.addfinalizer(lambda: lib.fp8_set_isa(before))
+    request.addfinalizer(lambda: restore_isa(lib, before))
     spy = CallSpy(lib)
     python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
@@ -238,7 +238,7 @@ def test_gmm_c_calls_with_a_large_group(monkeypatch):
     python_kernels_only(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "_lib", spy)
     monkeypatch.setattr(cpu, "BF16_PANELS", False)  # bf16 panels would convert the fp32 activation
-    before = lib.fp8_get_isa()
+    before = (lib.fp8_get_isa(), lib.fp8_get_amx())
     try:
         if lib.fp8_set_isa(2) == 2:
             _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
@@ -247,7 +247,7 @@ def test_gmm_c_calls_with_a_large_group(monkeypatch):
         use_isa(lib, "avx2")
         _call_gmm([3, 0, 300, 5], 1100, 200, "dynamic")
     finally:
-        lib.fp8_set_isa(before)
+        restore_isa(lib, before)
     assert spy.names == ["fp8_prepare_x", "fp8_overflow_edge", *["fp8_dequantize"] * 3, "fp8_gemm_grouped"]
 
 

@@ -1575,6 +1575,9 @@ BF16_FN static void bf16_gemm_tile(const uint16_t *x, const float *xs, int64_t M
 #ifndef PACK_MIN_ROWS
 #define PACK_MIN_ROWS 16
 #endif
+#ifndef AMX_MIN_ROWS
+#define AMX_MIN_ROWS 2
+#endif
 
 /* Rows r0..r15 (16 x 32-bit lanes each) -> columns: out[c] lane r = in[r] lane c. */
 BF16_FN static ALWAYS_INLINE void transpose16_epi32(__m512i *r) {
@@ -2394,8 +2397,8 @@ AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const
 #define BF16_AMX 4
 static int bf16_kernel_of(int64_t rows, int kind, int64_t bk) {
     if (rows == 1 && bf16_gemv_applies(kind, bk)) return BF16_GEMV;
-    if (rows < PACK_MIN_ROWS) return BF16_TILES;
-    return FP8_HAVE_AMX && g_amx && bk % 32 == 0 ? BF16_AMX : BF16_PACKED;
+    if (FP8_HAVE_AMX && g_amx && bk % 32 == 0 && rows >= AMX_MIN_ROWS) return BF16_AMX;
+    return rows < PACK_MIN_ROWS ? BF16_TILES : BF16_PACKED;
 }
 
 /* The bf16 kernels' tasks for the listed groups (y rows [y_row[i], + rows[i]) = xb rows [x_row[i],
