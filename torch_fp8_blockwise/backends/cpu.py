@@ -23,7 +23,8 @@ How a matmul runs (x [M, K], w [N, K] fp8, N = K = 4096 numbers in docs/cpu.md):
   activation are bf16 instead (``BF16_PANELS``). On an AVX512-BF16 CPU, where bf16 operands are
   exact, the AVX512-BF16 kernels take large M too, whatever the output dtype: from 16 rows the
   packed kernel (fp8_cpu.c's bf16_run_packed: outer-product register blocks on k-pair panels, at
-  about torch's bf16 GEMM rate, exact, no dequantized panel). The grouped ops route each group by the same rule,
+  about torch's bf16 GEMM rate, exact, no dequantized panel), and on a CPU with AMX-BF16 tiles
+  from 2 rows the AMX kernel (amx_run; the rule is fp8_cpu.c's bf16_kernel_of). The grouped ops route each group by the same rule,
   except that on a CPU with AVX-512 (``AVX512_GEMM``) a group of ``GROUPED_PANEL_MIN_M`` rows or more
   takes the panels whatever its weight's size (``uses_fused_gemm(grouped=True)``).
 
@@ -328,8 +329,8 @@ def blockwise_matmul(
         if rc:
             _raise_c_error(rc, "blockwise_matmul", 4 * m * (k + 4 * threads))
         return y
-    # Large M on an AVX512-BF16 CPU: the bf16 kernels where they are exact (the packed kernel, at
-    # about torch's bf16 GEMM rate, no panel; the grouped op's rule), else the panels below.
+    # Large M on an AVX512-BF16 CPU: the bf16 kernels where they are exact (the packed or the AMX
+    # kernel, no panel; the grouped op's rule), else the panels below.
     if bias is None and lib.fp8_get_isa() == 2:
         y = empty(m, n, dtype=out_dtype)
         rc = cpu_grouped._fused_bf16(

@@ -163,7 +163,8 @@ def grouped_matmul(
     # GEMV_PAR_MIN elements or more), so a group's rows stay exactly the dense matmul's; and the
     # panel groups too, whatever the output dtype: from 16 rows fp8_cpu.c's packed kernel, exact,
     # no dequantized panel, at about torch's bf16 GEMM rate (Qwen3-30B-A3B at T = 512, one thread:
-    # gate_up 150 vs 186 ms on bf16 panels, down_proj 94 vs 166 ms on the buffered kernel).
+    # gate_up 150 vs 186 ms on bf16 panels, down_proj 94 vs 166 ms on the buffered kernel), and
+    # from 2 rows its AMX kernel where the CPU has AMX-BF16 tiles (docs/cpu.md).
     one_row = any(f[3] == 1 for f in fused) and lib.fp8_bf16_pays(1, n, k, cpu._KIND[w.dtype], block_shape[1])
     on_bf16 = [f for f in fused if f[3] > 1 or one_row]
     on_bf16 += [
