@@ -2323,6 +2323,11 @@ AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const
         float *totT = (float *)mine, *tot = totT + PMC * PN;
         uint16_t *abuf = (uint16_t *)(tot + PMC * PN);
         float *c = (float *)(abuf + PKB * PN * bkp), *wsn = c + 32 * 32, *bias64 = wsn + PKB * PN;
+#ifdef _OPENMP
+        const int64_t team = omp_get_num_threads(); /* a thread's next task is about t + team */
+#else
+        const int64_t team = 1;
+#endif
         amx_configure();
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t t = 0; t < tasks; t++) {
@@ -2339,8 +2344,11 @@ AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const
                     for (int64_t j = 0; j < nkb; j++) wsn[j * PN + n] = wsg[sr * KB + kb0 + j];
                     if (--left == 0 && n0 + n + 1 < N) sr++, left = bn; /* past N: the last row's scales */
                 }
-                /* the next part's codes into L2, spread over the blocks (as bf16_run_packed) */
-                const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : n0 + PN;
+                /* the next part's codes into L2, spread over the blocks (as bf16_run_packed); after
+                 * the last part, the panel this thread likely takes next (dynamic schedule: tasks
+                 * go out in order, so about `team` panels on; 2 threads at 512 tokens, interleaved
+                 * runs: 49.7 against 51.5 ms, W8A16, and 49.3 against 51.5, W8A8) */
+                const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : n0 + team * PN;
                 const int64_t pk1 = pk0 + PKB * bk < K ? pk0 + PKB * bk : K, plines = cdiv64(pk1 - pk0, 64);
                 const int64_t plast = (N - pn0 < PN ? (N - pn0 > 0 ? N - pn0 : 0) : PN) * plines;
                 const int64_t steps = cdiv64(nr, AMX_MB) * (PN / 32) * nkb * (bkp / 32); /* k steps of the part */
