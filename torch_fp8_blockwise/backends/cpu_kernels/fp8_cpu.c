@@ -763,7 +763,7 @@ static int cpu_has_amx_bf16(void) {
 static void init_bf16_tables(void);
 /* 1 when ISA 2's one-row products may take gemv_bf16_rows (the CPU has AVX512-VBMI too). */
 static int g_vbmi = 0;
-/* 1 when ISA 2's groups of PACK_MIN_ROWS rows or more run on AMX tiles (amx_run; fp8_set_amx). */
+/* 1 when ISA 2's products of AMX_MIN_ROWS rows or more run on AMX tiles (amx_run; fp8_set_amx). */
 static int g_amx = 0;
 
 static void ensure_init(void) {
@@ -2109,7 +2109,7 @@ BF16_FN static int bf16_run_tiles(const uint16_t *xb, const float *xsc, int64_t 
 
 /* ------------------------------------------------------ the AMX-BF16 GEMM (ISA 2 + AMX, multi-row groups)
  * On a CPU with AMX tiles (g_amx: Sapphire Rapids and later Xeons) bf16_run gives the groups of
- * PACK_MIN_ROWS rows or more to amx_run instead of bf16_run_packed. One tdpbf16ps multiplies a
+ * AMX_MIN_ROWS (2) rows or more to amx_run instead of bf16_gemm_tile / bf16_run_packed. One tdpbf16ps multiplies a
  * 16 x 32 bf16 tile by a 16-pair x 16 x 2 bf16 tile into a 16 x 16 float32 tile: 16x the work of a
  * vdpbf16ps at a sixteenth of its issue rate. Here the WEIGHT is the first operand: a tile is 16
  * widened weight rows x 32 k, row-major as bf16_widen / e4m3_bf16x64 write them (no transpose),
@@ -2394,8 +2394,10 @@ AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const
 #endif
 
 /* Which bf16 kernel takes a group of `rows` rows (ISA 2, the kernels exact and paying: see
- * bf16_pays): BF16_GEMV (one row where bf16_gemv_applies), BF16_PACKED (PACK_MIN_ROWS rows or more),
- * else BF16_TILES (bf16_gemm_tile). Packed / tiles CPU time, groups of W8A16 bf16 x on one Zen 4
+ * bf16_pays): BF16_GEMV (one row where bf16_gemv_applies), BF16_AMX (AMX_MIN_ROWS rows or more
+ * where g_amx and bk % 32 == 0: 0.94-0.32x the tiles kernel's time at 2-16 rows, never above 1.02x
+ * for dense products; see the AMX section), BF16_PACKED (PACK_MIN_ROWS rows or more), else
+ * BF16_TILES (bf16_gemm_tile). Packed / tiles CPU time, groups of W8A16 bf16 x on one Zen 4
  * thread, weights from DRAM (32 groups of 2048 x 768, 16 of 1536 x 2048): 12 rows 0.95 / 1.10,
  * 16 rows 0.87 / 1.02, 24 rows 0.82 / 0.95, 32 rows 0.68 / 0.88, 64 rows 0.63 / 0.80. The one
  * rule of bf16_run, and of fp8_bf16_kernel for Python. */
