@@ -778,8 +778,8 @@ static void ensure_init(void) {
     }
 }
 
-/* Let ISA 2 run its large groups on AMX tiles (1) or on the packed AVX512-BF16 kernel (0), the
- * first only where cpu_has_amx_bf16; returns whether it does. */
+/* Let ISA 2 run its products of AMX_MIN_ROWS rows or more on AMX tiles (1) or on its AVX512-BF16
+ * kernels (0), the first only where cpu_has_amx_bf16; returns whether it does. */
 int fp8_set_amx(int on) {
     ensure_init();
     g_amx = on && cpu_has_amx_bf16();
@@ -1716,6 +1716,34 @@ BF16_FN static void bf16_packed_store(const float *tot, int64_t M, int64_t N, in
 BF16V_FN static void bf16_pack_panel_vbmi(const uint8_t *w, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t blen,
                                           uint32_t *panel);
 
+/* The codes a task packs or widens next, prefetched into L2 a few lines at a time while the current
+ * part computes (the weight's first reads are DRAM latencies, PN row segments at stride K; one
+ * burst of all of them overruns the miss queue): row `row` from byte `at`, rows at stride K, bytes
+ * [k0, k1) of each, `left` lines to go, `step` lines per prefetch_some. */
+typedef struct {
+    const uint8_t *w;
+    int64_t K, row, at, k0, k1, left, step;
+} part_prefetch;
+
+/* The plan after widening / packing K blocks [kb0, kb0 + nkb) of the panel at row n0: the next part
+ * of the same panel, or after the last part the first part of the panel at row next_n0 (none past
+ * N), spread over `calls` calls of prefetch_some. */
+static part_prefetch next_part_prefetch(const uint8_t *w, int64_t N, int64_t K, int64_t bk, int64_t KB, int64_t PKB,
+                                        int64_t kb0, int64_t nkb, int64_t n0, int64_t next_n0, int64_t calls) {
+    const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : next_n0;
+    const int64_t pk1 = pk0 + PKB * bk < K ? pk0 + PKB * bk : K, plines = cdiv64(pk1 - pk0, 64);
+    const int64_t plast = (N - pn0 < PN ? (N - pn0 > 0 ? N - pn0 : 0) : PN) * plines;
+    const part_prefetch p = {w, K, pn0, pk0, pk0, pk1, plast, cdiv64(plast, calls)};
+    return p;
+}
+
+static ALWAYS_INLINE void prefetch_some(part_prefetch *p) {
+    for (int64_t e = 0; e < p->step && p->left > 0; e++, p->left--) {
+        _mm_prefetch((const char *)(p->w + p->row * p->K + p->at), _MM_HINT_T1);
+        if ((p->at += 64) >= p->k1) p->at = p->k0, p->row++;
+    }
+}
+
 /* bf16_run's groups of PACK_MIN_ROWS rows or more: (group, PMC-row chunk, PN-column panel) tasks in
  * one parallel region; each y element has one owner, computed the same whichever thread runs it.
  * A task packs its panel PKB K blocks at a time (<= 128 KB: L2) and runs every register block of
@@ -1786,20 +1814,13 @@ BF16_FN static int bf16_run_packed(const uint16_t *xb, const float *xsc, int64_t
                         sv[4 * j + c] = _mm512_loadu_ps(s);
                     }
                 }
-                /* The codes the next part (or the next panel's first) will pack, into L2 while this
-                 * part computes, a few lines before each register block: PN row segments at stride
-                 * K, each a DRAM latency when cold (a burst of all of them overruns the miss queue). */
-                const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : n0 + PN;
-                const int64_t pk1 = pk0 + PKB * bk < K ? pk0 + PKB * bk : K, plines = cdiv64(pk1 - pk0, 64);
-                const int64_t plast = (N - pn0 < PN ? (N - pn0 > 0 ? N - pn0 : 0) : PN) * plines;
-                const int64_t per_call = cdiv64(plast, cdiv64(nr, PMR) * nkb);
-                int64_t pf = 0; /* the next line: row pn0 + pf / plines, line pf % plines */
+                /* The codes the next part (or the next panel's first) will pack, a few lines before
+                 * each register block. */
+                part_prefetch pf = next_part_prefetch(wg, N, K, bk, KB, PKB, kb0, nkb, n0, n0 + PN, cdiv64(nr, PMR) * nkb);
                 for (int64_t m = 0; m < nr; m += PMR) {
                     const int64_t mr = nr - m < PMR ? nr - m : PMR;
                     for (int64_t j = 0; j < nkb; j++) {
-                        for (int64_t e = 0; e < per_call && pf < plast; e++, pf++)
-                            _mm_prefetch((const char *)(wg + (pn0 + pf / plines) * K + pk0 + 64 * (pf % plines)),
-                                         _MM_HINT_T1);
+                        prefetch_some(&pf);
                         const int64_t k0 = (kb0 + j) * bk, blen = K - k0 < bk ? K - k0 : bk;
                         bf16_packed_mr[mr](xb + (xr + m) * K, K, k0, blen, panel + j * (bk / 2) * PN,
                                            xsc ? xsc + (xr + m) * KB + kb0 + j : NULL, KB, sv + 4 * j, tot + m * PN);
@@ -2178,8 +2199,7 @@ AMX_FN static void amx_pack_x(const uint16_t *xb, const float *xsc, int64_t nr, 
 /* Weight rows [n0, n0 + PN) x K blocks [kb0, kb0 + nkb) widened to bf16 into a [nkb][PN][bkp]
  * (bkp: bk rounded up to 64 with perm, else 32), zeros past N and past each block's length; perm:
  * e4m3_bf16x64's order. Row by row, so the codes are read in memory order (PN rows of a panel are
- * one contiguous range of w; block by block, 2 lines per row at stride K defeat the hardware
- * prefetcher: 2x the DRAM time of a 512-token MoE block's gate / up projection). */
+ * one contiguous range of w); measured alone, the same time as block by block. */
 AMX_FN static void amx_widen(const uint8_t *w, const bf16_table *t, int perm, int64_t N, int64_t K, int64_t bk,
                              int64_t n0, int64_t kb0, int64_t nkb, int64_t bkp, uint16_t *a) {
     __m512i tab[4];
@@ -2208,29 +2228,16 @@ AMX_FN static void amx_widen(const uint8_t *w, const bf16_table *t, int perm, in
 }
 
 /* c [32][32] float32 (weight row, x row) = 32 widened weight rows a (row stride bkp) x the
- * activation blocks xp0 / xp1 (1 | 2 of them: xt) over kn k (a multiple of 32, <= bkp). */
-/* The codes of the next part, to prefetch into L2 a few lines at a time: row `row` from byte `at`,
- * rows at stride K, bytes [k0, k1) of each, `left` lines to go. */
-typedef struct {
-    const uint8_t *w;
-    int64_t K, row, at, k0, k1, left, step;
-} amx_prefetch;
-
-static ALWAYS_INLINE void amx_prefetch_some(amx_prefetch *p) {
-    for (int64_t e = 0; e < p->step && p->left > 0; e++, p->left--) {
-        _mm_prefetch((const char *)(p->w + p->row * p->K + p->at), _MM_HINT_T1);
-        if ((p->at += 64) >= p->k1) p->at = p->k0, p->row++;
-    }
-}
-
+ * activation blocks xp0 / xp1 (1 | 2 of them: xt) over kn k (a multiple of 32, <= bkp), issuing
+ * pf's next lines at each k step. */
 AMX_FN static void amx_block(const uint16_t *a, int64_t bkp, int64_t kn, const uint32_t *xp0, const uint32_t *xp1,
-                             int xt, float *c, amx_prefetch *pf) {
+                             int xt, float *c, part_prefetch *pf) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t k = 0; k < kn; k += 32) {
-        amx_prefetch_some(pf); /* a few lines per k step: a burst would hold every fill buffer */
+        prefetch_some(pf); /* a few lines per k step: a burst would hold every fill buffer */
         _tile_loadd(4, a + k, bkp * 2);
         _tile_loadd(5, a + 16 * bkp + k, bkp * 2);
         _tile_loadd(6, xp0 + (k / 2) * 16, 64);
@@ -2348,11 +2355,8 @@ AMX_FN static int amx_run(const uint16_t *xb, const float *xsc, int64_t L, const
                  * the last part, the panel this thread likely takes next (dynamic schedule: tasks
                  * go out in order, so about `team` panels on; 2 threads at 512 tokens, interleaved
                  * runs: 49.7 against 51.5 ms, W8A16, and 49.3 against 51.5, W8A8) */
-                const int64_t pk0 = kb0 + nkb < KB ? (kb0 + nkb) * bk : 0, pn0 = kb0 + nkb < KB ? n0 : n0 + team * PN;
-                const int64_t pk1 = pk0 + PKB * bk < K ? pk0 + PKB * bk : K, plines = cdiv64(pk1 - pk0, 64);
-                const int64_t plast = (N - pn0 < PN ? (N - pn0 > 0 ? N - pn0 : 0) : PN) * plines;
                 const int64_t steps = cdiv64(nr, AMX_MB) * (PN / 32) * nkb * (bkp / 32); /* k steps of the part */
-                amx_prefetch pf = {wg, K, pn0, pk0, pk0, pk1, plast, cdiv64(plast, steps)};
+                part_prefetch pf = next_part_prefetch(wg, N, K, bk, KB, PKB, kb0, nkb, n0, n0 + team * PN, steps);
                 for (int64_t ms = 0; ms < nr; ms += AMX_MS) /* rows ms.. in L1: their totT, a K block's */
                     for (int64_t j = 0; j < nkb; j++) {       /* weights, one 32-row x block at a time */
                         const int64_t k0 = (kb0 + j) * bk, kb = kb0 + j, blen = K - k0 < bk ? K - k0 : bk;
