@@ -103,6 +103,13 @@ def sort_by_expert(
     return order, counts[:num_experts]
 
 
+def _eager_inference(*tensors: torch.Tensor) -> bool:
+    """Outside autograd (no grad needed for any of ``tensors``) and outside compilation: where the
+    CPU fast paths below may write into fresh memory or call C directly."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return not grad and not torch.compiler.is_compiling()
+
+
 def gather_rows(hidden_states: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
     """[T, H] -> [T*k, H]: row i is the token of sorted pair ``order[i]``.
 
@@ -110,11 +117,7 @@ def gather_rows(hidden_states: torch.Tensor, order: torch.Tensor, top_k: int) ->
     large result: at 512 tokens, k = 8, H = 2048, a fresh 16 MB whose page faults were most of the
     gather's ~10 ms); the same rows either way."""
     rows = torch.div(order, top_k, rounding_mode="floor")
-    if (
-        hidden_states.device.type == "cpu"
-        and not (torch.is_grad_enabled() and hidden_states.requires_grad)
-        and not torch.compiler.is_compiling()
-    ):
+    if hidden_states.device.type == "cpu" and _eager_inference(hidden_states):
         out = _memory.empty(rows.numel(), *hidden_states.shape[1:], dtype=hidden_states.dtype)
         return torch.index_select(hidden_states, 0, rows, out=out)
     return hidden_states.index_select(0, rows)
@@ -148,11 +151,12 @@ def experts_mlp(
     )
     gate, up = gate_up.chunk(2, dim=-1)
     h = act_fn(gate)
-    grad = torch.is_grad_enabled() and (h.requires_grad or up.requires_grad)
-    if grad or torch.compiler.is_compiling() or h.dtype != up.dtype or h is gate:
+    if _eager_inference(h, up) and h.dtype == up.dtype and h is not gate:
+        h.mul_(
+            up
+        )  # the same products into act_fn's fresh output: one [M, I] allocation (and its page faults) less
+    else:
         h = h * up
-    else:  # the same products into act_fn's fresh output: one [M, I] allocation (and its page faults) less
-        h.mul_(up)
     return torch.ops.fp8.grouped_matmul.default(
         h, down_proj, down_proj_scale_inv, group_sizes, block, None, torch.float32, act
     )
@@ -188,12 +192,7 @@ def combine(
     # [T*k, H] temporary is made (two of them, weighted and permuted, cost 44 ms of 512-token
     # Qwen3-30B-A3B prefill on one CPU thread, mostly page faults; this form 7 ms, same bits).
     slots = inverse.view(t, k).T.contiguous()  # [k, T]: slots[j, t] = the sorted row of pair (t, j)
-    if (
-        y.device.type == "cpu"
-        and y.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (y.requires_grad or ws.requires_grad))
-        and not torch.compiler.is_compiling()
-    ):
+    if y.device.type == "cpu" and y.dtype == torch.float32 and _eager_inference(y, ws):
         if (out := cpu_grouped.combine(y, slots, ws, out_dtype)) is not None:
             return out
     out = y.index_select(0, slots[0]) * ws[:, :1]

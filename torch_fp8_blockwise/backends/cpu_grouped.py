@@ -251,10 +251,10 @@ def combine(
     if out_dtype not in _COMBINE_DTYPES:
         raise TypeError(f"combine: out_dtype must be one of {tuple(_COMBINE_DTYPES)}, got {out_dtype}")
     rows, h = y.shape
-    if slots.numel() and not (int(slots.min()) >= 0 and int(slots.max()) < rows):
-        raise ValueError(
-            f"combine: slots must index rows of y in [0, {rows}), got [{int(slots.min())}, {int(slots.max())}]"
-        )
+    if slots.numel():
+        lo, hi = (int(v) for v in slots.aminmax())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"combine: slots must index rows of y in [0, {rows}), got [{lo}, {hi}]")
     out = empty(t, h, dtype=out_dtype)
     if t == 0 or h == 0:
         return out

@@ -20,8 +20,8 @@ Environment:
                               AVX512-BF16 GEMM, or that GEMM without AMX tiles (tests, A/B runs);
                               default: AVX2+FMA+F16C when the CPU has them, plus the AVX512-BF16
                               fused GEMM (vdpbf16ps) when it has avx512f/bw/vl/dq and avx512_bf16,
-                              whose packed kernel runs on AMX-BF16 tiles (tdpbf16ps) when the CPU
-                              has amx_tile and amx_bf16 and Linux grants them; else scalar.
+                              whose products of 2+ rows run on AMX-BF16 tiles (tdpbf16ps) when the
+                              CPU has amx_tile and amx_bf16 and Linux grants them; else scalar.
 
 Why the library could not be used is recorded once (:func:`status`) and reported in one warning.
 """
